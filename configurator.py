@@ -1,0 +1,71 @@
+"""
+Poor man's configurator, after nanoGPT: a script keeps its settings as plain module globals, and
+
+    python train.py config/nano.py --max_iters=200 --router='softmax'
+
+overrides them, first from the config file(s) (plain Python assignments), then from --key=value arguments.
+Why not argparse: the defaults stay readable at the top of the script, with a comment on each line.
+
+Unlike nanoGPT's exec-into-globals, every key is checked: a name the script does not define, or a value of
+the wrong type, is a one-line error that names the key, instead of a silent new global.
+"""
+
+import ast
+import sys
+import types
+
+
+def _coerce(key, value, default):
+    """value with the type of the default it replaces (an int is a fine float), or a ValueError."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"--{key} expects {type(default).__name__} (default {default!r}), got {value!r}")
+    return value
+
+
+def configure(settings, argv):
+    """Apply config files and --key=value overrides in argv to the dict settings (a script's globals()),
+    for the keys that already hold an int, float, bool or str. Returns the overridden {key: value}."""
+    keys = {k for k, v in settings.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file: run it in its own namespace, then check what it set
+            try:
+                source = open(arg).read()
+            except OSError as e:
+                raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
+            namespace = {}
+            exec(compile(source, arg, 'exec'), namespace)
+            pairs = [(k, v) for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)]
+        else:
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(text)  # numbers, booleans, quoted strings ...
+            except (SyntaxError, ValueError):
+                value = text                    # ... and bare words are strings
+            pairs = [(key, value)]
+        for key, value in pairs:
+            if key not in keys:
+                raise ValueError(f"unknown config key {key!r} (from {arg}); known keys: {', '.join(sorted(keys))}")
+            overrides[key] = settings[key] = _coerce(key, value, settings[key])
+    return overrides
+
+
+def configure_or_exit(settings, argv=None):
+    """configure(), with bad input reported as one line on stderr and exit code 2."""
+    try:
+        overrides = configure(settings, sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for key, value in overrides.items():
+        print(f"config: {key} = {value!r}")
+    return overrides

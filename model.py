@@ -1,0 +1,362 @@
+"""
+Ava's model: a GPT whose feed-forward layers are Mixtures of Experts.
+
+All of it is in this file: RMSNorm, rotary attention, two routers (classic softmax top-k with an aux loss
+and capacity dropping, and Sinkhorn-Knopp balanced top-k), grouped experts, and KV-cache generation.
+Nothing here knows about training loops or files.
+
+Shape legend used in comments:
+  B batch, T time (sequence), C channels (n_embd), H heads, D head dim (C // H), V vocab,
+  N = B*T tokens, E experts, K experts per token (top_k), F expert hidden size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    block_size: int = 256        # longest context the model is trained on
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    # mixture of experts
+    moe: bool = True             # False: each MoE becomes a dense FFN of width top_k*ffn_hidden (same active params)
+    n_experts: int = 4
+    top_k: int = 2
+    ffn_hidden: int = 0          # F, hidden size of one expert; 0 means 4 * n_embd
+    router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction) or 'softmax' (aux loss + capacity)
+    sinkhorn_iters: int = 8      # fixed number of Sinkhorn-Knopp iterations: no data-dependent loop, no host sync
+    capacity_factor: float = 0.0 # softmax router only: expert capacity = factor * N*K/E while training; 0 = no dropping
+    router_jitter: float = 0.0   # softmax router only: multiplicative noise on the router input while training
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss (softmax router only)
+    z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, both routers
+
+    def __post_init__(self):
+        """Impossible combinations fail here, with one line that says what to change."""
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 4 * self.n_embd
+        checks = [
+            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
+            ((self.n_embd // self.n_head) % 2 == 0, "head size n_embd/n_head must be even for RoPE"),
+            (self.router in ('softmax', 'sinkhorn'), f"router must be 'softmax' or 'sinkhorn', not {self.router!r}"),
+            (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}"),
+            (not (self.router == 'sinkhorn' and self.capacity_factor > 0),
+             "capacity_factor applies to the softmax router only: Sinkhorn routing is balanced without dropping"),
+            (not (self.router == 'sinkhorn' and self.router_jitter > 0), "router_jitter applies to the softmax router only"),
+            (self.capacity_factor == 0 or self.capacity_factor >= 1, "capacity_factor must be 0 (no dropping) or >= 1"),
+            (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0, "sizes must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without the mean and the bias, cheaper and just as good (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(head_dim, positions, base=10000.0):
+    """cos and sin of RoPE's rotation angles pos * base^(-2i/D), each (T, D/2). Computed for any positions,
+    so every sequence length and cache offset works without a precomputed limit."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x1, x2) of channels by its position's angle (Su et al. 2021). x: (B, H, T, D)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each: the 'half-split' pairing
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated to max_len."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, T_max, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # number of positions already stored
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, H, start+T, D)
+            if start > 0:  # query i sits at position start+i and may see keys 0..start+i
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Dense GELU feed-forward C -> hidden -> C; the dense baseline for MoE comparisons."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=False)
+        self.proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def sinkhorn(logits, n_iters):
+    """Sinkhorn-Knopp balancing of the (N, E) token-by-expert matrix P = exp(logits) (Cuturi 2013; used for MoE
+    routing in BASE layers, Lewis et al. 2021, and Clark et al. 2022).
+
+    Alternately rescale rows so each token's mass is 1, and columns so each expert's mass is N/E. The result is a
+    (scaled) doubly-stochastic matrix close to P: top-k on it spreads tokens evenly over experts while still
+    preferring what the router likes. Done in log space and fp32, for a fixed number of iterations (no host sync).
+    Balance is exact for the soft mass; the hard top-k counts follow it when the logits vary across tokens, as
+    they do once the router trains. (Logits that are nearly the same for every token, plus one favourite, are the
+    worst case: mass is spread thinly and argmax counts can still be skewed; the training log shows the load.)
+    """
+    N, E = logits.shape
+    log_p = logits.float()
+    for _ in range(n_iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)                           # rows sum to 1
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + math.log(N / E)         # columns sum to N/E
+    return log_p.exp()  # (N, E)
+
+
+class Router(nn.Module):
+    """Chooses K experts per token and their gates.
+
+    Both kinds compute logits = x W_r in fp32, z-loss = mean(logsumexp(logits)^2), and gates = softmax(logits)
+    renormalised over the chosen K experts.
+    - 'softmax': top-k on softmax(logits). Balance comes from the Switch aux loss E * sum_e f_e P_e, where f_e is
+      the fraction of the N*K assignments sent to expert e and P_e the mean router probability of e (Fedus et al.
+      2021). With capacity_factor > 0 each expert takes at most ceil(cf * N*K/E) assignments while training; the
+      rest are dropped (the token keeps its residual path), first choices of all tokens before second choices.
+    - 'sinkhorn': top-k on the Sinkhorn-balanced matrix while training, plain top-k at inference. No aux loss.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, C)
+        self.stats = {}  # last forward's load, dropped fraction, entropy, aux and z losses (detached, no sync)
+
+    def forward(self, x):
+        cfg, (N, C), E, K = self.config, x.shape, self.config.n_experts, self.config.top_k
+        if self.training and cfg.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is precision-sensitive
+        probs = logits.softmax(dim=-1)                           # (N, E)
+        if cfg.router == 'sinkhorn' and self.training:
+            with torch.no_grad():
+                expert_idx = sinkhorn(logits.detach(), cfg.sinkhorn_iters).topk(K, dim=-1).indices  # (N, K)
+        else:
+            expert_idx = probs.topk(K, dim=-1).indices                                             # (N, K)
+        gates = probs.gather(1, expert_idx)
+        gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen experts
+
+        assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
+        load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
+        keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
+        if self.training and cfg.capacity_factor > 0:
+            capacity = math.ceil(cfg.capacity_factor * N * K / E)
+            # rank of each assignment inside its expert's queue: all first choices (in token order), then seconds
+            queue = assigned.transpose(0, 1).reshape(K * N, E)   # (K*N, E) choice-major order
+            rank = (queue.cumsum(dim=0) - 1) * queue             # (K*N, E) position in the expert's queue
+            keep = (rank.sum(dim=-1) < capacity).view(K, N).t()  # (N, K)
+
+        aux_loss = E * (load * probs.mean(dim=0)).sum() if cfg.router == 'softmax' else logits.new_zeros(())
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(dim=-1).mean()
+        self.stats = dict(load=load.detach(), dropped=1 - keep.float().mean().detach(), entropy=entropy.detach(),
+                          aux_loss=aux_loss.detach(), z_loss=z_loss.detach())
+        return expert_idx, gates, keep, cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
+
+
+def grouped_mm(x, w, offsets):
+    """Row block g of x (rows offsets[g-1]:offsets[g]) times w[g]: every expert's matmul in one call.
+    x: (M, in), w: (E, in, out), offsets: (E,) int32 cumulative row counts -> (M, out)."""
+    if x.is_cuda and hasattr(torch, '_grouped_mm') and not hasattr(F, 'grouped_mm'):  # torch < 2.10 on CUDA
+        return torch._grouped_mm(x, w, offs=offsets)
+    return F.grouped_mm(x, w, offs=offsets)
+
+
+class MoE(nn.Module):
+    """Router + E GELU experts (C -> F -> C), run without a Python loop over experts:
+    sort the N*K assignments by expert (permute), two grouped matmuls, then add each result back to its token
+    weighted by its gate (unpermute + combine)."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, Fh = config.n_experts, config.n_embd, config.ffn_hidden
+        self.router = Router(config)
+        # stored (out, in) like nn.Linear weights; transposed views are the column-major operands grouped_mm wants
+        # (init as GPT._init_weights does for dense layers: N(0, 0.02), output projection 0.02/sqrt(2L))
+        self.w_in = nn.Parameter(torch.randn(E, Fh, C) * 0.02)                                  # (E, F, C)
+        self.w_out = nn.Parameter(torch.randn(E, C, Fh) * 0.02 / math.sqrt(2 * config.n_layer))  # (E, C, F)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.view(-1, C)                                  # (N, C)
+        expert_idx, gates, keep, router_loss = self.router(x)
+        E, K = self.w_in.size(0), expert_idx.size(1)
+        # permute: dropped assignments get the sentinel expert E, so they sort last and fall outside every group
+        flat_expert = torch.where(keep, expert_idx, E).flatten()           # (N*K,)
+        order = flat_expert.argsort(stable=True)                            # (N*K,) assignment ids by expert
+        counts = torch.bincount(flat_expert, minlength=E + 1)[:E]           # (E,) tokens per expert
+        offsets = counts.cumsum(0).to(torch.int32)                          # (E,) end row of each expert's block
+        if not keep.all():                                                  # only with capacity dropping
+            order = order[:int(offsets[-1])]
+        token = order // K                                                  # (M,) source token of each row
+        dtype = torch.get_autocast_dtype('cuda') if x.is_cuda and torch.is_autocast_enabled('cuda') else x.dtype
+        w_in, w_out = self.w_in.to(dtype).transpose(1, 2), self.w_out.to(dtype).transpose(1, 2)  # (E,C,F), (E,F,C)
+        h = F.gelu(grouped_mm(x[token].to(dtype), w_in, offsets))           # (M, F)
+        y = grouped_mm(h, w_out, offsets)                                   # (M, C)
+        # unpermute + combine: out[t] = sum over t's kept assignments of gate * expert output
+        y = y.to(x.dtype) * gates.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)                  # (N, C)
+        return out.view(B, T, C), router_loss
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.norm2 = RMSNorm(config.n_embd)
+        self.ffn = MoE(config) if config.moe else MLP(config.n_embd, config.top_k * config.ffn_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, layer))
+        if isinstance(self.ffn, MoE):
+            y, router_loss = self.ffn(self.norm2(x))
+        else:
+            y, router_loss = self.ffn(self.norm2(x)), x.new_zeros(())
+        return x + self.dropout(y), router_loss
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017): fewer parameters, trains as well
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """N(0, 0.02) everywhere (GPT-2); the projections that write into the residual stream get
+        0.02/sqrt(2L) so the stream's variance does not grow with depth."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, (Attention, MLP)):
+            torch.nn.init.normal_(module.proj.weight, mean=0.0, std=out_std)
+
+    def num_params(self, active=False):
+        """Parameters in the model; with active=True only those one token uses (K of the E experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active and self.config.moe:
+            cfg = self.config
+            per_expert = 2 * cfg.n_embd * cfg.ffn_hidden
+            total -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * per_expert
+        return total
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per active weight (forward + backward) plus attention's 12*L*C*T
+        (PaLM appendix B; the embedding lookup is free, the tied lm_head is counted by 6N)."""
+        cfg = self.config
+        return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def router_stats(self):
+        """Per MoE layer: expert load (E,), dropped fraction, router entropy, aux and z loss, from the last
+        forward pass. Tensors stay on the device; the caller decides when to sync."""
+        return [block.ffn.router.stats for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V), and with targets (-1 = ignore) the loss: cross-entropy, plus
+        the router losses while training (they are regularisers, so eval reports the plain cross-entropy).
+        With a KVCache, idx continues the cached sequence from position cache.pos."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        cos, sin = rope_tables(self.config.n_embd // self.config.n_head, torch.arange(start, start + T, device=idx.device))
+        x = self.wte(idx)  # (B, T, C)
+        router_loss = 0.0
+        for layer, block in enumerate(self.blocks):
+            x, block_router_loss = block(x, cos, sin, cache, layer)
+            router_loss = router_loss + block_router_loss
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, (loss + router_loss if self.training else loss)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Continue idx (B, T) by max_new_tokens sampled tokens, reusing keys/values through a KV cache.
+        temperature=0 is greedy. When the context would pass block_size, the cache is rebuilt from the last
+        block_size // 2 tokens (a sliding window that keeps every step within what the model was trained on)."""
+        cache = None
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos + 1 > self.config.block_size:
+                context = idx[:, -(self.config.block_size // 2):] if idx.size(1) >= self.config.block_size else idx
+                cache = KVCache(self.config, idx.size(0), self.config.block_size, idx.device, self.wte.weight.dtype)
+                logits, _ = self(context, cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (B, V): greedy if temperature == 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # drop tokens once the mass before them >= p
+        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
