@@ -83,7 +83,8 @@ def test_sinkhorn_router_balances_training_load():
     router(x)
     load = router.stats['load']
     assert load.max() / load.mean() < 1.1
-    assert router.eval()(x)[0].eq(0).any(dim=1).float().mean() > 0.9  # inference: plain top-k follows the favourite
+    router.eval()(x)  # inference routing is plain top-k: the favourite is overloaded again
+    assert router.stats['load'][0] > 1.5 * router.stats['load'].mean()
 
 
 def router_with_logits(rows, **overrides):

