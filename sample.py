@@ -51,7 +51,8 @@ try:
 except FileNotFoundError:
     fail(f"no checkpoint at {ckpt_path}; train one first (python train.py config/nano.py) or set --out_dir")
 except Exception as e:  # truncated file, another format, mismatched weights ...
-    fail(f"cannot load {ckpt_path}: {type(e).__name__}: {e}")
+    reason = str(e).partition('\n')[0]  # torch's messages run over many lines
+    fail(f"cannot load {ckpt_path} ({type(e).__name__}: {reason}); is it a checkpoint from train.py?")
 model.eval().to(device)
 try:
     enc = load_tokenizer(os.path.join(out_dir, 'tokenizer.json'))

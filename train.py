@@ -110,7 +110,8 @@ if init_from == 'resume':
     except FileNotFoundError:
         fail(f"--init_from=resume but there is no checkpoint at {ckpt_path}")
     except Exception as e:  # truncated file, wrong format, keys from another version ...
-        fail(f"cannot resume from {ckpt_path}: {type(e).__name__}: {e}")
+        reason = str(e).partition('\n')[0]  # torch's messages run over many lines
+        fail(f"cannot resume from {ckpt_path} ({type(e).__name__}: {reason}); is it from train.py?")
     print(f"resuming from {ckpt_path} at iteration {checkpoint['iter_num']} (model settings from the checkpoint)")
 elif init_from == 'scratch':
     try:
