@@ -294,8 +294,8 @@ def main(argv=None):
 
     out.mkdir(parents=True, exist_ok=True)
     hf = train_tokenizer(train, args.vocab_size)
-    hf.save(str(out / "tokenizer.json"))
-    enc, probe = load_tokenizer(out / "tokenizer.json"), val[0][:50_000]
+    hf.save(str(out / "tokenizer.json.tmp"))
+    enc, probe = load_tokenizer(out / "tokenizer.json.tmp"), val[0][:50_000]
     if hf.encode(probe).ids != enc.encode_ordinary(probe):  # cheap insurance on unseen text; tests check more
         sys.exit("error: tiktoken and tokenizers disagree on the val text; please report this as a bug")
     if (vocab_size := enc.n_vocab) < args.vocab_size:
@@ -303,7 +303,7 @@ def main(argv=None):
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     splits = {"train": encode_split(enc, train, dtype, "train"), "val": encode_split(enc, val, dtype, "val")}
     for split, ids in splits.items():
-        ids.tofile(out / f"{split}.bin")
+        ids.tofile(out / f"{split}.bin.tmp")
     freq = np.bincount(splits["train"]) / len(splits["train"])  # a model that knows only these frequencies
     entropy = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())  # has this loss: the baseline to beat
     meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "eot_id": enc.eot_token,
@@ -313,7 +313,9 @@ def main(argv=None):
                         "dropped": dropped, "min_chars": args.min_chars, "max_repetition": args.max_repetition,
                         "max_word_run": args.max_word_run},
             "unigram_entropy_nats": round(entropy, 4), "val_fraction": args.val_fraction, "seed": args.seed}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):  # all written: now swap them in, so a
+        os.replace(out / f"{name}.tmp", out / name)                       # crash never leaves a mixed data set
     for split, ids in splits.items():
         print(f"{split}.bin: {len(ids):,} tokens ({ids.nbytes / 1e6:.1f} MB)")
     print(f"vocab {vocab_size:,}, unigram entropy {entropy:.3f} nats; "
