@@ -11,6 +11,7 @@ the wrong type, is a one-line error that names the key, instead of a silent new 
 """
 
 import ast
+import difflib
 import sys
 import types
 
@@ -54,7 +55,9 @@ def configure(settings, argv):
             pairs = [(key, value)]
         for key, value in pairs:
             if key not in keys:
-                raise ValueError(f"unknown config key {key!r} (from {arg}); known keys: {', '.join(sorted(keys))}")
+                close = difflib.get_close_matches(key, keys, n=3)
+                hint = f"did you mean {' or '.join(close)}?" if close else "the settings are the globals of the script"
+                raise ValueError(f"unknown config key {key!r} (from {arg}); {hint}")
             overrides[key] = settings[key] = _coerce(key, value, settings[key])
     return overrides
 

@@ -2,7 +2,8 @@
 Ava's model: a GPT whose feed-forward layers are Mixtures of Experts.
 
 All of it is in this file: RMSNorm, rotary attention, two routers (classic softmax top-k with an aux loss
-and capacity dropping, and Sinkhorn-Knopp balanced top-k), grouped experts, and KV-cache generation.
+and capacity dropping, and Sinkhorn-Knopp balanced top-k), grouped experts, multi-token prediction heads,
+and KV-cache generation.
 Nothing here knows about training loops or files.
 
 Shape legend used in comments:
@@ -37,6 +38,9 @@ class ModelConfig:
     router_jitter: float = 0.0   # softmax router only: multiplicative noise on the router input while training
     aux_loss_coef: float = 0.01  # Switch load-balancing loss (softmax router only)
     z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, both routers
+    # multi-token prediction (Gloeckle et al. 2024)
+    n_future_tokens: int = 1     # heads predicting t+1 .. t+n; 1 = only the usual next-token head
+    mtp_weight: float = 0.3      # weight of the mean extra-head loss in the training loss
 
     def __post_init__(self):
         """Impossible combinations fail here, with one line that says what to change."""
@@ -52,6 +56,8 @@ class ModelConfig:
             (not (self.router == 'sinkhorn' and self.router_jitter > 0), "router_jitter applies to the softmax router only"),
             (self.capacity_factor == 0 or self.capacity_factor >= 1, "capacity_factor must be 0 (no dropping) or >= 1"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0, "sizes must be positive"),
+            (self.n_future_tokens >= 1, f"n_future_tokens={self.n_future_tokens} must be >= 1 (1 = next token only)"),
+            (self.mtp_weight >= 0, f"mtp_weight={self.mtp_weight} must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -267,6 +273,31 @@ class Block(nn.Module):
         return x + self.dropout(y), router_loss
 
 
+class MTPHead(nn.Module):
+    """Turns the trunk's final state at position t into a state for predicting token t+1+i (Gloeckle et al. 2024),
+    which the shared, tied lm_head then scores: x + W norm(x), normed like norm_f.
+
+    One residual linear layer (~C^2 parameters, where Gloeckle et al. give each head a transformer layer): cheap
+    enough to run at every training step and to draft tokens with, and weak enough that the trunk has to carry the
+    future tokens itself, which is the point of the extra loss. With W small at init the head starts as a copy of
+    the next-token state, the nearest thing the model already knows."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.norm_in = RMSNorm(n_embd)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.norm_out = RMSNorm(n_embd)
+
+    def forward(self, x):
+        return self.norm_out(x + self.proj(self.norm_in(x)))
+
+
+def cross_entropy(logits, targets):
+    """Mean loss over the targets that are not -1; in fp32, so bf16 logits keep the small probabilities.
+    logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -276,6 +307,9 @@ class GPT(nn.Module):
         self.norm_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017): fewer parameters, trains as well
+        # head i (1 .. n-1) predicts token t+1+i; empty when off, so such checkpoints have no extra keys
+        self.mtp_heads = nn.ModuleList([MTPHead(config.n_embd) for _ in range(config.n_future_tokens - 1)])
+        self.mtp_losses = []  # last forward's extra-head losses (detached), for the training log
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -284,7 +318,7 @@ class GPT(nn.Module):
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, (Attention, MLP)):
+        if isinstance(module, (Attention, MLP, MTPHead)):
             torch.nn.init.normal_(module.proj.weight, mean=0.0, std=out_std)
 
     def num_params(self, active=False):
@@ -298,18 +332,19 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 per active weight (forward + backward) plus attention's 12*L*C*T
-        (PaLM appendix B; the embedding lookup is free, the tied lm_head is counted by 6N)."""
+        (PaLM appendix B; the embedding lookup is free, the tied lm_head is counted once by 6N, and once more
+        for each extra MTP head that reuses it)."""
         cfg = self.config
-        return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        mtp_lm_head = len(self.mtp_heads) * cfg.n_embd * cfg.vocab_size
+        return 6 * (self.num_params(active=True) + mtp_lm_head) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     def router_stats(self):
         """Per MoE layer: expert load (E,), dropped fraction, router entropy, aux and z loss, from the last
         forward pass. Tensors stay on the device; the caller decides when to sync."""
         return [block.ffn.router.stats for block in self.blocks if isinstance(block.ffn, MoE)]
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, V), and with targets (-1 = ignore) the loss: cross-entropy, plus
-        the router losses while training (they are regularisers, so eval reports the plain cross-entropy).
+    def trunk(self, idx, cache=None):
+        """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed router loss.
         With a KVCache, idx continues the cached sequence from position cache.pos."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
@@ -321,11 +356,33 @@ class GPT(nn.Module):
             router_loss = router_loss + block_router_loss
         if cache is not None:
             cache.pos += T
+        return x, router_loss
+
+    def mtp_logits(self, hidden):
+        """Trunk states (B, T, C) -> one logits tensor (B, T, V) per extra head: entry i-1 at position t scores
+        token t+1+i. Pass hidden[:, -1:] to draft the tokens after the next one (self-speculative decoding)."""
+        return [self.lm_head(head(hidden)) for head in self.mtp_heads]
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V), and with targets (-1 = ignore) the loss: cross-entropy, plus
+        while training the router losses and mtp_weight * the mean extra-head loss (both help training, so eval
+        reports the plain cross-entropy). The extra-head losses land in self.mtp_losses, detached; without
+        targets (generation) the extra heads are not run. With a KVCache, idx continues from cache.pos."""
+        x, router_loss = self.trunk(idx, cache)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
+            self.mtp_losses = []
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, (loss + router_loss if self.training else loss)
+        loss = cross_entropy(logits, targets)
+        # head i's logits at t score token t+1+i = targets[:, t+i]; the last i positions have no target
+        mtp_losses = [cross_entropy(head_logits[:, :-i], targets[:, i:])
+                      for i, head_logits in enumerate(self.mtp_logits(x), start=1)]
+        self.mtp_losses = [head_loss.detach() for head_loss in mtp_losses]
+        if not self.training:
+            return logits, loss
+        if mtp_losses:
+            loss = loss + self.config.mtp_weight * sum(mtp_losses) / len(mtp_losses)
+        return logits, loss + router_loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):

@@ -8,6 +8,7 @@ Sample from a trained Ava model.
 
 import os
 import sys
+import warnings
 
 import torch
 
@@ -45,7 +46,9 @@ torch.manual_seed(seed)
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+        warnings.simplefilter('ignore')
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
     model = GPT(ModelConfig(**checkpoint['model_config']))
     model.load_state_dict(checkpoint['model'])
 except FileNotFoundError:

@@ -180,11 +180,98 @@ def test_dense_twin_has_the_moe_active_parameter_count():
 @pytest.mark.parametrize('bad,message', [
     (dict(top_k=5), 'top_k'), (dict(router='expert_choice'), 'router'), (dict(n_head=3), 'divisible'),
     (dict(router='sinkhorn', capacity_factor=1.25), 'softmax router only'),
+    (dict(n_future_tokens=0), 'n_future_tokens'), (dict(mtp_weight=-0.1), 'mtp_weight'),
 ])
 def test_config_rejects_impossible_combinations(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**bad)
 
+
+
+def counting_sequences(batch, length, vocab):
+    """Rows start at a random token and count up mod vocab, so token t fixes every later token."""
+    start = torch.randint(0, vocab, (batch, 1))
+    seq = (start + torch.arange(length + 1)) % vocab  # (B, T+1)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def mtp_accuracy(model, idx, targets):
+    """Per extra head i: fraction of positions t whose argmax is token t+1+i."""
+    with torch.no_grad():
+        hidden, _ = model.trunk(idx)
+        return [(head_logits[:, :-i].argmax(dim=-1) == targets[:, i:]).float().mean().item()
+                for i, head_logits in enumerate(model.mtp_logits(hidden), start=1)]
+
+
+def test_mtp_heads_learn_a_predictable_sequence():
+    """On counting sequences tokens t+2 and t+3 are as predictable as t+1: trained heads get them right,
+    untrained ones are at chance (1/32)."""
+    torch.manual_seed(0)
+    V = 32
+    model = GPT(tiny_config(vocab_size=V, block_size=16, n_layer=1, n_future_tokens=3))
+    test_idx, test_targets = counting_sequences(64, 16, V)
+    assert max(mtp_accuracy(model.eval(), test_idx, test_targets)) < 0.2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        _, loss = model(*counting_sequences(32, 16, V))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    accuracy = mtp_accuracy(model.eval(), test_idx, test_targets)
+    assert len(accuracy) == 2 and min(accuracy) > 0.9, accuracy
+
+
+def test_mtp_losses_equal_a_per_position_loop():
+    """Head i's loss is the mean over positions t with a target t+i (not -1) of -log p(targets[t+i]); the training
+    loss adds the router losses and mtp_weight * their mean; eval returns the plain cross-entropy; generation never
+    runs the heads."""
+    torch.manual_seed(0)
+    cfg = tiny_config(router='softmax', n_future_tokens=3, mtp_weight=0.5)
+    model = GPT(cfg).train()
+    B, T, V = 2, 12, cfg.vocab_size
+    idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    targets[0, 7] = targets[1, 2] = -1
+    logits, loss = model(idx, targets)
+    with torch.no_grad():
+        head_logits = model.mtp_logits(model.trunk(idx)[0])
+    assert len(model.mtp_losses) == 2
+    for i in (1, 2):
+        terms = [-head_logits[i - 1][b, t].log_softmax(dim=-1)[targets[b, t + i]]
+                 for b in range(B) for t in range(T - i) if targets[b, t + i] != -1]
+        torch.testing.assert_close(model.mtp_losses[i - 1], torch.stack(terms).mean())
+    ce = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+    router = sum(cfg.aux_loss_coef * s['aux_loss'] + cfg.z_loss_coef * s['z_loss'] for s in model.router_stats())
+    mtp = sum(model.mtp_losses) / 2
+    torch.testing.assert_close(loss, ce + router + 0.5 * mtp)
+    _, eval_loss = model.eval()(idx, targets)
+    torch.testing.assert_close(eval_loss, ce)
+    assert len(model.mtp_losses) == 2
+    calls = []
+    model.mtp_heads[0].register_forward_hook(lambda *args: calls.append(1))
+    model.generate(idx[:, :4], max_new_tokens=3, temperature=0)
+    assert calls == [] and model.mtp_losses == []
+
+
+def test_mtp_off_leaves_the_model_unchanged():
+    """n_future_tokens=1 adds no state_dict keys and no parameters; each extra head costs C^2 + 2C parameters
+    and the lm_head's FLOPs once more, and leaves the next-token logits alone."""
+    cfg = tiny_config()
+    C, V, L, E, Fh = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_experts, cfg.ffn_hidden
+    off, on = GPT(cfg), GPT(tiny_config(n_future_tokens=3))
+    block_keys = ['norm1.weight', 'attn.qkv.weight', 'attn.proj.weight', 'norm2.weight',
+                  'ffn.router.weight', 'ffn.w_in', 'ffn.w_out']
+    keys = {'wte.weight', 'lm_head.weight', 'norm_f.weight'} | {f'blocks.{l}.{k}' for l in range(L) for k in block_keys}
+    assert set(off.state_dict()) == keys
+    assert off.num_params() == V * C + C + L * (2 * C + 4 * C * C + E * C + 2 * E * C * Fh)
+    head_keys = {f'mtp_heads.{h}.{k}' for h in range(2) for k in ('norm_in.weight', 'proj.weight', 'norm_out.weight')}
+    assert set(on.state_dict()) == keys | head_keys
+    assert on.num_params(active=True) - off.num_params(active=True) == 2 * (C * C + 2 * C)
+    assert on.flops_per_token(16) - off.flops_per_token(16) == 6 * 2 * (C * C + 2 * C + C * V)
+    loaded = on.load_state_dict(off.state_dict(), strict=False)  # a checkpoint without MTP: only the heads are new
+    assert set(loaded.missing_keys) == head_keys and not loaded.unexpected_keys
+    idx = torch.randint(0, V, (2, 8))
+    assert torch.equal(off.eval()(idx)[0], on.eval()(idx)[0])
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('router,capacity', [('sinkhorn', 0.0), ('softmax', 1.25)])

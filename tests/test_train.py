@@ -1,27 +1,49 @@
 """
-train.py, sample.py and configurator.py end to end, on a tiny corpus prepared in a temporary folder.
+train.py, sample.py and configurator.py end to end, on a tiny corpus prepared in a temporary folder:
+training, the run folder, exact resume (after a clean stop, SIGTERM and kill -9), NaN recovery, the LR finder,
+and one-line errors for bad input.
     python -m pytest -q tests/test_train.py
 """
 
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from configurator import configure
 from data.prepare import main as prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_experts=4', '--top_k=2', '--batch_size=8',
-        '--block_size=32', '--eval_iters=2', '--log_interval=5', '--device=cpu', '--warmup_iters=2']
+        '--block_size=32', '--eval_iters=2', '--log_interval=5', '--device=cpu', '--warmup=2']
 
 
 def run(script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def start(script, *args):
+    return subprocess.Popen([sys.executable, '-u', script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope='module')
@@ -39,6 +61,18 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted 40-iteration run with dropout, router jitter and capacity dropping (so the global RNG
+    matters as well as the data stream), its arguments, and its final weights."""
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=10', '--max_iters=40', '--router=softmax',
+            '--capacity_factor=1.25', '--router_jitter=0.1', '--dropout=0.1']
+    out = tmp_path_factory.mktemp('reference')
+    result = run('train.py', *args, f'--out_dir={out}')
+    assert result.returncode == 0, result.stderr
+    return args, weights(out / 'ckpt.pt')
+
+
 def test_training_lowers_the_loss_and_sample_prints_text(data_dir, tmp_path):
     result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30',
                  '--eval_interval=30', '--learning_rate=3e-3')
@@ -51,50 +85,190 @@ def test_training_lowers_the_loss_and_sample_prints_text(data_dir, tmp_path):
     assert sum(line.startswith('Hello') for line in sample.stdout.splitlines()) == 2  # the prompt, continued
 
 
-def test_resume_is_bit_exact(data_dir, tmp_path):
-    """20 iterations in one go == 10 iterations, stop, resume to 20. Dropout, router jitter and capacity
-    dropping are on, so the global RNG and the data stream must both be restored exactly."""
-    common = [*TINY, f'--data_dir={data_dir}', '--eval_interval=10', '--lr_decay_iters=20', '--router=softmax',
-              '--capacity_factor=1.25', '--router_jitter=0.1', '--dropout=0.1']
-    straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
-    for args in ([f'--out_dir={straight}', '--max_iters=20'],
-                 [f'--out_dir={interrupted}', '--max_iters=10'],
-                 [f'--out_dir={interrupted}', '--max_iters=20', '--init_from=resume']):
-        result = run('train.py', *common, *args)
+def test_run_folder_metrics_plots_and_features(data_dir, tmp_path):
+    """One run with MTP heads, progressive sequence length, checkpoint rotation and wandb asked for."""
+    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=40',
+                 '--eval_interval=10', '--keep_checkpoints=2', '--n_future_tokens=3', '--seq_len_start=8',
+                 '--seq_len_warmup=0.5', '--wandb_log=True')
+    assert result.returncode == 0, result.stderr
+    files = set(os.listdir(tmp_path))
+    assert {'ckpt.pt', 'best.pt', 'config.yaml', 'metadata.json', 'metrics.jsonl', 'tokenizer.json'} <= files
+    assert sorted(f for f in files if f.startswith('ckpt_')) == ['ckpt_000030.pt', 'ckpt_000040.pt']
+    assert {'training.png', 'expert_load.png'} <= set(os.listdir(tmp_path / 'plots'))
+    config = yaml.safe_load((tmp_path / 'config.yaml').read_text())
+    assert config['max_iters'] == 40 and config['model']['n_future_tokens'] == 3
+    assert {'git_commit', 'torch', 'device', 'world_size', 'start_time'} <= json.loads((tmp_path / 'metadata.json').read_text()).keys()
+    records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    steps = [r for r in records if 'loss' in r]
+    evals = [r for r in records if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30, 40] and [r['iter'] for r in steps] == list(range(5, 41, 5))
+    assert len(steps[-1]['mtp_losses']) == 2 and 'mtp' in result.stdout
+    # ramp over 20 iterations, 8 -> 16 -> 32 (each logged step reports the length of the step just taken)
+    assert [r['seq_len'] for r in steps] == [8, 8, 16, 16, 32, 32, 32, 32]
+    assert len(steps[-1]['load']) == 2 and len(steps[-1]['load'][0]) == 4 and steps[-1]['rss_gb'] > 0
+    assert 'wandb is not installed' in result.stdout  # (wandb is optional and not installed in CI)
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['best_val_loss'] == min(r['val_loss'] for r in evals)
+
+
+def test_resume_after_a_clean_stop_is_bit_exact(reference, tmp_path):
+    args, final = reference
+    for extra in (['--max_iters=20', '--lr_decay_iters=40'], ['--init_from=resume']):
+        result = run('train.py', *args, f'--out_dir={tmp_path}', *extra)
         assert result.returncode == 0, result.stderr
-    a = torch.load(straight / 'ckpt.pt', weights_only=True)
-    b = torch.load(interrupted / 'ckpt.pt', weights_only=True)
-    assert a['iter_num'] == b['iter_num'] == 20
-    assert a['model'].keys() == b['model'].keys()
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
-    before = torch.load(interrupted / 'ckpt.prev.pt', weights_only=True)  # the previous checkpoint is kept
-    assert before['iter_num'] == 10 and not torch.equal(before['model']['wte.weight'], b['model']['wte.weight'])
+    assert_same_weights(weights(tmp_path / 'ckpt.pt'), final)
+    assert torch.load(tmp_path / 'ckpt_000020.pt', weights_only=True)['iter_num'] == 20  # history kept
 
 
-def one_line_error(result):
-    lines = result.stderr.strip().splitlines()
-    return result.returncode != 0 and len(lines) == 1 and 'Traceback' not in result.stderr
+def test_sigterm_saves_an_emergency_checkpoint_and_resume_is_exact(reference, tmp_path):
+    args, final = reference
+    process = start('train.py', *args, f'--out_dir={tmp_path}')
+    for line in process.stdout:
+        if line.startswith('iter 15:'):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and 'emergency checkpoint' in stderr, stderr
+    stopped_at = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert stopped_at['reason'] == 'emergency' and 15 <= stopped_at['iter_num'] < 40
+    result = run('train.py', *args, f'--out_dir={tmp_path}', '--init_from=resume')
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(weights(tmp_path / 'ckpt.pt'), final)
 
 
-def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
+    args, final = reference
+    process = start('train.py', *args, f'--out_dir={tmp_path}')
+    for line in process.stdout:
+        if line.startswith('iter 25:'):  # after the iteration-20 checkpoint
+            process.kill()
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    result = run('train.py', *args, f'--out_dir={tmp_path}', '--init_from=resume')
+    assert result.returncode == 0, result.stderr
+    assert 'resuming from' in result.stdout and 'at iteration 20' in result.stdout
+    assert_same_weights(weights(tmp_path / 'ckpt.pt'), final)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
+    args, _ = reference
+    assert run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=10').returncode == 0
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / 'ckpt_000020.pt.tmp').mkdir()  # the next save cannot write its temporary file
+    result = run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=20', '--init_from=resume')
+    assert result.returncode != 0 and 'previous checkpoint' in result.stderr and 'Traceback' not in result.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_nan_steps_are_skipped_and_repeated_ones_reload_the_checkpoint(data_dir, tmp_path):
+    common = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--max_iters=20']
+    once = run('train.py', *common, f'--out_dir={tmp_path / "once"}', '--debug_nan_at=7')
+    assert once.returncode == 0, once.stderr
+    assert 'iter 7: non-finite loss/gradient, step skipped (1 so far), LR scale -> 0.500' in once.stdout
+    assert '1 skipped steps' in once.stdout
+    repeated = run('train.py', *common, f'--out_dir={tmp_path / "repeated"}', '--debug_nan_at=7',
+                   '--debug_nan_steps=3', '--max_bad_steps=3')
+    assert repeated.returncode == 0, repeated.stderr
+    assert '3 bad steps in a row: reloaded' in repeated.stdout and '(iteration 5)' in repeated.stdout
+    for name in ('once', 'repeated'):
+        assert all(torch.isfinite(w).all() for w in weights(tmp_path / name / 'ckpt.pt').values())
+
+
+def test_lr_finder_writes_a_plot_and_no_checkpoint(data_dir, tmp_path):
+    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--lr_find=True',
+                 '--lr_find_iters=30', '--lr_find_start=1e-6', '--lr_find_end=1.0')
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / 'lr_find.json').read_text())
+    assert 1e-6 <= found['suggested_lr'] <= 1.0 and (tmp_path / 'lr_find.png').exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.pt')]
+
+
+def test_reset_optimizer_keeps_weights_and_restarts_adamw(reference, tmp_path):
+    args, _ = reference
+    assert run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=10').returncode == 0
+    result = run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=15', '--init_from=resume',
+                 '--reset_optimizer=True')
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['optimizer']['state']
+    assert state[0]['step'].item() == 5  # Adam restarted at iteration 10 (10 + 5 steps without the reset)
+
+
+class Exploit:
+    """Unpickling this would run a shell command: weights_only=True must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir, tmp_path):
+    args, _ = reference
+    run_dir = tmp_path / 'run'
+    assert run('train.py', *args, f'--out_dir={run_dir}', '--max_iters=10').returncode == 0
+    fingerprint = lambda: {f: hashlib.sha1((run_dir / f).read_bytes()).hexdigest()
+                           for f in os.listdir(run_dir) if (run_dir / f).is_file()}
+    before = fingerprint()
+    train = lambda *extra: run('train.py', *TINY, f'--data_dir={data_dir}', *extra)
+    resume = lambda path, *extra: train(f'--out_dir={path}', '--init_from=resume', *extra)
+
+    def copy_run(name, edit):  # a copy of the run whose checkpoint has been tampered with
+        target = tmp_path / name
+        target.mkdir()
+        (target / 'ckpt.pt').write_bytes((run_dir / 'ckpt.pt').read_bytes())
+        edit(target / 'ckpt.pt')
+        return target
+
+    def reshape(path):
+        ckpt = torch.load(path, weights_only=True)
+        ckpt['model_config']['n_embd'] = 64
+        torch.save(ckpt, path)
+
+    truncated = tmp_path / 'truncated'
+    truncated.mkdir()
+    for f in os.listdir(data_dir):
+        (truncated / f).write_bytes((open(os.path.join(data_dir, f), 'rb').read()))
+    with open(truncated / 'train.bin', 'r+b') as f:
+        f.truncate(12345)  # not a whole number of uint16 tokens
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (tmp_path / 'a_file').write_text('not a folder')
+    marker = tmp_path / 'exploited'
     cases = [
-        (run('train.py', '--n_layers=4'), 'unknown config key'),
-        (run('train.py', '--max_iters=ten'), 'expects int'),
-        (run('train.py', 'config/missing.py'), 'cannot read config file'),
-        (run('train.py', f'--data_dir={tmp_path}/nowhere'), 'data/prepare.py'),
-        (run('train.py', f'--data_dir={data_dir}', '--top_k=9', '--device=cpu'), 'top_k'),
-        (run('train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume'), 'no checkpoint'),
-        (run('sample.py', f'--out_dir={tmp_path}'), 'no checkpoint'),
+        (train('--n_layers=4'), "unknown config key 'n_layers'"),
+        (train('--max_iters=ten'), 'expects int'),
+        (train('config/missing.py'), 'cannot read config file'),
+        (train('--learning_rate=-1.0'), 'learning_rate must be > 0'),
+        (train('--batch_size=0'), 'batch_size'),
+        (train('--top_k=9'), 'top_k'),
+        (train('--capacity_factor=1.25'), 'softmax router only'),
+        (train('--init_from=gpt2'), 'init_from'),
+        (train('--seq_len_start=12'), 'power of 2'),
+        (train('--device=tpu'), 'device'),
+        (train(f'--data_dir={tmp_path}/nowhere'), 'data/prepare.py'),
+        (train(f'--data_dir={truncated}'), 'no usable prepared data'),
+        (run('data/prepare.py', f'--input={empty}'), 'matches no'),
+        (train(f'--out_dir={run_dir}'), 'already holds a run'),
+        (train(f'--out_dir={tmp_path / "a_file"}'), 'cannot write to out_dir'),
+        (resume(tmp_path / 'no_run'), 'no checkpoint'),
+        (resume(copy_run('corrupt', lambda p: p.write_bytes(b'not a checkpoint'))), 'cannot load'),
+        (resume(copy_run('foreign', lambda p: torch.save({'hello': 1}, p))), 'cannot load'),
+        (resume(copy_run('reshaped', reshape)), 'cannot load'),
+        (resume(copy_run('exploit', lambda p: p.write_bytes(pickle.dumps(Exploit(marker))))), 'cannot load'),
+        (resume(run_dir, '--block_size=64'), "longer than the checkpoint's"),
+        (run('sample.py', f'--out_dir={tmp_path / "no_run"}'), 'no checkpoint'),
+        (run('sample.py', f'--out_dir={tmp_path / "corrupt"}'), 'cannot load'),
         (run('sample.py', '--top_p=1.5'), 'top_p'),
         (run('sample.py', '--temperature=-1.0'), 'temperature'),
     ]
-    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    cases.append((run('sample.py', f'--out_dir={tmp_path}'), 'cannot load'))
-    cases.append((run('train.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--init_from=resume'), 'cannot resume'))
     for result, message in cases:
-        assert one_line_error(result), result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
         assert message in result.stderr, result.stderr
+    assert not marker.exists()  # the malicious pickle never ran
+    assert fingerprint() == before
 
 
 def test_configure_checks_keys_and_types(tmp_path):
