@@ -541,28 +541,28 @@ def main():
     run_start, start_iter, bad_steps, skipped = time.time(), iter_num, 0, 0
     t0, t0_iter = time.time(), iter_num  # timing window for tok/s
     load_sum, load_steps, nan_injected, reloads = None, 0, 0, 0
-    while True:
-        lr = min(ceiling, max(min_lr, scheduled_lr(iter_num, learning_rate, min_lr, warmup_iters,
-                                                   lr_decay_iters or max_iters, num_cycles) * plateau.scale))
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+    try:  # a CUDA out-of-memory anywhere in the loop (eval included) ends the run with an emergency checkpoint
+        while True:
+            lr = min(ceiling, max(min_lr, scheduled_lr(iter_num, learning_rate, min_lr, warmup_iters,
+                                                       lr_decay_iters or max_iters, num_cycles) * plateau.scale))
+            for group in optimizer.param_groups:
+                group['lr'] = lr
 
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            losses = estimate_loss()
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
-            if iter_num > start_iter or iter_num == max_iters:
-                print(f"saved {save_checkpoint('best' if improved else 'eval')}")
-                plot_run(records, os.path.join(out_dir, 'plots', ''))
-            t0, t0_iter = time.time(), iter_num  # evaluation time is not training time
-        if iter_num >= max_iters:
-            break
+            if iter_num % eval_interval == 0 or iter_num == max_iters:
+                losses = estimate_loss()
+                improved = losses['val'] < best_val_loss
+                best_val_loss = min(best_val_loss, losses['val'])
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
+                if iter_num > start_iter or iter_num == max_iters:
+                    print(f"saved {save_checkpoint('best' if improved else 'eval')}")
+                    plot_run(records, os.path.join(out_dir, 'plots', ''))
+                t0, t0_iter = time.time(), iter_num  # evaluation time is not training time
+            if iter_num >= max_iters:
+                break
 
-        # one optimizer step; sequences grow from seq_len_start with tokens per micro-step held constant
-        seq_len = seq_len_at(iter_num, seq_len_start, block_size, as_iters(seq_len_warmup, max_iters))
-        try:
+            # one optimizer step; sequences grow from seq_len_start with tokens per micro-step held constant
+            seq_len = seq_len_at(iter_num, seq_len_start, block_size, as_iters(seq_len_warmup, max_iters))
             for micro_step in range(gradient_accumulation_steps):
                 x, y = get_batch('train', batch_rng, seq_len, batch_size * block_size // seq_len)
                 with autocast:
@@ -571,103 +571,103 @@ def main():
                     loss, nan_injected = loss * float('nan'), nan_injected + 1
                 (loss / gradient_accumulation_steps).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf')).item()  # sync point
-        except torch.OutOfMemoryError:
+            if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as they were
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps, skipped = bad_steps + 1, skipped + 1
+                plateau.scale *= 0.5
+                print(f"iter {iter_num}: non-finite loss/gradient, step skipped ({skipped} so far), LR scale -> {plateau.scale:.3f}")
+                if bad_steps >= max_bad_steps and os.path.exists(ckpt_path):
+                    reloads += 1
+                    if reloads > 3:
+                        fail(f"training diverged again after {reloads - 1} reloads of {ckpt_path}; lower learning_rate")
+                    scale = plateau.scale
+                    restore(load_checkpoint(ckpt_path)[0])
+                    plateau.scale, bad_steps = scale * 0.5, 0
+                    print(f"{max_bad_steps} bad steps in a row: reloaded {ckpt_path} (iteration {iter_num}), "
+                          f"LR scale -> {plateau.scale:.3f}")
+                else:
+                    iter_num += 1
+                continue
+            bad_steps = 0
+            clip, exploded = grad_monitor.check(grad_norm, clip_at(iter_num, warmup_iters, grad_clip_start, grad_clip)
+                                                if grad_clip > 0 else float('inf'))
+            if grad_norm > clip:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, torch.tensor(grad_norm))
+                if exploded:
+                    print(f"iter {iter_num}: gradient norm {grad_norm:.2f} is {grad_norm / grad_monitor.mean:.1f}x its "
+                          f"running mean: explosion, clipped to {clip:.2f}")
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            emergency_exit(f"CUDA out of memory at iteration {iter_num} (try a smaller batch_size)", 3)
-        if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as they were
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps, skipped = bad_steps + 1, skipped + 1
-            plateau.scale *= 0.5
-            print(f"iter {iter_num}: non-finite loss/gradient, step skipped ({skipped} so far), LR scale -> {plateau.scale:.3f}")
-            if bad_steps >= max_bad_steps and os.path.exists(ckpt_path):
-                reloads += 1
-                if reloads > 3:
-                    fail(f"training diverged again after {reloads - 1} reloads of {ckpt_path}; lower learning_rate")
-                scale = plateau.scale
-                restore(load_checkpoint(ckpt_path)[0])
-                plateau.scale, bad_steps = scale * 0.5, 0
-                print(f"{max_bad_steps} bad steps in a row: reloaded {ckpt_path} (iteration {iter_num}), "
-                      f"LR scale -> {plateau.scale:.3f}")
-            else:
-                iter_num += 1
-            continue
-        bad_steps = 0
-        clip, exploded = grad_monitor.check(grad_norm, clip_at(iter_num, warmup_iters, grad_clip_start, grad_clip)
-                                            if grad_clip > 0 else float('inf'))
-        if grad_norm > clip:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, torch.tensor(grad_norm))
-            if exploded:
-                print(f"iter {iter_num}: gradient norm {grad_norm:.2f} is {grad_norm / grad_monitor.mean:.1f}x its "
-                      f"running mean: explosion, clipped to {clip:.2f}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        stats = model.router_stats()
-        if stats:  # per-expert load summed on the device, read once per log line
-            loads = torch.stack([s['load'] for s in stats])  # (L, E)
-            load_sum, load_steps = (loads if load_sum is None else load_sum + loads), load_steps + 1
-        loss_value = loss.item()
-        recent_norms.append(grad_norm)
-        recent_losses.append(loss_value)
+            iter_num += 1
+            stats = model.router_stats()
+            if stats:  # per-expert load summed on the device, read once per log line
+                loads = torch.stack([s['load'] for s in stats])  # (L, E)
+                load_sum, load_steps = (loads if load_sum is None else load_sum + loads), load_steps + 1
+            loss_value = loss.item()
+            recent_norms.append(grad_norm)
+            recent_losses.append(loss_value)
 
-        if adaptive_lr and iter_num % lr_check_interval == 0:
-            message = plateau.update(iter_num, float(np.mean(recent_losses)), recent_norms)
-            recent_norms.clear()
-            recent_losses.clear()
-            if message:
-                print(f"iter {iter_num}: {message}")
-        del recent_norms[:-lr_check_interval], recent_losses[:-lr_check_interval]
+            if adaptive_lr and iter_num % lr_check_interval == 0:
+                message = plateau.update(iter_num, float(np.mean(recent_losses)), recent_norms)
+                recent_norms.clear()
+                recent_losses.clear()
+                if message:
+                    print(f"iter {iter_num}: {message}")
+            del recent_norms[:-lr_check_interval], recent_losses[:-lr_check_interval]
 
-        if iter_num % log_interval == 0:
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-            dt = (time.time() - t0) / (iter_num - t0_iter)  # seconds per iteration
-            t0, t0_iter = time.time(), iter_num
-            record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm, clip=clip, dt=dt,
-                          tok_s=tokens_per_iter / dt, seq_len=seq_len, skipped=skipped,
-                          explosions=grad_monitor.explosions)
-            line = (f"iter {iter_num}: loss {record['loss']:.4f}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
-                    f"dt {dt * 1000:.0f}ms, tok/s {record['tok_s']:,.0f}")
-            if seq_len_start:
-                line += f", seq_len {seq_len}"
-            if device_type == 'cuda':  # model FLOPs utilisation against H100 SXM bf16 dense peak, 989 TFLOP/s
-                record['mfu'] = model.flops_per_token(seq_len) * tokens_per_iter / dt / 989e12
-                memory = torch.cuda.mem_get_info(dev)
-                fraction = torch.cuda.memory_reserved(dev) / memory[1]
-                record.update(mem_alloc=torch.cuda.memory_allocated(dev) / memory[1], mem_reserved=fraction,
-                              mem_peak=torch.cuda.max_memory_allocated(dev) / memory[1])
-                line += f", mfu {record['mfu'] * 100:.1f}%, mem {fraction:.0%}"
-                level = memory_level(fraction)
-                if level >= 1:
-                    print(f"iter {iter_num}: memory at {fraction:.0%} of the device")
-                if level in (2, 3):
-                    torch.cuda.empty_cache()
-                if level == 4:
-                    emergency_exit(f"memory at {fraction:.0%} of the device (>= {MEMORY_LEVELS[-1]:.0%})", 3)
-            else:  # resident set size of this process
-                with open('/proc/self/statm') as f:
-                    record['rss_gb'] = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e9
-            if model.mtp_losses:
-                record['mtp_losses'] = [l.item() for l in model.mtp_losses]
-                line += ", mtp " + "/".join(f"{l:.2f}" for l in record['mtp_losses'])
-            if stats:
-                mean_load = (load_sum / load_steps).cpu().numpy()  # (L, E) mean load since the last log line
-                load_sum, load_steps = None, 0
-                record.update(load=mean_load.tolist(), dropped=[s['dropped'].item() for s in stats],
-                              entropy=[s['entropy'].item() for s in stats],
-                              aux_loss=[s['aux_loss'].item() for s in stats], z_loss=[s['z_loss'].item() for s in stats])
-                imbalance = float((mean_load.max(axis=1) * mean_load.shape[1]).max())  # worst layer's max/mean
-                line += f", load max/mean {imbalance:.2f}"
-                if max(record['dropped']) > 0:
-                    line += f", dropped {np.mean(record['dropped']):.1%}"
-                for warning in dead_experts.update(iter_num, mean_load):
-                    print(warning)
-            print(line)
-            log(record)
+            if iter_num % log_interval == 0:
+                if device_type == 'cuda':
+                    torch.cuda.synchronize()
+                dt = (time.time() - t0) / (iter_num - t0_iter)  # seconds per iteration
+                t0, t0_iter = time.time(), iter_num
+                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm, clip=clip, dt=dt,
+                              tok_s=tokens_per_iter / dt, seq_len=seq_len, skipped=skipped,
+                              explosions=grad_monitor.explosions)
+                line = (f"iter {iter_num}: loss {record['loss']:.4f}, lr {lr:.2e}, grad norm {grad_norm:.2f}, "
+                        f"dt {dt * 1000:.0f}ms, tok/s {record['tok_s']:,.0f}")
+                if seq_len_start:
+                    line += f", seq_len {seq_len}"
+                if device_type == 'cuda':  # model FLOPs utilisation against H100 SXM bf16 dense peak, 989 TFLOP/s
+                    record['mfu'] = model.flops_per_token(seq_len) * tokens_per_iter / dt / 989e12
+                    memory = torch.cuda.mem_get_info(dev)
+                    fraction = torch.cuda.memory_reserved(dev) / memory[1]
+                    record.update(mem_alloc=torch.cuda.memory_allocated(dev) / memory[1], mem_reserved=fraction,
+                                  mem_peak=torch.cuda.max_memory_allocated(dev) / memory[1])
+                    line += f", mfu {record['mfu'] * 100:.1f}%, mem {fraction:.0%}"
+                    level = memory_level(fraction)
+                    if level >= 1:
+                        print(f"iter {iter_num}: memory at {fraction:.0%} of the device")
+                    if level in (2, 3):
+                        torch.cuda.empty_cache()
+                    if level == 4:
+                        emergency_exit(f"memory at {fraction:.0%} of the device (>= {MEMORY_LEVELS[-1]:.0%})", 3)
+                else:  # resident set size of this process
+                    with open('/proc/self/statm') as f:
+                        record['rss_gb'] = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e9
+                if model.mtp_losses:
+                    record['mtp_losses'] = [l.item() for l in model.mtp_losses]
+                    line += ", mtp " + "/".join(f"{l:.2f}" for l in record['mtp_losses'])
+                if stats:
+                    mean_load = (load_sum / load_steps).cpu().numpy()  # (L, E) mean load since the last log line
+                    load_sum, load_steps = None, 0
+                    record.update(load=mean_load.tolist(), dropped=[s['dropped'].item() for s in stats],
+                                  entropy=[s['entropy'].item() for s in stats],
+                                  aux_loss=[s['aux_loss'].item() for s in stats], z_loss=[s['z_loss'].item() for s in stats])
+                    imbalance = float((mean_load.max(axis=1) * mean_load.shape[1]).max())  # worst layer's max/mean
+                    line += f", load max/mean {imbalance:.2f}"
+                    if max(record['dropped']) > 0:
+                        line += f", dropped {np.mean(record['dropped']):.1%}"
+                    for warning in dead_experts.update(iter_num, mean_load):
+                        print(warning)
+                print(line)
+                log(record)
 
-        if stop_signal:
-            emergency_exit(f"stopped by signal {signal.Signals(stop_signal[0]).name} at iteration {iter_num}",
-                           128 + stop_signal[0])
+            if stop_signal:
+                emergency_exit(f"stopped by signal {signal.Signals(stop_signal[0]).name} at iteration {iter_num}",
+                               128 + stop_signal[0])
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)  # frees the partial gradients; the weights are untouched
+        emergency_exit(f"CUDA out of memory at iteration {iter_num} (try a smaller batch_size)", 3)
 
     print(f"done: {iter_num - start_iter} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}"
           f", {skipped} skipped steps, {grad_monitor.explosions} gradient explosions")

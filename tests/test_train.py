@@ -284,3 +284,15 @@ def test_configure_checks_keys_and_types(tmp_path):
     config_file.write_text("typo_key = 1\n")
     with pytest.raises(ValueError, match='typo_key'):
         configure(dict(settings), [str(config_file)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_out_of_memory_saves_an_emergency_checkpoint(data_dir, tmp_path):
+    """A batch far beyond the device's memory: the OOM inside the step is caught, the (untouched) weights are
+    saved, and the run exits non-zero naming the checkpoint."""
+    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--device=cuda',
+                 '--block_size=1024', '--batch_size=65536', '--max_iters=5', '--eval_interval=100', '--eval_iters=1')
+    assert result.returncode == 3, result.stderr
+    assert 'CUDA out of memory' in result.stderr and 'emergency checkpoint' in result.stderr
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['reason'] == 'emergency' and ckpt['iter_num'] == 0
