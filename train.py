@@ -100,7 +100,7 @@ def validate(s):
         (s['init_from'] in ('scratch', 'resume'), "init_from must be 'scratch' or 'resume'"),
         (s['learning_rate'] > 0, "learning_rate must be > 0"),
         (0 <= s['min_lr'] <= s['learning_rate'], "min_lr must be between 0 and learning_rate"),
-        (s['max_lr'] == 0 or s['max_lr'] >= s['learning_rate'], "max_lr must be 0 (= 2 x learning_rate) or >= learning_rate"),
+        (s['max_lr'] == 0 or s['max_lr'] >= s['learning_rate'], "max_lr must be 0 (2 x learning_rate) or >= it"),
         (min(s['max_iters'], s['warmup'], s['lr_decay_iters']) >= 0, "max_iters, warmup, lr_decay_iters must be >= 0"),
         (s['num_cycles'] >= 1, "num_cycles must be >= 1"),
         (min(s['batch_size'], s['block_size'], s['gradient_accumulation_steps']) >= 1,
@@ -111,7 +111,7 @@ def validate(s):
         (s['seq_len_start'] == 0 or (s['block_size'] % s['seq_len_start'] == 0
                                      and (s['block_size'] // s['seq_len_start']).bit_count() == 1),
          "block_size / seq_len_start must be a power of 2 (sequences double in length, batches halve)"),
-        (0 <= s['weight_decay'] and 0 <= s['beta1'] < 1 and 0 <= s['beta2'] < 1, "need weight_decay >= 0, 0 <= betas < 1"),
+        (0 <= s['weight_decay'] and 0 <= s['beta1'] < 1 and 0 <= s['beta2'] < 1, "need weight_decay >= 0, betas in [0, 1)"),
         (s['grad_clip'] >= 0 and s['grad_clip_start'] >= s['grad_clip'], "need 0 <= grad_clip <= grad_clip_start"),
         (s['explosion_threshold'] > 1, "explosion_threshold must be > 1"),
         (s['max_bad_steps'] >= 1, "max_bad_steps must be >= 1"),
@@ -119,7 +119,7 @@ def validate(s):
          "need plateau_factor > 1, plateau_patience >= 1, lr_check_interval >= 1"),
         (0 < s['lr_find_start'] < s['lr_find_end'] and s['lr_find_iters'] >= 10,
          "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
-        (s['device'] in ('auto', 'cpu') or s['device'].startswith('cuda'), "device must be 'auto', 'cpu' or 'cuda[:N]'"),
+        (s['device'] in ('auto', 'cpu') or s['device'].startswith('cuda'), "device must be auto, cpu or cuda[:N]"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -220,13 +220,13 @@ class DeadExpertTracker:
         """loads: (L, E) mean load fractions since the last call. Returns the warnings to print."""
         warnings = []
         floor = 1 / (10 * loads.shape[1])
-        for (layer, expert), load in np.ndenumerate(loads):
+        for key, load in np.ndenumerate(loads):  # key = (layer, expert)
             if load >= floor:
-                self.dead_since.pop((layer, expert), None)
-            elif self.dead_since.setdefault((layer, expert), it) is not None and it - self.dead_since[(layer, expert)] >= self.window:
-                warnings.append(f"warning: layer {layer} expert {expert} has had load < {floor:.3f} for "
-                                f"{it - self.dead_since[(layer, expert)]} iterations (dead expert)")
-                self.dead_since[(layer, expert)] = None  # said once; reset when it recovers
+                self.dead_since.pop(key, None)
+            elif self.dead_since.setdefault(key, it) is not None and it - self.dead_since[key] >= self.window:
+                warnings.append(f"warning: layer {key[0]} expert {key[1]} has had load < {floor:.3f} for "
+                                f"{it - self.dead_since[key]} iterations (dead expert)")
+                self.dead_since[key] = None  # said once; reset when it recovers
         return warnings
 
 
@@ -299,9 +299,9 @@ def main():
     problem = validate(settings)
     if problem:
         fail(problem)
-    try:
-        model_defaults = ModelConfig(vocab_size=1, block_size=block_size,  # model settings checked up front too
-                                     **{f.name: settings[f.name] for f in fields(ModelConfig) if f.name not in ('vocab_size', 'block_size')})
+    model_settings = {f.name: settings[f.name] for f in fields(ModelConfig) if f.name not in ('vocab_size', 'block_size')}
+    try:  # the model's settings are checked up front too
+        model_defaults = ModelConfig(vocab_size=1, block_size=block_size, **model_settings)
     except ValueError as e:
         fail(e)
 
@@ -451,7 +451,8 @@ def main():
             if reason == 'best':
                 link_or_copy(path, os.path.join(out_dir, 'best.pt'))
         except (OSError, RuntimeError) as e:  # disk full, permissions ... (torch.save raises RuntimeError)
-            fail(f"could not write {path} ({str(e).partition(chr(10))[0]}); the previous checkpoint is intact")
+            reason = str(e).partition('\n')[0]
+            fail(f"could not write {path} ({reason}); the previous checkpoint is intact")
         history = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
         for old in history[:-keep_checkpoints]:
             os.remove(os.path.join(out_dir, old))
@@ -485,18 +486,16 @@ def main():
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        plt.figure(figsize=(6, 4))
-        plt.plot(lrs, smoothed)
-        plt.axvline(suggestion, color='r', ls='--', label=f'suggested {suggestion:.1e}')
-        plt.xscale('log')
-        plt.xlabel('learning rate')
-        plt.ylabel('smoothed loss')
-        plt.legend()
-        plt.savefig(os.path.join(out_dir, 'lr_find.png'), dpi=80)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(lrs, smoothed)
+        ax.axvline(suggestion, color='r', ls='--', label=f'suggested {suggestion:.1e}')
+        ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss')
+        ax.legend()
+        fig.savefig(os.path.join(out_dir, 'lr_find.png'), dpi=80)
         with open(os.path.join(out_dir, 'lr_find.json'), 'w') as f:
             json.dump(dict(lrs=lrs, smoothed_loss=smoothed, suggested_lr=suggestion), f)
         print(f"LR range test: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; steepest descent at "
-              f"lr={suggestion:.2e} (try --learning_rate={suggestion:.1e}); wrote {out_dir}/lr_find.png and lr_find.json")
+              f"lr={suggestion:.2e} (try --learning_rate={suggestion:.1e}); wrote lr_find.png/.json in {out_dir}")
         return
 
     # SIGTERM / SIGINT (Ctrl-C): finish the current iteration, save, exit non-zero
@@ -516,9 +515,11 @@ def main():
     with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
         json.dump(dict(git_commit=commit, torch=torch.__version__, device=dev, world_size=1,
                        device_name=torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu',
-                       start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), init_from=init_from, start_iter=iter_num), f, indent=2)
+                       start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), init_from=init_from, start_iter=iter_num),
+                  f, indent=2)
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    records = [json.loads(line) for line in open(metrics_path)] if init_from == 'resume' and os.path.exists(metrics_path) else []
+    resumed = init_from == 'resume' and os.path.exists(metrics_path)
+    records = [json.loads(line) for line in open(metrics_path)] if resumed else []
     records = [r for r in records if r['iter'] <= iter_num]  # drop what happened after the checkpoint
     with open(metrics_path, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)
@@ -575,7 +576,8 @@ def main():
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps, skipped = bad_steps + 1, skipped + 1
                 plateau.scale *= 0.5
-                print(f"iter {iter_num}: non-finite loss/gradient, step skipped ({skipped} so far), LR scale -> {plateau.scale:.3f}")
+                print(f"iter {iter_num}: non-finite loss/gradient, step skipped ({skipped} so far), "
+                      f"LR scale -> {plateau.scale:.3f}")
                 if bad_steps >= max_bad_steps and os.path.exists(ckpt_path):
                     reloads += 1
                     if reloads > 3:
@@ -652,7 +654,8 @@ def main():
                     load_sum, load_steps = None, 0
                     record.update(load=mean_load.tolist(), dropped=[s['dropped'].item() for s in stats],
                                   entropy=[s['entropy'].item() for s in stats],
-                                  aux_loss=[s['aux_loss'].item() for s in stats], z_loss=[s['z_loss'].item() for s in stats])
+                                  aux_loss=[s['aux_loss'].item() for s in stats],
+                                  z_loss=[s['z_loss'].item() for s in stats])
                     imbalance = float((mean_load.max(axis=1) * mean_load.shape[1]).max())  # worst layer's max/mean
                     line += f", load max/mean {imbalance:.2f}"
                     if max(record['dropped']) > 0:
