@@ -413,7 +413,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # drop tokens once the mass before them >= p
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # drop tokens once the mass before them >= p
         logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)

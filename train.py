@@ -8,6 +8,7 @@ loop, or a small helper class right above it that the tests drive with synthetic
     python train.py config/nano.py --max_iters=200 --router=softmax --capacity_factor=1.25
     python train.py config/nano.py --init_from=resume        # continue from out_dir/ckpt.pt
     python train.py config/nano.py --lr_find=True            # LR range test: a plot and a suggestion, no checkpoint
+    torchrun --standalone --nproc_per_node=2 train.py config/nano.py --gradient_accumulation_steps=2   # data parallel
 """
 
 import json
@@ -21,9 +22,12 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, fields
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure_or_exit
 from model import GPT, ModelConfig
@@ -79,6 +83,9 @@ lr_find_end = 1e-2
 lr_find_iters = 100
 # monitors
 dead_expert_window = 200      # warn when an expert's load stays below 1/(10 E) for this many iterations
+# distributed: `torchrun --nproc_per_node=N train.py ...` trains data parallel on N processes (NCCL on GPUs, gloo on CPU)
+zero_stage = 0                # 0: torch DDP (every rank holds all optimizer state); 1/2/3: zero.py's ShardedAdamW
+dist_timeout = 300            # seconds a collective waits for a missing rank before the run fails instead of hanging
 # system
 device = 'auto'               # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 compile = False               # torch.compile the model (worth it on GPU for long runs)
@@ -120,6 +127,7 @@ def validate(s):
         (0 < s['lr_find_start'] < s['lr_find_end'] and s['lr_find_iters'] >= 10,
          "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
         (s['device'] in ('auto', 'cpu') or s['device'].startswith('cuda'), "device must be auto, cpu or cuda[:N]"),
+        (s['zero_stage'] in (0, 1, 2, 3) and s['dist_timeout'] > 0, "need zero_stage in 0..3 and dist_timeout > 0"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -285,7 +293,7 @@ def plot_run(records, path_prefix):
         L, E = np.shape(steps[-1]['load'])
         fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * L * E)))
         image = ax.imshow(loads.T * E, aspect='auto', cmap='coolwarm', vmin=0, vmax=2, interpolation='nearest',
-                          extent=(steps[0]['iter'], steps[-1]['iter'], L * E - 0.5, -0.5))
+                          extent=(steps[0]['iter'], max(steps[-1]['iter'], steps[0]['iter'] + 1), L * E - 0.5, -0.5))
         ax.set_yticks(range(0, L * E, E), [f'layer {i}' for i in range(L)])
         ax.set(title='expert load / even share (1 = balanced); rows: experts of each layer', xlabel='iteration')
         fig.colorbar(image)
@@ -311,7 +319,21 @@ def main():
     if device_type == 'cuda' and not torch.cuda.is_available():
         fail(f"device={device!r} but CUDA is not available; use --device=cpu")
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
-    torch.manual_seed(seed)
+    # data parallelism under torchrun: one process per device, each with its own data stream (nanoGPT style)
+    ddp = 'RANK' in os.environ
+    rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    if ddp:
+        if device_type == 'cuda':
+            dev = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', timeout=timedelta(seconds=dist_timeout))
+        if gradient_accumulation_steps % world_size:
+            fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                 f"{world_size} processes (they share the accumulation steps)")
+        if rank != 0:  # one log is enough: the other ranks print only errors (stderr)
+            sys.stdout = open(os.devnull, 'w')
+    accumulation = gradient_accumulation_steps // world_size  # micro-steps per rank per iteration
+    torch.manual_seed(seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -373,8 +395,8 @@ def main():
     n_active = model.num_params(active=True)
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {n_active / 1e6:.2f}M active per token")
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size}); "
-          f"train split {split_tokens['train']:,} tokens, val {split_tokens['val']:,}")
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes x {accumulation} micro-steps x "
+          f"{batch_size} x {block_size}); train split {split_tokens['train']:,} tokens, val {split_tokens['val']:,}")
     if 'unigram_entropy_nats' in meta:
         print(f"baseline: unigram entropy of the corpus is {meta['unigram_entropy_nats']:.3f} nats/token")
 
@@ -389,7 +411,9 @@ def main():
     grad_monitor = GradNormMonitor(explosion_threshold)
     plateau = PlateauLR(plateau_patience, plateau_threshold, plateau_factor)
     dead_experts = DeadExpertTracker(dead_expert_window)
-    batch_rng = torch.Generator().manual_seed(seed)  # the training data stream: its own RNG, saved in checkpoints
+    batch_rng = torch.Generator().manual_seed(seed + rank)  # this rank's data stream: its own RNG, saved in checkpoints
+    if ddp:
+        torch.manual_seed(seed + rank)  # dropout and router jitter differ between ranks, like their data
     iter_num, best_val_loss = 0, float('inf')
     recent_norms, recent_losses = [], []  # since the last adaptive-LR check
 
@@ -398,10 +422,15 @@ def main():
         nonlocal iter_num, best_val_loss
         model.load_state_dict(ckpt['model'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        batch_rng.set_state(ckpt['rng']['batch'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if device_type == 'cuda' and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        if len(ckpt['rng']) == world_size:  # each rank continues its own random streams
+            batch_rng.set_state(ckpt['rng'][rank]['batch'])
+            torch.set_rng_state(ckpt['rng'][rank]['torch'])
+            if device_type == 'cuda' and len(ckpt['rng'][rank]['cuda']):
+                torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'], dev)
+        else:  # another world size: new streams, distinct from the ones already used
+            print(f"resuming {len(ckpt['rng'])} ranks' run on {world_size}: data streams re-seeded")
+            batch_rng.manual_seed(seed + rank + 1000 * iter_num)
+            torch.manual_seed(seed + rank + 1000 * iter_num)
         if optimizer_too:
             optimizer.load_state_dict(ckpt['optimizer'])
             plateau.load_state_dict(ckpt['monitors']['plateau'])
@@ -413,10 +442,13 @@ def main():
         checkpoint = None  # free the memory
     try:
         os.makedirs(os.path.join(out_dir, 'plots'), exist_ok=True)
-        shutil.copy(os.path.join(data_dir, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))  # for sample.py
+        if rank == 0:
+            shutil.copy(os.path.join(data_dir, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))  # sample.py
     except OSError as e:
         fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
     train_model = torch.compile(model) if compile else model
+    if ddp and zero_stage == 0:  # DDP all-reduces the gradients during backward, bucket by bucket
+        train_model = DDP(train_model, device_ids=[dev] if device_type == 'cuda' else None)
 
     @torch.no_grad()
     def estimate_loss():
@@ -435,27 +467,36 @@ def main():
         model.train()
         return out
 
+    def rng_state():
+        return dict(batch=batch_rng.get_state(), torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state(dev) if device_type == 'cuda' else torch.empty(0))
+
     def save_checkpoint(reason):
-        """ckpt_<iter>.pt written atomically, then ckpt.pt (and best.pt after a new best val loss) pointed at it;
-        only the newest keep_checkpoints ckpt_<iter>.pt stay. Returns the path."""
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
-                     config=settings, iter_num=iter_num, best_val_loss=best_val_loss, reason=reason,
-                     monitors=dict(plateau=plateau.state_dict(), grad=grad_monitor.state_dict(),
-                                   recent_norms=recent_norms, recent_losses=recent_losses),
-                     rng=dict(batch=batch_rng.get_state(), torch=torch.get_rng_state(),
-                              cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else []))
+        """ckpt_<iter>.pt written atomically by rank 0, then ckpt.pt (and best.pt after a new best val loss) pointed
+        at it; only the newest keep_checkpoints ckpt_<iter>.pt stay. Every rank calls it. Returns the path."""
+        rng = [rng_state()]
+        if ddp:  # every rank's random streams, so that each continues its own on resume
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_state())
         path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
-        try:
-            write_atomic(path, lambda tmp: torch.save(state, tmp))
-            link_or_copy(path, ckpt_path)
-            if reason == 'best':
-                link_or_copy(path, os.path.join(out_dir, 'best.pt'))
-        except (OSError, RuntimeError) as e:  # disk full, permissions ... (torch.save raises RuntimeError)
-            reason = str(e).partition('\n')[0]
-            fail(f"could not write {path} ({reason}); the previous checkpoint is intact")
-        history = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
-        for old in history[:-keep_checkpoints]:
-            os.remove(os.path.join(out_dir, old))
+        if rank == 0:
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
+                         config=settings, iter_num=iter_num, best_val_loss=best_val_loss, reason=reason, rng=rng,
+                         monitors=dict(plateau=plateau.state_dict(), grad=grad_monitor.state_dict(),
+                                       recent_norms=recent_norms, recent_losses=recent_losses))
+            try:
+                write_atomic(path, lambda tmp: torch.save(state, tmp))
+                link_or_copy(path, ckpt_path)
+                if reason == 'best':
+                    link_or_copy(path, os.path.join(out_dir, 'best.pt'))
+            except (OSError, RuntimeError) as e:  # disk full, permissions ... (torch.save raises RuntimeError)
+                reason = str(e).partition('\n')[0]
+                fail(f"could not write {path} ({reason}); the previous checkpoint is intact")
+            history = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
+            for old in history[:-keep_checkpoints]:
+                os.remove(os.path.join(out_dir, old))
+        if ddp:
+            dist.barrier()  # no rank runs ahead of a checkpoint
         return path
 
     def emergency_exit(why, code):
@@ -464,6 +505,8 @@ def main():
               f"continue with --init_from=resume", file=sys.stderr)
         sys.exit(code)
 
+    if lr_find and ddp:
+        fail("run the LR range test in one process (python train.py ... --lr_find=True), not under torchrun")
     if lr_find:  # the LR range test: exponential sweep, smoothed loss, suggestion, plot; no checkpoint
         lrs, smoothed, avg, best = [], [], 0.0, float('inf')
         for i in range(lr_find_iters):
@@ -503,35 +546,37 @@ def main():
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
-    # run folder: resolved config, metadata, metrics (appended on resume), optional wandb mirror
-    import yaml
-    with open(os.path.join(out_dir, 'config.yaml'), 'w') as f:
-        yaml.safe_dump({**settings, 'model': asdict(model_config)}, f, sort_keys=False)
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
-        json.dump(dict(git_commit=commit, torch=torch.__version__, device=dev, world_size=1,
-                       device_name=torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu',
-                       start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), init_from=init_from, start_iter=iter_num),
-                  f, indent=2)
-    metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    resumed = init_from == 'resume' and os.path.exists(metrics_path)
-    records = [json.loads(line) for line in open(metrics_path)] if resumed else []
-    records = [r for r in records if r['iter'] <= iter_num]  # drop what happened after the checkpoint
-    with open(metrics_path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
-    wandb = None
-    if wandb_log:
+    # run folder: resolved config, metadata, metrics (appended on resume), optional wandb mirror; rank 0 only
+    metrics_path, records, wandb = os.path.join(out_dir, 'metrics.jsonl'), [], None
+    if rank == 0:
+        import yaml
+        with open(os.path.join(out_dir, 'config.yaml'), 'w') as f:
+            yaml.safe_dump({**settings, 'model': asdict(model_config)}, f, sort_keys=False)
         try:
-            import wandb
-            wandb.init(project=wandb_project, config=settings, resume='allow')
-        except ImportError:
-            print("wandb_log=True but wandb is not installed (pip install wandb); metrics stay in metrics.jsonl")
+            commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except OSError:
+            commit = None
+        with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
+            json.dump(dict(git_commit=commit, torch=torch.__version__, device=dev, world_size=world_size,
+                           zero_stage=zero_stage, device_name=torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu',
+                           start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), init_from=init_from, start_iter=iter_num),
+                      f, indent=2)
+        resumed = init_from == 'resume' and os.path.exists(metrics_path)
+        records = [json.loads(line) for line in open(metrics_path)] if resumed else []
+        records = [r for r in records if r['iter'] <= iter_num]  # drop what happened after the checkpoint
+        with open(metrics_path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+        if wandb_log:
+            try:
+                import wandb
+                wandb.init(project=wandb_project, config=settings, resume='allow')
+            except ImportError:
+                print("wandb_log=True but wandb is not installed (pip install wandb); metrics stay in metrics.jsonl")
 
     def log(record):
+        if rank != 0:
+            return
         records.append(record)
         with open(metrics_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
@@ -557,20 +602,23 @@ def main():
                 log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
                 if iter_num > start_iter or iter_num == max_iters:
                     print(f"saved {save_checkpoint('best' if improved else 'eval')}")
-                    plot_run(records, os.path.join(out_dir, 'plots', ''))
+                    if rank == 0:
+                        plot_run(records, os.path.join(out_dir, 'plots', ''))
                 t0, t0_iter = time.time(), iter_num  # evaluation time is not training time
             if iter_num >= max_iters:
                 break
 
             # one optimizer step; sequences grow from seq_len_start with tokens per micro-step held constant
             seq_len = seq_len_at(iter_num, seq_len_start, block_size, as_iters(seq_len_warmup, max_iters))
-            for micro_step in range(gradient_accumulation_steps):
+            for micro_step in range(accumulation):
+                if ddp and zero_stage == 0:  # all-reduce gradients only after the last micro-step (what no_sync() sets)
+                    train_model.require_backward_grad_sync = micro_step == accumulation - 1
                 x, y = get_batch('train', batch_rng, seq_len, batch_size * block_size // seq_len)
                 with autocast:
                     _, loss = train_model(x, y)
                 if 0 <= debug_nan_at <= iter_num and nan_injected < debug_nan_steps and micro_step == 0:
                     loss, nan_injected = loss * float('nan'), nan_injected + 1
-                (loss / gradient_accumulation_steps).backward()
+                (loss / accumulation).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf')).item()  # sync point
             if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as they were
                 optimizer.zero_grad(set_to_none=True)
@@ -665,6 +713,10 @@ def main():
                 print(line)
                 log(record)
 
+            if ddp:  # a signal may reach only some ranks: they all stop together, or none does
+                flag = torch.tensor([stop_signal[0] if stop_signal else 0], device=dev)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_signal[:] = [int(flag)] if flag else []
             if stop_signal:
                 emergency_exit(f"stopped by signal {signal.Signals(stop_signal[0]).name} at iteration {iter_num}",
                                128 + stop_signal[0])
@@ -674,6 +726,8 @@ def main():
 
     print(f"done: {iter_num - start_iter} iterations in {time.time() - run_start:.0f}s, best val loss {best_val_loss:.4f}"
           f", {skipped} skipped steps, {grad_monitor.explosions} gradient explosions")
+    if ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

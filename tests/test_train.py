@@ -296,3 +296,28 @@ def test_cuda_out_of_memory_saves_an_emergency_checkpoint(data_dir, tmp_path):
     assert 'CUDA out of memory' in result.stderr and 'emergency checkpoint' in result.stderr
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['reason'] == 'emergency' and ckpt['iter_num'] == 0
+
+
+def torchrun(nproc, *args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                           'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_data_parallel_resumes_exactly_and_at_another_world_size(data_dir, tmp_path):
+    """DDP on 2 gloo processes: 10 iterations straight == 5, stop, resume to 10 (bit for bit); the run then
+    continues on 1 process and back on 2."""
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--gradient_accumulation_steps=2']
+    straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+    result = torchrun(2, *args, f'--out_dir={straight}', '--max_iters=10')
+    assert result.returncode == 0, result.stderr
+    assert '2 processes x 1 micro-steps' in result.stdout and result.stdout.count('iter 10: train loss') == 1
+    for extra in (['--max_iters=5', '--lr_decay_iters=10'], ['--max_iters=10', '--init_from=resume']):
+        result = torchrun(2, *args, f'--out_dir={stopped}', *extra)
+        assert result.returncode == 0, result.stderr
+    assert_same_weights(weights(stopped / 'ckpt.pt'), weights(straight / 'ckpt.pt'))
+    one = run('train.py', *args, f'--out_dir={stopped}', '--max_iters=15', '--init_from=resume')
+    assert one.returncode == 0 and 'resuming 2 ranks\' run on 1: data streams re-seeded' in one.stdout, one.stderr
+    two = torchrun(2, *args, f'--out_dir={stopped}', '--max_iters=20', '--init_from=resume')
+    assert two.returncode == 0 and 'done: 5 iterations' in two.stdout, two.stderr
+    assert torch.load(stopped / 'ckpt.pt', weights_only=True)['iter_num'] == 20
