@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure_or_exit
 from model import GPT, ModelConfig
+from zero import ShardedAdamW
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -403,9 +404,18 @@ def main():
     # AdamW with decoupled weight decay on matrices and expert weights only (norm gains and embeddings are not shrunk)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith('wte')]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith('wte')]
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    sharded = zero_stage > 0  # zero.py: optimizer state (stage 1), gradients (2) and parameters (3) split over ranks
+    if sharded:
+        if compile and zero_stage == 3:
+            fail("zero_stage=3 gathers parameters with hooks that torch.compile does not support; use --compile=False")
+        if not ddp:
+            print(f"zero_stage={zero_stage} in a single process: one rank holds every shard (plain AdamW maths)")
+        optimizer = ShardedAdamW(groups, learning_rate, (beta1, beta2), stage=zero_stage,
+                                 model=model if zero_stage == 3 else None)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+    full_params = optimizer.full_params if sharded else nullcontext  # stage 3: parameters readable only inside
     warmup_iters = as_iters(warmup, max_iters)
     ceiling = max_lr or 2 * learning_rate
     grad_monitor = GradNormMonitor(explosion_threshold)
@@ -420,7 +430,8 @@ def main():
     def restore(ckpt, optimizer_too=True):
         """Put the run back where ckpt left it: weights always, the rest unless reset_optimizer."""
         nonlocal iter_num, best_val_loss
-        model.load_state_dict(ckpt['model'])
+        with full_params():
+            model.load_state_dict(ckpt['model'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         if len(ckpt['rng']) == world_size:  # each rank continues its own random streams
             batch_rng.set_state(ckpt['rng'][rank]['batch'])
@@ -431,8 +442,8 @@ def main():
             print(f"resuming {len(ckpt['rng'])} ranks' run on {world_size}: data streams re-seeded")
             batch_rng.manual_seed(seed + rank + 1000 * iter_num)
             torch.manual_seed(seed + rank + 1000 * iter_num)
-        if optimizer_too:
-            optimizer.load_state_dict(ckpt['optimizer'])
+        if optimizer_too:  # the checkpoint holds the whole (unsharded) state: any stage, any world size loads it
+            (optimizer.load_full_state_dict if sharded else optimizer.load_state_dict)(ckpt['optimizer'])
             plateau.load_state_dict(ckpt['monitors']['plateau'])
             grad_monitor.load_state_dict(ckpt['monitors']['grad'])
             recent_norms[:], recent_losses[:] = ckpt['monitors']['recent_norms'], ckpt['monitors']['recent_losses']
@@ -479,8 +490,13 @@ def main():
             rng = [None] * world_size
             dist.all_gather_object(rng, rng_state())
         path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
+        with full_params():  # (collective at stage 3) a CPU copy of the full weights
+            weights = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+        # ZeRO: every rank gathers the whole optimizer state (collective; O(parameters) memory while saving),
+        # in torch.optim.AdamW's format, so that any world size and any zero_stage can resume from it
+        optimizer_state = optimizer.full_state_dict() if sharded else optimizer.state_dict()
         if rank == 0:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
+            state = dict(model=weights, optimizer=optimizer_state, model_config=asdict(model_config),
                          config=settings, iter_num=iter_num, best_val_loss=best_val_loss, reason=reason, rng=rng,
                          monitors=dict(plateau=plateau.state_dict(), grad=grad_monitor.state_dict(),
                                        recent_norms=recent_norms, recent_losses=recent_losses))
@@ -517,6 +533,8 @@ def main():
             with autocast:
                 _, loss = train_model(x, y)
             loss.backward()
+            if sharded:
+                optimizer.reduce_gradients()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             avg = 0.9 * avg + 0.1 * loss.item()
@@ -619,7 +637,11 @@ def main():
                 if 0 <= debug_nan_at <= iter_num and nan_injected < debug_nan_steps and micro_step == 0:
                     loss, nan_injected = loss * float('nan'), nan_injected + 1
                 (loss / accumulation).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf')).item()  # sync point
+            if sharded:  # reduce-scatter the gradients into each rank's shard, then one all-reduce for the norm
+                optimizer.reduce_gradients()
+                grad_norm = optimizer.grad_norm()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf')).item()  # sync point
             if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as they were
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps, skipped = bad_steps + 1, skipped + 1
@@ -642,7 +664,10 @@ def main():
             clip, exploded = grad_monitor.check(grad_norm, clip_at(iter_num, warmup_iters, grad_clip_start, grad_clip)
                                                 if grad_clip > 0 else float('inf'))
             if grad_norm > clip:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, torch.tensor(grad_norm))
+                if sharded:
+                    optimizer.clip_grads_(clip, grad_norm)
+                else:
+                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, torch.tensor(grad_norm))
                 if exploded:
                     print(f"iter {iter_num}: gradient norm {grad_norm:.2f} is {grad_norm / grad_monitor.mean:.1f}x its "
                           f"running mean: explosion, clipped to {clip:.2f}")

@@ -321,3 +321,38 @@ def test_torchrun_data_parallel_resumes_exactly_and_at_another_world_size(data_d
     two = torchrun(2, *args, f'--out_dir={stopped}', '--max_iters=20', '--init_from=resume')
     assert two.returncode == 0 and 'done: 5 iterations' in two.stdout, two.stderr
     assert torch.load(stopped / 'ckpt.pt', weights_only=True)['iter_num'] == 20
+
+
+def test_zero_stages_under_torchrun_match_ddp_and_switch_on_resume(data_dir, tmp_path):
+    """2 gloo processes: zero.py stages 1, 2 and 3 end where DDP + torch AdamW ends (same data, same maths); a
+    stage-3 checkpoint resumes as stage 0 on one process, and a one-process checkpoint as stage 2 on two."""
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--gradient_accumulation_steps=2', '--max_iters=10']
+    for stage in (0, 1, 2, 3):
+        result = torchrun(2, *args, f'--out_dir={tmp_path / str(stage)}', f'--zero_stage={stage}')
+        assert result.returncode == 0, result.stderr
+    ddp = weights(tmp_path / '0' / 'ckpt.pt')
+    for stage in ('1', '2', '3'):
+        zero = weights(tmp_path / stage / 'ckpt.pt')
+        assert max((zero[k] - ddp[k]).abs().max().item() for k in ddp) <= 1e-6, stage
+    single = run('train.py', *args[:-1], f'--out_dir={tmp_path / "3"}', '--max_iters=15', '--init_from=resume')
+    assert single.returncode == 0 and 'done: 5 iterations' in single.stdout, single.stderr
+    spread = torchrun(2, *args[:-1], f'--out_dir={tmp_path / "3"}', '--max_iters=20', '--init_from=resume',
+                      '--zero_stage=2')
+    assert spread.returncode == 0 and 'done: 5 iterations' in spread.stdout, spread.stderr
+
+
+def test_a_dead_rank_stops_the_whole_run(data_dir, tmp_path):
+    """kill -9 one of two workers mid-run: the run ends (non-zero) within seconds instead of hanging."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, '-u', '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                'train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=100000',
+                                '--eval_interval=1000', '--gradient_accumulation_steps=2', '--dist_timeout=30'],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith('iter 10:'):
+            break
+    workers = subprocess.run(['pgrep', '-P', str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    process.stdout.close()
+    assert process.wait(timeout=90) != 0
