@@ -356,3 +356,12 @@ def test_a_dead_rank_stops_the_whole_run(data_dir, tmp_path):
     os.kill(int(workers[-1]), signal.SIGKILL)
     process.stdout.close()
     assert process.wait(timeout=90) != 0
+
+
+def test_torchrun_trains_the_nano_config(data_dir, tmp_path):
+    """The README's gloo command on the real config file (a few iterations, on the test corpus)."""
+    result = torchrun(2, 'config/nano.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=4',
+                      '--eval_interval=2', '--eval_iters=1', '--log_interval=2', '--gradient_accumulation_steps=2')
+    assert result.returncode == 0, result.stderr
+    assert 'tokens per iteration: 8,192 (2 processes x 1 micro-steps x 32 x 128)' in result.stdout
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 4
