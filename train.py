@@ -11,9 +11,11 @@ loop, or a small helper class right above it that the tests drive with synthetic
     torchrun --standalone --nproc_per_node=2 train.py config/nano.py --gradient_accumulation_steps=2   # data parallel
 """
 
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +102,11 @@ MEMORY_LEVELS = (0.75, 0.80, 0.85, 0.90)  # fractions of device memory: log, emp
 def fail(message):
     """Bad input ends the run with one line that says what to fix, never a traceback."""
     sys.exit(f"error: {message}")
+
+
+def first_line(error):
+    """torch's error messages run over many lines; ours quote the first."""
+    return str(error).partition('\n')[0]
 
 
 def validate(s):
@@ -376,8 +383,7 @@ def main():
         except FileNotFoundError:
             fail(f"--init_from=resume but there is no checkpoint at {path}")
         except Exception as e:  # truncated file, a pickle with code in it, another model's weights ...
-            reason = str(e).partition('\n')[0]  # torch's messages run over many lines
-            fail(f"cannot load {path} ({type(e).__name__}: {reason}); is it a checkpoint from train.py?")
+            fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from train.py?")
 
     checkpoint = None
     if init_from == 'scratch' and os.path.exists(ckpt_path) and not lr_find:
@@ -427,6 +433,21 @@ def main():
     iter_num, best_val_loss = 0, float('inf')
     recent_norms, recent_losses = [], []  # since the last adaptive-LR check
 
+    def load_optimizer_shards(saved_iter, saved_stage, saved_world_size):
+        """The same layout: this rank's own file. Another world size (same stage, or 1 <-> 2): every rank reads
+        all the files and takes its new slice (zero.py's load_shards)."""
+        if not sharded:
+            fail(f"the checkpoint's optimizer state is sharded (zero_stage={saved_stage}): resume with "
+                 f"--zero_stage={saved_stage} (any number of processes) or --reset_optimizer=True")
+        files = [os.path.join(out_dir, f'ckpt_{saved_iter:06d}.rank{r}.pt') for r in range(saved_world_size)]
+        try:
+            if (saved_stage, saved_world_size) == (zero_stage, world_size):
+                optimizer.load_state_dict(torch.load(files[rank], map_location='cpu', weights_only=True))
+            else:
+                optimizer.load_shards([torch.load(f, map_location='cpu', weights_only=True) for f in files])
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            fail(f"cannot load the optimizer shards {files[0]} ... ({type(e).__name__}: {first_line(e)})")
+
     def restore(ckpt, optimizer_too=True):
         """Put the run back where ckpt left it: weights always, the rest unless reset_optimizer."""
         nonlocal iter_num, best_val_loss
@@ -442,8 +463,11 @@ def main():
             print(f"resuming {len(ckpt['rng'])} ranks' run on {world_size}: data streams re-seeded")
             batch_rng.manual_seed(seed + rank + 1000 * iter_num)
             torch.manual_seed(seed + rank + 1000 * iter_num)
-        if optimizer_too:  # the checkpoint holds the whole (unsharded) state: any stage, any world size loads it
+        if optimizer_too and ckpt['optimizer'] is not None:  # the whole state (stage 0): every zero_stage loads it
             (optimizer.load_full_state_dict if sharded else optimizer.load_state_dict)(ckpt['optimizer'])
+        elif optimizer_too:  # ZeRO: one shard file per rank of the run that saved it
+            load_optimizer_shards(ckpt['iter_num'], ckpt['zero']['stage'], ckpt['zero']['world_size'])
+        if optimizer_too:
             plateau.load_state_dict(ckpt['monitors']['plateau'])
             grad_monitor.load_state_dict(ckpt['monitors']['grad'])
             recent_norms[:], recent_losses[:] = ckpt['monitors']['recent_norms'], ckpt['monitors']['recent_losses']
@@ -492,11 +516,18 @@ def main():
         path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
         with full_params():  # (collective at stage 3) a CPU copy of the full weights
             weights = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
-        # ZeRO: every rank gathers the whole optimizer state (collective; O(parameters) memory while saving),
-        # in torch.optim.AdamW's format, so that any world size and any zero_stage can resume from it
-        optimizer_state = optimizer.full_state_dict() if sharded else optimizer.state_dict()
+        if sharded:  # ZeRO: each rank writes its own optimizer shard, before rank 0's checkpoint refers to it
+            shard_path = path[:-3] + f'.rank{rank}.pt'
+            try:
+                write_atomic(shard_path, lambda tmp: torch.save(optimizer.state_dict(), tmp))
+            except (OSError, RuntimeError) as e:
+                fail(f"could not write {shard_path} ({first_line(e)}); the previous checkpoint is intact")
+            if ddp:
+                dist.barrier()
         if rank == 0:
-            state = dict(model=weights, optimizer=optimizer_state, model_config=asdict(model_config),
+            state = dict(model=weights, optimizer=None if sharded else optimizer.state_dict(),
+                         zero=dict(stage=zero_stage, world_size=world_size) if sharded else None,
+                         model_config=asdict(model_config),
                          config=settings, iter_num=iter_num, best_val_loss=best_val_loss, reason=reason, rng=rng,
                          monitors=dict(plateau=plateau.state_dict(), grad=grad_monitor.state_dict(),
                                        recent_norms=recent_norms, recent_losses=recent_losses))
@@ -506,11 +537,11 @@ def main():
                 if reason == 'best':
                     link_or_copy(path, os.path.join(out_dir, 'best.pt'))
             except (OSError, RuntimeError) as e:  # disk full, permissions ... (torch.save raises RuntimeError)
-                reason = str(e).partition('\n')[0]
-                fail(f"could not write {path} ({reason}); the previous checkpoint is intact")
-            history = sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))
-            for old in history[:-keep_checkpoints]:
-                os.remove(os.path.join(out_dir, old))
+                fail(f"could not write {path} ({first_line(e)}); the previous checkpoint is intact")
+            history = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r'ckpt_\d+\.pt', f))
+            for old in history[:-keep_checkpoints]:  # with its optimizer shards, if any
+                for f in [old] + glob.glob(os.path.join(out_dir, old[:-3] + '.rank*.pt')):
+                    os.remove(os.path.join(out_dir, f))
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint
         return path

@@ -323,6 +323,26 @@ class ShardedAdamW:
             unit.exp_avg_sq.copy_(v)
 
     @torch.no_grad()
+    def load_shards(self, states):
+        """Every rank's state_dict() from a run of the same stage at another world size, in rank order: the slices
+        are concatenated back into whole buffers (padding dropped) and this rank takes its new slice. Not a
+        collective; each rank reads all the old shards (O(parameters) memory while loading)."""
+        old = states[0]['layout']
+        same_units = (old['stage'] == 3) == (self.stage == 3) and old['sizes'] == [u.n for u in self.units]
+        if not same_units or len(states) != old['world_size'] or [s['rank'] for s in states] != list(range(len(states))):
+            raise ValueError(f"optimizer shards for {old} do not fit {self._layout()}: stages 1/2 and stage 3 "
+                             "cut the parameters differently")
+        self.step_count = states[0]['step']
+        for group, saved in zip(self.param_groups, states[0]['groups']):
+            group.update(saved)
+        for i, unit in enumerate(self.units):
+            for name in ('exp_avg', 'exp_avg_sq'):
+                whole = torch.cat([s[name][i].to(unit.full.device) for s in states])[:unit.n]  # (n,)
+                part = getattr(unit, name)
+                part.zero_()
+                part[:unit.valid()].copy_(whole[unit.lo:unit.lo + unit.valid()])
+
+    @torch.no_grad()
     def full_state_dict(self):
         """Collective: the whole optimizer state, on every rank, in torch.optim.AdamW's own state_dict format
         (parameters numbered group by group, tied ones once). It depends on no world size or stage, and a

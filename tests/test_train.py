@@ -323,22 +323,35 @@ def test_torchrun_data_parallel_resumes_exactly_and_at_another_world_size(data_d
     assert torch.load(stopped / 'ckpt.pt', weights_only=True)['iter_num'] == 20
 
 
-def test_zero_stages_under_torchrun_match_ddp_and_switch_on_resume(data_dir, tmp_path):
-    """2 gloo processes: zero.py stages 1, 2 and 3 end where DDP + torch AdamW ends (same data, same maths); a
-    stage-3 checkpoint resumes as stage 0 on one process, and a one-process checkpoint as stage 2 on two."""
-    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--gradient_accumulation_steps=2', '--max_iters=10']
+def test_zero_stages_under_torchrun_match_ddp_and_resume_from_rank_shards(data_dir, tmp_path):
+    """2 gloo processes: zero.py stages 1, 2 and 3 end where DDP + torch AdamW ends (same data, same maths). Each
+    rank writes its own optimizer shard; stage 2 resumes bit exactly from them at 2 ranks, and a stage-3 run
+    moves to 1 process and back (the shards are re-cut); stage 0 cannot read shards and says so in one line."""
+    args = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--gradient_accumulation_steps=2']
     for stage in (0, 1, 2, 3):
-        result = torchrun(2, *args, f'--out_dir={tmp_path / str(stage)}', f'--zero_stage={stage}')
+        result = torchrun(2, *args, f'--out_dir={tmp_path / str(stage)}', f'--zero_stage={stage}', '--max_iters=10')
         assert result.returncode == 0, result.stderr
+    assert {'ckpt_000010.rank0.pt', 'ckpt_000010.rank1.pt'} <= set(os.listdir(tmp_path / '3'))
     ddp = weights(tmp_path / '0' / 'ckpt.pt')
     for stage in ('1', '2', '3'):
         zero = weights(tmp_path / stage / 'ckpt.pt')
         assert max((zero[k] - ddp[k]).abs().max().item() for k in ddp) <= 1e-6, stage
-    single = run('train.py', *args[:-1], f'--out_dir={tmp_path / "3"}', '--max_iters=15', '--init_from=resume')
+    stopped = tmp_path / 'stopped'
+    for extra in (['--max_iters=5', '--lr_decay_iters=10'], ['--max_iters=10', '--init_from=resume']):
+        result = torchrun(2, *args, f'--out_dir={stopped}', '--zero_stage=2', *extra)
+        assert result.returncode == 0, result.stderr
+    assert_same_weights(weights(stopped / 'ckpt.pt'), weights(tmp_path / '2' / 'ckpt.pt'))
+    refused = run('train.py', *args, f'--out_dir={tmp_path / "3"}', '--max_iters=15', '--init_from=resume')
+    assert refused.returncode != 0 and 'resume with --zero_stage=3' in refused.stderr, refused.stderr
+    single = run('train.py', *args, f'--out_dir={tmp_path / "3"}', '--max_iters=15', '--init_from=resume',
+                 '--zero_stage=3')
     assert single.returncode == 0 and 'done: 5 iterations' in single.stdout, single.stderr
-    spread = torchrun(2, *args[:-1], f'--out_dir={tmp_path / "3"}', '--max_iters=20', '--init_from=resume',
-                      '--zero_stage=2')
+    spread = torchrun(2, *args, f'--out_dir={tmp_path / "3"}', '--max_iters=20', '--init_from=resume',
+                      '--zero_stage=3')
     assert spread.returncode == 0 and 'done: 5 iterations' in spread.stdout, spread.stderr
+    whole = run('train.py', *args, f'--out_dir={tmp_path / "0"}', '--max_iters=15', '--init_from=resume',
+                '--zero_stage=1')  # DDP's whole AdamW state, cut into shards on load
+    assert whole.returncode == 0 and 'done: 5 iterations' in whole.stdout, whole.stderr
 
 
 def test_a_dead_rank_stops_the_whole_run(data_dir, tmp_path):

@@ -222,6 +222,7 @@ def check_checkpoints(rank, ws, tmp):
         model, opt, _, _, _ = lockstep(toy, stage, 3, rank, ws, split=True)
         shard, saved = copy.deepcopy(opt.state_dict()), weights(model, opt)
         full = opt.full_state_dict()
+        torch.save(shard, os.path.join(tmp, f'shard_ws{ws}_stage{stage}_rank{rank}.pt'))
         if rank == 0:
             torch.save(dict(model=saved, optimizer=full), os.path.join(tmp, f'full_ws{ws}_stage{stage}.pt'))
         resume_steps(model, opt, rank, ws)
@@ -337,6 +338,17 @@ def test_world_sizes_2_and_4_and_resharding(tmp_path):
         model, opt = restored(stage, torch.load(tmp_path / f'full_ws2_stage{stage}.pt', weights_only=True))
         resume_steps(model, opt, 0, 1)  # 2 -> 1
         assert max_diff(weights(model, opt), weights(ref)) <= 1e-6
+        # the two ranks' shard files, merged at world size 1, hold exactly the state full_state_dict gathered
+        full = torch.load(tmp_path / f'full_ws2_stage{stage}.pt', weights_only=True)
+        _, merged = restored(stage, dict(model=full['model']))
+        merged.load_shards([torch.load(tmp_path / f'shard_ws2_stage{stage}_rank{r}.pt', weights_only=True)
+                            for r in range(2)])
+        got, want = merged.full_state_dict()['state'], full['optimizer']['state']
+        assert got.keys() == want.keys() and all(torch.equal(got[i][k], want[i][k]) for i in want for k in want[i])
+        with pytest.raises(ValueError, match='do not fit'):
+            _, other = restored(4 - stage, dict(model=full['model']))  # stage 1 shards into stage 3, and back
+            other.load_shards([torch.load(tmp_path / f'shard_ws2_stage{stage}_rank{r}.pt', weights_only=True)
+                               for r in range(2)])
     spawn(4)
 
 
