@@ -178,7 +178,7 @@ class Router(nn.Module):
         self.stats = {}  # last forward's load, dropped fraction, entropy, aux and z losses (detached, no sync)
 
     def forward(self, x):
-        cfg, (N, C), E, K = self.config, x.shape, self.config.n_experts, self.config.top_k
+        cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k  # x: (N, C)
         if self.training and cfg.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         with torch.autocast(x.device.type, enabled=False):

@@ -7,14 +7,12 @@ Sample from a trained Ava model.
 """
 
 import os
-import sys
-import warnings
 
 import torch
 
 from configurator import configure_or_exit
 from data.prepare import load_tokenizer
-from model import GPT, ModelConfig
+from train import fail, load_checkpoint  # the same checks and one-line errors as train.py
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -29,11 +27,6 @@ device = 'auto'          # 'auto' (cuda if available), 'cpu', 'cuda', ...
 # -----------------------------------------------------------------------------
 configure_or_exit(globals())
 
-
-def fail(message):
-    sys.exit(f"error: {message}")
-
-
 if temperature < 0:
     fail(f"temperature must be >= 0 (0 = greedy), got {temperature}")
 if not 0 < top_p <= 1:
@@ -44,18 +37,7 @@ if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 torch.manual_seed(seed)
 
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-try:
-    with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
-        warnings.simplefilter('ignore')
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    model = GPT(ModelConfig(**checkpoint['model_config']))
-    model.load_state_dict(checkpoint['model'])
-except FileNotFoundError:
-    fail(f"no checkpoint at {ckpt_path}; train one first (python train.py config/nano.py) or set --out_dir")
-except Exception as e:  # truncated file, another format, mismatched weights ...
-    reason = str(e).partition('\n')[0]  # torch's messages run over many lines
-    fail(f"cannot load {ckpt_path} ({type(e).__name__}: {reason}); is it a checkpoint from train.py?")
+_, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
 model.eval().to(device)
 try:
     enc = load_tokenizer(os.path.join(out_dir, 'tokenizer.json'))

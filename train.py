@@ -109,6 +109,23 @@ def first_line(error):
     return str(error).partition('\n')[0]
 
 
+def load_checkpoint(path):
+    """A checkpoint written by train.py, its ModelConfig, and a GPT (on the CPU) holding its weights.
+    Anything wrong with the file (missing, truncated, a pickle carrying code, another model's weights) is one line."""
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        cfg = ModelConfig(**ckpt['model_config'])
+        net = GPT(cfg)
+        net.load_state_dict(ckpt['model'])
+        return ckpt, cfg, net
+    except FileNotFoundError:
+        fail(f"no checkpoint at {path}; train one first (python train.py config/nano.py) or check --out_dir")
+    except Exception as e:
+        fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from train.py?")
+
+
 def validate(s):
     """Every setting checked before any work; the first problem is returned as a line that names the key."""
     checks = [
@@ -370,20 +387,6 @@ def main():
 
     # model: from scratch, or everything (weights, optimizer, iteration, RNG streams, monitors) from a checkpoint
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-
-    def load_checkpoint(path):
-        try:
-            with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
-                warnings.simplefilter('ignore')
-                ckpt = torch.load(path, map_location='cpu', weights_only=True)
-            cfg = ModelConfig(**ckpt['model_config'])
-            net = GPT(cfg)
-            net.load_state_dict(ckpt['model'])
-            return ckpt, cfg, net
-        except FileNotFoundError:
-            fail(f"--init_from=resume but there is no checkpoint at {path}")
-        except Exception as e:  # truncated file, a pickle with code in it, another model's weights ...
-            fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from train.py?")
 
     checkpoint = None
     if init_from == 'scratch' and os.path.exists(ckpt_path) and not lr_find:
