@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk
+
 
 @dataclass
 class ModelConfig:
@@ -73,7 +75,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)  # kernels/rms_norm.py: output in the next matmul's dtype
 
 
 def rope_tables(head_dim, positions, base=10000.0):
@@ -82,13 +84,6 @@ def rope_tables(head_dim, positions, base=10000.0):
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each pair (x1, x2) of channels by its position's angle (Su et al. 2021). x: (B, H, T, D)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each: the 'half-split' pairing
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.type_as(x)
 
 
 class KVCache:
@@ -111,8 +106,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q and k rotated (kernels/rope.py)
         mask, causal = None, True
         if cache is not None:
             start = cache.pos
@@ -140,25 +134,6 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-def sinkhorn(logits, n_iters):
-    """Sinkhorn-Knopp balancing of the (N, E) token-by-expert matrix P = exp(logits) (Cuturi 2013; used for MoE
-    routing in BASE layers, Lewis et al. 2021, and Clark et al. 2022).
-
-    Alternately rescale rows so each token's mass is 1, and columns so each expert's mass is N/E. The result is a
-    (scaled) doubly-stochastic matrix close to P: top-k on it spreads tokens evenly over experts while still
-    preferring what the router likes. Done in log space and fp32, for a fixed number of iterations (no host sync).
-    Balance is exact for the soft mass; the hard top-k counts follow it when the logits vary across tokens, as
-    they do once the router trains. (Logits that are nearly the same for every token, plus one favourite, are the
-    worst case: mass is spread thinly and argmax counts can still be skewed; the training log shows the load.)
-    """
-    N, E = logits.shape
-    log_p = logits.float()
-    for _ in range(n_iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)                           # rows sum to 1
-        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + math.log(N / E)         # columns sum to N/E
-    return log_p.exp()  # (N, E)
-
-
 class Router(nn.Module):
     """Chooses K experts per token and their gates.
 
@@ -168,7 +143,8 @@ class Router(nn.Module):
       the fraction of the N*K assignments sent to expert e and P_e the mean router probability of e (Fedus et al.
       2021). With capacity_factor > 0 each expert takes at most ceil(cf * N*K/E) assignments while training; the
       rest are dropped (the token keeps its residual path), first choices of all tokens before second choices.
-    - 'sinkhorn': top-k on the Sinkhorn-balanced matrix while training, plain top-k at inference. No aux loss.
+    - 'sinkhorn': top-k on the Sinkhorn-Knopp balanced matrix while training (kernels/sinkhorn.py says how and why),
+      plain top-k at inference. No aux loss.
     """
 
     def __init__(self, config):
@@ -186,7 +162,7 @@ class Router(nn.Module):
         probs = logits.softmax(dim=-1)                           # (N, E)
         if cfg.router == 'sinkhorn' and self.training:
             with torch.no_grad():
-                expert_idx = sinkhorn(logits.detach(), cfg.sinkhorn_iters).topk(K, dim=-1).indices  # (N, K)
+                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K)  # (N, K) kernels/sinkhorn.py
         else:
             expert_idx = probs.topk(K, dim=-1).indices                                             # (N, K)
         gates = probs.gather(1, expert_idx)
@@ -234,24 +210,26 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        x = x.view(-1, C)                                  # (N, C)
+        x = x.view(-1, C)                                                       # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
-        E, K = self.w_in.size(0), expert_idx.size(1)
-        # permute: dropped assignments get the sentinel expert E, so they sort last and fall outside every group
-        flat_expert = torch.where(keep, expert_idx, E).flatten()           # (N*K,)
-        order = flat_expert.argsort(stable=True)                            # (N*K,) assignment ids by expert
-        counts = torch.bincount(flat_expert, minlength=E + 1)[:E]           # (E,) tokens per expert
-        offsets = counts.cumsum(0).to(torch.int32)                          # (E,) end row of each expert's block
-        if not keep.all():                                                  # only with capacity dropping
-            order = order[:int(offsets[-1])]
-        token = order // K                                                  # (M,) source token of each row
+        (N, K), E = expert_idx.shape, self.w_in.size(0)
+        # sort the M = N*K assignments by expert; dropped ones get the sentinel expert E and sort last.
+        # Everything stays on the GPU: no host sync, so the CPU can queue the next layers meanwhile.
+        flat_expert = torch.where(keep, expert_idx, E).flatten()               # (M,)
+        order = flat_expert.argsort(stable=True)                                # (M,) the assignment each row holds
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, flat_expert,
+                                                                                   torch.ones_like(flat_expert))
+        offsets = counts[:E].cumsum(0).to(torch.int32)                          # (E,) end row of each expert's block
+        rows = torch.arange(N * K, device=x.device)
+        row_src = torch.where(rows < offsets[-1], order, -1).int()              # (M,) -1: an unused (dropped) row
+        assignment_row = torch.empty_like(order).scatter_(0, order, rows)       # (M,) inverse permutation
+        assignment_row = torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)  # (N, K) -1: dropped
         dtype = torch.get_autocast_dtype('cuda') if x.is_cuda and torch.is_autocast_enabled('cuda') else x.dtype
         w_in, w_out = self.w_in.to(dtype).transpose(1, 2), self.w_out.to(dtype).transpose(1, 2)  # (E,C,F), (E,F,C)
-        h = F.gelu(grouped_mm(x[token].to(dtype), w_in, offsets))           # (M, F)
-        y = grouped_mm(h, w_out, offsets)                                   # (M, C)
-        # unpermute + combine: out[t] = sum over t's kept assignments of gate * expert output
-        y = y.to(x.dtype) * gates.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y)                  # (N, C)
+        h = F.gelu(grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets))  # (M, F)
+        y = grouped_mm(h, w_out, offsets)                                       # (M, C)
+        # out[t] = sum over t's kept assignments of gate * expert output (kernels/moe_permute.py)
+        out = moe_unpermute(y, gates, row_src, assignment_row)                 # (N, C) in the gates' fp32
         return out.view(B, T, C), router_loss
 
 
@@ -292,10 +270,10 @@ class MTPHead(nn.Module):
         return self.norm_out(x + self.proj(self.norm_in(x)))
 
 
-def cross_entropy(logits, targets):
-    """Mean loss over the targets that are not -1; in fp32, so bf16 logits keep the small probabilities.
-    logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+def next_token_loss(logits, targets):
+    """Mean cross-entropy over the targets that are not -1, in fp32 (kernels/cross_entropy.py: the fused kernel
+    never makes an fp32 copy of the logits). logits (B, T, V), targets (B, T)."""
+    return cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class GPT(nn.Module):
@@ -373,9 +351,9 @@ class GPT(nn.Module):
         if targets is None:
             self.mtp_losses = []
             return logits, None
-        loss = cross_entropy(logits, targets)
+        loss = next_token_loss(logits, targets)
         # head i's logits at t score token t+1+i = targets[:, t+i]; the last i positions have no target
-        mtp_losses = [cross_entropy(head_logits[:, :-i], targets[:, i:])
+        mtp_losses = [next_token_loss(head_logits[:, :-i], targets[:, i:])
                       for i, head_logits in enumerate(self.mtp_logits(x), start=1)]
         self.mtp_losses = [head_loss.detach() for head_loss in mtp_losses]
         if not self.training:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import kernels
 from configurator import configure_or_exit
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
@@ -358,6 +359,8 @@ def main():
         if rank != 0:  # one log is enough: the other ranks print only errors (stderr)
             sys.stdout = open(os.devnull, 'w')
     accumulation = gradient_accumulation_steps // world_size  # micro-steps per rank per iteration
+    if device_type == 'cuda':
+        kernels.build()  # JIT-compile the CUDA kernels once (rank 0 first under torchrun); else the _ref twins run
     torch.manual_seed(seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

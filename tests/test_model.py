@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, MoE, ModelConfig, Router, sinkhorn
+from kernels import sinkhorn
+from model import GPT, MoE, ModelConfig, Router
 
 
 def tiny_config(**overrides):

@@ -1,0 +1,133 @@
+"""
+Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and forward+backward, at the
+shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512, V=32768, E=8, K=2, H=8). Bandwidth is the
+fewest bytes the op must move (each input read once, each output written once) over its time, next to a measured
+device-to-device copy ceiling.
+
+    python kernels/bench.py                 # every op
+    python kernels/bench.py --op=rms_norm   # one op
+"""
+
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk  # noqa: E402
+
+N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
+M = N * K
+
+
+def median_ms(fn, reps=30):
+    """Median of reps event-timed calls after a warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_ceiling_gbs():
+    """A 1 GiB device-to-device copy: bytes read plus bytes written, per second."""
+    src = torch.randn(2**28, device='cuda')
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def routing(keep_fraction=1.0):
+    """Index maps of a random top-K routing of N tokens, as MoE.forward builds them (see model.py)."""
+    expert = torch.rand(N, E, device='cuda').topk(K, dim=-1).indices            # (N, K)
+    keep = torch.rand(N, K, device='cuda') < keep_fraction
+    flat = torch.where(keep, expert, E).flatten()
+    order = flat.argsort(stable=True)
+    kept = int(keep.sum())
+    rows = torch.arange(M, device='cuda')
+    row_src = torch.where(rows < kept, order, -1).int()
+    assignment_row = torch.where(keep.flatten(), torch.empty_like(order).scatter_(0, order, rows), -1).int().view(N, K)
+    return row_src, assignment_row
+
+
+def cases():
+    """name -> (op, ref, make_inputs() -> args, bytes forward, bytes backward). Float args that are tensors get
+    gradients; the op runs under bf16 autocast like the model."""
+    row_src, assignment_row = routing()
+    angles = torch.arange(T, device='cuda')[:, None] * torch.rand(C // H // 2, device='cuda')
+    return {
+        'rms_norm': (rms_norm, kernels.rms_norm_ref,
+                     lambda: [torch.randn(N, C, device='cuda'), torch.rand(C, device='cuda') + 0.5, 1e-6],
+                     N * C * (4 + 2), N * C * (2 + 4 + 4)),
+        'cross_entropy': (cross_entropy, kernels.cross_entropy_ref,
+                          lambda: [torch.randn(N, V, device='cuda', dtype=torch.bfloat16) * 3,
+                                   torch.randint(V, (N,), device='cuda')],
+                          N * V * 2, N * V * (2 + 2)),
+        'moe_permute': (moe_permute, kernels.moe_permute_ref,
+                        lambda: [torch.randn(N, C, device='cuda', dtype=torch.bfloat16), row_src, assignment_row],
+                        (N + M) * C * 2, (M + N) * C * 2),
+        'moe_unpermute': (moe_unpermute, kernels.moe_unpermute_ref,
+                          lambda: [torch.randn(M, C, device='cuda', dtype=torch.bfloat16),
+                                   torch.rand(N, K, device='cuda'), row_src, assignment_row],
+                          M * C * 2 + N * C * 4, N * C * 4 + M * C * (2 + 2)),
+        'qkv_rope': (qkv_rope, kernels.qkv_rope_ref,
+                     lambda: [torch.randn(N // T, T, 3 * C, device='cuda', dtype=torch.bfloat16), angles.cos(),
+                              angles.sin(), H],
+                     2 * 3 * N * C * 2, 2 * 3 * N * C * 2),
+        'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
+                          lambda: [torch.randn(N, E, device='cuda'), 8, K], N * E * 4 + N * K * 8, 0),
+    }
+
+
+def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
+    compiled = torch.compile(ref)
+    sets = [make_inputs() for _ in range(3)]  # rotate inputs so no timing reads a warm L2
+    for args in sets:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and bytes_bwd:
+                a.requires_grad_(True)
+    row = [name]
+    for fn in (op, ref, compiled):
+        calls = iter(range(10**9))
+
+        def forward():
+            with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+                fn(*sets[next(calls) % 3])
+
+        def forward_backward():
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                out = fn(*sets[next(calls) % 3])
+            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+        kernels.enabled = fn is op
+        row.append(median_ms(forward))
+        row.append(median_ms(forward_backward) if bytes_bwd else float('nan'))
+    kernels.enabled = True
+    fwd_gbs = bytes_fwd / row[1] / 1e6
+    bwd_gbs = bytes_bwd / (row[2] - row[1]) / 1e6 if bytes_bwd else float('nan')
+    print(f"{name:14s} fwd {row[1]:7.3f} ms ({fwd_gbs:6.0f} GB/s, {fwd_gbs / ceiling:4.0%})  "
+          f"fwd+bwd {row[2]:7.3f} ms (bwd {bwd_gbs:6.0f} GB/s, {bwd_gbs / ceiling:4.0%}) | ref {row[3]:7.3f} / "
+          f"{row[4]:7.3f} ms | compiled ref {row[5]:7.3f} / {row[6]:7.3f} ms")
+
+
+def main():
+    only = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--op=')), None)
+    if not torch.cuda.is_available() or kernels.build() is not True:
+        sys.exit("error: kernels/bench.py needs a CUDA device and the built kernels")
+    ceiling = copy_ceiling_gbs()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:,.0f} GB/s (read + write)")
+    for name, case in cases().items():
+        if only in (None, name):
+            run(name, *case, ceiling)
+
+
+if __name__ == '__main__':
+    main()
