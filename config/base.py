@@ -1,5 +1,5 @@
 # Seed 'base'.
-# $ python train.py config/base.py       (one GPU; torchrun arrives with the distributed issue)
+# $ python train.py config/base.py       (one GPU; torchrun --nproc_per_node=N for N)
 # Shakespeare (~1.4M tokens) is far too small for this model: prepare a larger corpus, e.g.
 # $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768   and set data_dir = 'data/corpus'.
 # 32 sequences x 1024 tokens x 4 accumulation steps = 131072 tokens per iteration.

@@ -1,13 +1,14 @@
 # Seed 'large': 16 experts; use several GPUs (torchrun) and gradient accumulation.
-# $ python train.py config/large.py       (one GPU; torchrun arrives with the distributed issue)
+# $ python train.py config/large.py       (one GPU; torchrun --nproc_per_node=N for N)
 # Shakespeare (~1.4M tokens) is far too small for this model: prepare a larger corpus, e.g.
 # $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768   and set data_dir = 'data/corpus'.
-# 16 sequences x 1024 tokens x 4 accumulation steps = 65536 tokens per iteration.
+# 8 sequences x 1024 tokens x 8 accumulation steps = 65536 tokens per iteration: 16 x 4 does not fit an 80 GB H100
+# at vocab 32768 (bench.py: 69 GiB peak at 8 x 8).
 out_dir = 'out/large'
 data_dir = 'data/shakespeare'
-batch_size = 16
+batch_size = 8
 block_size = 1024
-gradient_accumulation_steps = 4
+gradient_accumulation_steps = 8
 n_layer = 24
 n_head = 16
 n_embd = 1024

@@ -1,8 +1,8 @@
 """
 Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and forward+backward, at the
-shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512, V=32768, E=8, K=2, H=8). Bandwidth is the
-fewest bytes the op must move (each input read once, each output written once) over its time, next to a measured
-device-to-device copy ceiling.
+shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512, V=32768, E=8, K=2, H=8). Times are the GPU time
+of the kernels each call launches (torch.profiler); bandwidth is the fewest bytes the op must move (each input read
+once, each output written once) over that time, next to a measured device-to-device copy ceiling.
 
     python kernels/bench.py                 # every op
     python kernels/bench.py --op=rms_norm   # one op
@@ -23,7 +23,7 @@ M = N * K
 
 
 def median_ms(fn, reps=30):
-    """Median of reps event-timed calls after a warm-up."""
+    """Median of reps event-timed calls after a warm-up (for the copy ceiling: one long kernel)."""
     for _ in range(3):
         fn()
     times = []
@@ -35,6 +35,20 @@ def median_ms(fn, reps=30):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def gpu_ms(fn, calls=10):
+    """Mean GPU time of the kernels one call launches (torch.profiler). Event timing around a single sub-millisecond
+    op measures Python's dispatch as much as the GPU; the kernels' own time is what bandwidth is about (bench.py
+    measures whole training steps, launch gaps included)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / calls / 1000
 
 
 def copy_ceiling_gbs():
@@ -58,8 +72,8 @@ def routing(keep_fraction=1.0):
 
 
 def cases():
-    """name -> (op, ref, make_inputs() -> args, bytes forward, bytes backward). Float args that are tensors get
-    gradients; the op runs under bf16 autocast like the model."""
+    """name -> (op, ref, make_inputs() -> args, bytes forward, bytes backward): args[0] (and gates) get gradients
+    when the op has a backward; the op runs under bf16 autocast like the model."""
     row_src, assignment_row = routing()
     angles = torch.arange(T, device='cuda')[:, None] * torch.rand(C // H // 2, device='cuda')
     return {
@@ -89,11 +103,11 @@ def cases():
 def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
     compiled = torch.compile(ref)
     sets = [make_inputs() for _ in range(3)]  # rotate inputs so no timing reads a warm L2
+    differentiable = (0, 1) if name == 'moe_unpermute' else (0,)  # ys and gates; else the first input
     for args in sets:
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.is_floating_point() and bytes_bwd:
-                a.requires_grad_(True)
-    row = [name]
+        for i in differentiable:
+            args[i].requires_grad_(bytes_bwd > 0)
+    row, upstream = [name], {}  # upstream gradients made once per input set, outside the timed calls
     for fn in (op, ref, compiled):
         calls = iter(range(10**9))
 
@@ -102,14 +116,18 @@ def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
                 fn(*sets[next(calls) % 3])
 
         def forward_backward():
+            i = next(calls) % 3
             with torch.autocast('cuda', dtype=torch.bfloat16):
-                out = fn(*sets[next(calls) % 3])
+                out = fn(*sets[i])
             outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            if i not in upstream:
+                upstream[i] = [torch.randn_like(o) for o in outs]
+            leaves = [a for a in sets[i] if isinstance(a, torch.Tensor) and a.requires_grad]
+            torch.autograd.grad(outs, leaves, upstream[i])  # not .backward(): no accumulation into .grad
 
         kernels.enabled = fn is op
-        row.append(median_ms(forward))
-        row.append(median_ms(forward_backward) if bytes_bwd else float('nan'))
+        row.append(gpu_ms(forward))
+        row.append(gpu_ms(forward_backward) if bytes_bwd else float('nan'))
     kernels.enabled = True
     fwd_gbs = bytes_fwd / row[1] / 1e6
     bwd_gbs = bytes_bwd / (row[2] - row[1]) / 1e6 if bytes_bwd else float('nan')

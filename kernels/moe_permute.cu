@@ -120,7 +120,7 @@ static int lanes_per_row(int64_t C, bool vec) {
 }
 
 static int blocks_for(int64_t rows, int group) {
-    TORCH_CHECK(rows * group <= INT_MAX, "too many rows for one launch: ", rows);
+    TORCH_CHECK(rows < INT_MAX && (rows * group + kThreads - 1) / kThreads <= INT_MAX, "too many rows: ", rows);
     return (int)((rows * group + kThreads - 1) / kThreads);
 }
 

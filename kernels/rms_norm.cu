@@ -48,10 +48,13 @@ template <typename Tx, typename Tg>
 __global__ void rms_norm_bwd_kernel(const Tg* __restrict__ dy, const Tx* __restrict__ x, const float* __restrict__ w,
                                     const float* __restrict__ rstd, Tx* __restrict__ dx, float* __restrict__ dw_partial,
                                     int rows, int C, bool vec) {
-    extern __shared__ float dw_block[];  // (C,) this block's share of dw
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dw_block[c] = 0.f;
-    __syncthreads();
+    // dw: each warp sums its rows into its own shared-memory row, and each lane always owns the same columns, so
+    // no two threads ever add to one address (no atomics); the warps' rows are summed once at the end.
+    extern __shared__ float dw_warps[];  // (warps, C)
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    float* dw_warp = dw_warps + (threadIdx.x / 32) * C;
+    for (int c = threadIdx.x; c < warps * C; c += blockDim.x) dw_warps[c] = 0.f;
+    __syncthreads();
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
         const Tx* xr = x + (size_t)row * C;
         const Tg* gr = dy + (size_t)row * C;
@@ -76,20 +79,29 @@ __global__ void rms_norm_bwd_kernel(const Tg* __restrict__ dy, const Tx* __restr
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
                     out[i] = r * wv[i] * gv[i] - k * xv[i];
-                    atomicAdd(&dw_block[c + i], gv[i] * xv[i] * r);
+                    xv[i] = gv[i] * xv[i] * r;  // this row's dw terms
                 }
                 store8(dxr + c, out);
+                float dw[8];
+                load8(dw_warp + c, dw);  // 16-byte shared-memory accesses: a warp covers 1 KB without bank conflicts
+#pragma unroll
+                for (int i = 0; i < 8; i++) dw[i] += xv[i];
+                store8(dw_warp + c, dw);
             }
         } else {
             for (int c = lane; c < C; c += 32) {
                 float xv = to_float(xr[c]), gv = to_float(gr[c]);
                 dxr[c] = from_float<Tx>(r * w[c] * gv - k * xv);
-                atomicAdd(&dw_block[c], gv * xv * r);
+                dw_warp[c] += gv * xv * r;
             }
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dw_partial[(size_t)blockIdx.x * C + c] = dw_block[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; w++) sum += dw_warps[w * C + c];
+        dw_partial[(size_t)blockIdx.x * C + c] = sum;
+    }
 }
 
 static void check_rows(const at::Tensor& t, const at::Tensor& w, const char* name) {
@@ -119,12 +131,13 @@ void rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w
     check_rows(dy, w, "dy");
     check_rows(x, w, "x");
     const at::cuda::OptionalCUDAGuard guard(x.device());
-    const int rows = x.size(0), C = x.size(1), threads = 256, blocks = dw_partial.size(0);
+    const int rows = x.size(0), C = x.size(1), blocks = dw_partial.size(0);
     TORCH_CHECK(C * sizeof(float) <= 48 * 1024, "rms_norm backward supports C <= 12288");
+    const int warps = std::min<int>(8, 48 * 1024 / (C * sizeof(float))), threads = 32 * warps;  // (warps, C) fp32 smem
     const bool vec = C % 8 == 0 && aligned16({dy, x, w, dx});
     AVA_DISPATCH(x.scalar_type(), Tx, [&] {
         AVA_DISPATCH(dy.scalar_type(), Tg, [&] {
-            rms_norm_bwd_kernel<Tx, Tg><<<blocks, threads, C * sizeof(float), stream()>>>(
+            rms_norm_bwd_kernel<Tx, Tg><<<blocks, threads, warps * C * sizeof(float), stream()>>>(
                 ptr<Tg>(dy), ptr<Tx>(x), ptr<float>(w), ptr<float>(rstd), ptr<Tx>(dx), ptr<float>(dw_partial), rows,
                 C, vec);
             C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -41,7 +41,7 @@ def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dx like x, dweight (C,) fp32."""
     rows = x.reshape(-1, x.size(-1)).contiguous()                          # (N, C)
-    blocks = max(1, min(2 * torch.cuda.get_device_properties(x.device).multi_processor_count, (rows.size(0) + 7) // 8))
+    blocks = max(1, min(4 * torch.cuda.get_device_properties(x.device).multi_processor_count, (rows.size(0) + 7) // 8))
     dx = torch.empty_like(rows)
     dw_partial = torch.empty(blocks, rows.size(1), dtype=torch.float32, device=x.device)  # one row per block
     torch.ops.ava_cuda.rms_norm_bwd(dy.reshape(rows.shape).contiguous(), rows, weight.float().contiguous(), rstd, dx,

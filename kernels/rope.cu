@@ -25,16 +25,17 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const
 // kBackward false: packed qkv -> rotated q, k and copied v. kBackward true: dq, dk, dv -> packed dqkv.
 template <typename T, int W, bool kBackward>
 __global__ void qkv_rope_kernel(T* __restrict__ packed, T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
-                                const float* __restrict__ cos, const float* __restrict__ sin, int units, int T_,
+                                const float* __restrict__ cos, const float* __restrict__ sin, int64_t units, int T_,
                                 int H, int D) {
-    const int unit = blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t unit = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // 64-bit: qkv may pass 2^31 elements
     if (unit >= units) return;
     const int half = D / 2, units_per_row = half / W;
     const int j = (unit % units_per_row) * W;  // first pair of this unit, in [0, D/2)
-    int row = unit / units_per_row;            // index of (b, t, s, h) in qkv's order; s = 0, 1, 2 for q, k, v
+    int64_t row = unit / units_per_row;        // index of (b, t, s, h) in qkv's order; s = 0, 1, 2 for q, k, v
     const int h = row % H;
     row /= H;
-    const int s = row % 3, bt = row / 3, t = bt % T_, b = bt / T_;
+    const int s = row % 3, t = (row / 3) % T_;
+    const int64_t bt = row / 3, b = bt / T_;
     T* packed_row = packed + (size_t)bt * 3 * H * D + (s * H + h) * D + j;                    // (B, T, 3, H, D)
     T* head_row = (s == 0 ? q : s == 1 ? k : v) + (((size_t)b * H + h) * T_ + t) * D + j;     // (B, H, T, D)
     const T* src = kBackward ? head_row : packed_row;
@@ -74,11 +75,11 @@ static void launch(const at::Tensor& packed, const at::Tensor& q, const at::Tens
     for (const auto* t : {&cos, &sin})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == T &&
                     t->size(1) == D / 2, "cos and sin must be contiguous float32 (T, D/2) = (", T, ", ", D / 2, ")");
-    TORCH_CHECK(packed.numel() < INT32_MAX, "qkv_rope indexes with 32-bit ints; qkv has ", packed.numel(), " elements");
     const at::cuda::OptionalCUDAGuard guard(packed.device());
     if (packed.numel() == 0) return;
     const bool vec = (D / 2) % 8 == 0 && aligned16({packed, q, k, v, cos, sin});
-    const int units = packed.numel() / 2 / (vec ? 8 : 1), threads = 256, blocks = (units + threads - 1) / threads;
+    const int64_t units = packed.numel() / 2 / (vec ? 8 : 1);
+    const int threads = 256, blocks = (units + threads - 1) / threads;
     AVA_DISPATCH(packed.scalar_type(), Tp, [&] {
         if (vec)
             qkv_rope_kernel<Tp, 8, kBackward><<<blocks, threads, 0, stream()>>>(

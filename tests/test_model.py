@@ -292,3 +292,28 @@ def test_grouped_experts_cuda_bf16(router, capacity):
     grads_ref = torch.autograd.grad(reference, [x, moe.w_in], grad.double())
     for g, g_ref in zip(grads, grads_ref):
         assert (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('autocast,tol', [(False, 1e-4), (True, 2e-2)])
+@pytest.mark.parametrize('router', [dict(router='sinkhorn'), dict(router='softmax', capacity_factor=1.25)])
+def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
+    """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32: to rounding;
+    bf16: the tolerance of bf16 activations)."""
+    import kernels
+    assert kernels.build() is True
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, n_future_tokens=2,
+                            **router)).cuda()
+    idx, targets = torch.randint(64, (4, 64), device='cuda'), torch.randint(64, (4, 64), device='cuda')
+    results = []
+    for enabled in (True, False):
+        kernels.enabled = enabled
+        model.zero_grad()
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+            _, loss = model(idx, targets)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    kernels.enabled = True
+    for fast, ref in zip(*results):
+        assert ((fast - ref).norm() / ref.norm()).item() < tol
