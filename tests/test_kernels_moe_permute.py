@@ -4,7 +4,7 @@ in float64, forward and backward (CUDA only)."""
 import pytest
 import torch
 
-import kernels
+from kernel_utils import built, cuda, poison, rel_err
 from kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
 
 
@@ -68,22 +68,10 @@ def test_refs_match_loops(K, shuffle):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 # (N, K, C, drop, shuffle): tiny, odd C (scalar path), C = 512 (vector path), K = 1/2/4, dropped assignments,
 # unused rows anywhere, every assignment dropped, M = 0
 CASES = [(1, 1, 13, 0.0, False), (1, 2, 512, 0.0, False), (37, 4, 13, 0.2, True), (300, 2, 512, 0.1, False),
          (300, 2, 512, 0.1, True), (50, 3, 24, 0.3, True), (20, 2, 64, 1.0, False), (0, 2, 16, 0.0, False)]
-
-
-def poison():
-    """Fill the allocator's free memory (large and small pools) with NaN, so outputs a kernel fails to write show."""
-    big = torch.empty(1 << 26, device='cuda').fill_(float('nan'))
-    small = [torch.empty(1 << 16, device='cuda').fill_(float('nan')) for _ in range(64)]
-    del big, small
-
-
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()  # NaN fails every `<`
 
 
 def cuda_case(N, K, C, drop, shuffle, dtype):
@@ -97,7 +85,7 @@ def cuda_case(N, K, C, drop, shuffle, dtype):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('N,K,C,drop,shuffle', CASES)
 def test_cuda_matches_ref(N, K, C, drop, shuffle, dtype):
-    assert kernels.build() is True
+    built()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     row_src, assignment_row, ys = cuda_case(N, K, C, drop, shuffle, dtype)
     x = torch.randn(N, C, device='cuda', dtype=dtype, requires_grad=True)
@@ -125,7 +113,7 @@ def test_cuda_matches_ref(N, K, C, drop, shuffle, dtype):
 @cuda
 def test_cuda_autocast_permute():
     """fp32 residual in, bf16 rows out under autocast; the gradient comes back fp32."""
-    assert kernels.build() is True
+    built()
     row_src, assignment_row, _ = cuda_case(100, 2, 512, 0.1, False, torch.float32)
     x = torch.randn(100, 512, device='cuda', requires_grad=True)
     with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -140,7 +128,7 @@ def test_cuda_autocast_permute():
 
 @cuda
 def test_cuda_opcheck():
-    assert kernels.build() is True
+    built()
     row_src, assignment_row, _ = cuda_case(33, 2, 40, 0.2, True, torch.bfloat16)
     x = torch.randn(33, 40, device='cuda', requires_grad=True)
     ys = torch.randn(66, 40, device='cuda', dtype=torch.bfloat16, requires_grad=True)  # finite: opcheck compares
@@ -154,7 +142,7 @@ def test_cuda_opcheck():
 
 @cuda
 def test_cuda_compile():
-    assert kernels.build() is True
+    built()
     row_src, assignment_row, _ = cuda_case(64, 2, 256, 0.1, False, torch.float32)
 
     def layer(x, gates):  # permute, a stand-in for the experts, unpermute

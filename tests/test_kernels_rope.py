@@ -4,10 +4,8 @@ against the twin in float64 (GPU only)."""
 import pytest
 import torch
 
-import kernels
+from kernel_utils import built, cuda, poison, rel_err
 from kernels.rope import qkv_rope, qkv_rope_ref
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
 
 def angles(T, D, start=0, device='cpu'):
@@ -59,18 +57,6 @@ def test_ref_fp32_tables_and_bf16_dtype():
 
 # --- CUDA kernels against the twin in float64 ---
 
-def poison():
-    """Fill memory the caching allocator hands out next (its large and its small pool) with NaN, so outputs the
-    kernel fails to write show up."""
-    junk = [torch.empty(1 << 26, device='cuda')] + [torch.empty(1 << 18, device='cuda') for _ in range(8)]
-    for t in junk:
-        t.fill_(float('nan'))
-    del junk, t
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
 
 def inputs(B, T, H, D, dtype, misaligned=False):
     """qkv (B, T, 3HD) requiring grad (starting one element past a 16-byte boundary if misaligned, which forces
@@ -89,7 +75,7 @@ CASES = [(1, 1, 1, 2, False), (2, 7, 3, 6, False), (3, 5, 2, 10, False), (4, 102
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize('B,T,H,D,misaligned', CASES)
 def test_cuda_matches_ref(B, T, H, D, misaligned, dtype, tol):
-    assert kernels.build() is True
+    built()
     qkv, cos, sin = inputs(B, T, H, D, dtype, misaligned)
     qkv64 = qkv.detach().double().requires_grad_()
     ref = qkv_rope_ref(qkv64, cos.double(), sin.double(), H)
@@ -111,7 +97,7 @@ def test_cuda_matches_ref(B, T, H, D, misaligned, dtype, tol):
 
 @cuda
 def test_opcheck():
-    assert kernels.build() is True
+    built()
     for dtype in (torch.float32, torch.bfloat16):
         qkv, cos, sin = inputs(2, 9, 3, 16, dtype)
         torch.library.opcheck(torch.ops.ava.qkv_rope.default, (qkv, cos, sin, 3))
@@ -119,7 +105,7 @@ def test_opcheck():
 
 @cuda
 def test_torch_compile():
-    assert kernels.build() is True
+    built()
     qkv, cos, sin = inputs(2, 17, 4, 64, torch.bfloat16)
 
     def fn(qkv):
