@@ -79,10 +79,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, positions, base=10000.0):
-    """cos and sin of RoPE's rotation angles pos * base^(-2i/D), each (T, D/2). Computed for any positions,
-    so every sequence length and cache offset works without a precomputed limit."""
+    """cos and sin of RoPE's rotation angles pos * base^(-2i/D): positions (T,) -> each (T, D/2), or per row
+    (B, T) -> (B, T, D/2). Computed for any positions, so every length and cache offset works without a limit."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
     return angles.cos(), angles.sin()
 
 
@@ -104,18 +104,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, pad=None):
+        """pad (B,): row b starts with pad[b] padding tokens (batched prompts of different lengths, left-padded);
+        no query attends to them."""
         B, T, C = x.size()
         q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q and k rotated (kernels/rope.py)
-        mask, causal = None, True
+        start = cache.pos if cache is not None else 0
         if cache is not None:
-            start = cache.pos
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, H, start+T, D)
-            if start > 0:  # query i sits at position start+i and may see keys 0..start+i
-                causal = False
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        mask, causal = None, True
+        if start > 0 or pad is not None:  # query i sits at position start+i and may see keys 0..start+i
+            causal = False
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if pad is not None:  # ... but not row b's first pad[b] keys; a padding query sees itself (no empty row)
+            key = torch.arange(start + T, device=x.device)
+            mask = (mask & (key >= pad[:, None, None, None])) | (key == start + torch.arange(T, device=x.device)[:, None])
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
@@ -242,8 +247,8 @@ class Block(nn.Module):
         self.ffn = MoE(config) if config.moe else MLP(config.n_embd, config.top_k * config.ffn_hidden)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, layer))
+    def forward(self, x, cos, sin, cache=None, layer=0, pad=None):
+        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, layer, pad))
         if isinstance(self.ffn, MoE):
             y, router_loss = self.ffn(self.norm2(x))
         else:
@@ -321,16 +326,22 @@ class GPT(nn.Module):
         forward pass. Tensors stay on the device; the caller decides when to sync."""
         return [block.ffn.router.stats for block in self.blocks if isinstance(block.ffn, MoE)]
 
-    def trunk(self, idx, cache=None):
+    def trunk(self, idx, cache=None, pad=None):
         """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed router loss.
-        With a KVCache, idx continues the cached sequence from position cache.pos."""
+        With a KVCache, idx continues the cached sequence from position cache.pos. With pad (B,), row b begins
+        with pad[b] padding tokens: its text starts at position 0 for RoPE, and attention skips the padding."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
-        cos, sin = rope_tables(self.config.n_embd // self.config.n_head, torch.arange(start, start + T, device=idx.device))
+        positions = torch.arange(start, start + T, device=idx.device)                    # (T,)
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp_min(0)                          # (B, T)
+        cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions)
+        if pad is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): broadcast over heads
         x = self.wte(idx)  # (B, T, C)
         router_loss = 0.0
         for layer, block in enumerate(self.blocks):
-            x, block_router_loss = block(x, cos, sin, cache, layer)
+            x, block_router_loss = block(x, cos, sin, cache, layer, pad)
             router_loss = router_loss + block_router_loss
         if cache is not None:
             cache.pos += T
@@ -341,12 +352,13 @@ class GPT(nn.Module):
         token t+1+i. Pass hidden[:, -1:] to draft the tokens after the next one (self-speculative decoding)."""
         return [self.lm_head(head(hidden)) for head in self.mtp_heads]
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, pad=None):
         """idx (B, T) token ids -> logits (B, T, V), and with targets (-1 = ignore) the loss: cross-entropy, plus
         while training the router losses and mtp_weight * the mean extra-head loss (both help training, so eval
         reports the plain cross-entropy). The extra-head losses land in self.mtp_losses, detached; without
-        targets (generation) the extra heads are not run. With a KVCache, idx continues from cache.pos."""
-        x, router_loss = self.trunk(idx, cache)
+        targets (generation) the extra heads are not run. With a KVCache, idx continues from cache.pos; pad as
+        in trunk()."""
+        x, router_loss = self.trunk(idx, cache, pad)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             self.mtp_losses = []
@@ -363,21 +375,59 @@ class GPT(nn.Module):
         return logits, loss + router_loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """Continue idx (B, T) by max_new_tokens sampled tokens, reusing keys/values through a KV cache.
-        temperature=0 is greedy. When the context would pass block_size, the cache is rebuilt from the last
-        block_size // 2 tokens (a sliding window that keeps every step within what the model was trained on)."""
-        cache = None
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True):
+        """Continue idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy; top_k, top_p,
+        repetition_penalty and no_repeat_ngram_size as in penalize() and sample_next(). pad (B,): left padding
+        per row (batched prompts). A row is finished once it samples eos_id, or when stop(idx) -> (B,) bool says
+        so (stop strings); finished rows then repeat eos_id (or their last token), and generation ends when all
+        are finished. Keys and values come from a KV cache (use_cache=False recomputes the whole context every
+        step: only for measuring what the cache saves). Past block_size the context slides: the cache is rebuilt
+        from the last block_size // 2 tokens, so every step stays within what the model was trained on."""
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache, window = None, self.config.block_size
         for _ in range(max_new_tokens):
-            if cache is None or cache.pos + 1 > self.config.block_size:
-                context = idx[:, -(self.config.block_size // 2):] if idx.size(1) >= self.config.block_size else idx
-                cache = KVCache(self.config, idx.size(0), self.config.block_size, idx.device, self.wte.weight.dtype)
-                logits, _ = self(context, cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)  # (B, 1)
+            if use_cache and cache is not None and cache.pos < window:  # one new token against the cache
+                logits, _ = self(idx[:, -1:], cache=cache, pad=context_pad)
+            else:  # (re)build the cache from the context; without a cache, recompute the whole context
+                keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
+                context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
+                cache = KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype) if use_cache else None
+                logits, _ = self(idx[:, -keep:], cache=cache, pad=context_pad)
+            logits = penalize(logits[:, -1, :].float(), idx, repetition_penalty, no_repeat_ngram_size, pad)
+            next_token = sample_next(logits, temperature, top_k, top_p)                   # (B, 1)
+            done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
+            next_token = torch.where(finished[:, None], done_token, next_token)
             idx = torch.cat((idx, next_token), dim=1)
+            if eos_id is not None:
+                finished |= next_token[:, 0] == eos_id
+            if stop is not None:
+                finished |= stop(idx)
+            if finished.all():
+                break
         return idx
+
+
+def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
+    """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping each row's left
+    padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the row has its logit divided by p
+    if positive, multiplied by p if negative. no_repeat_ngram_size n > 0: a token that would complete an n-gram
+    the row already contains gets -inf (its last n-1 tokens followed by it)."""
+    if repetition_penalty == 1.0 and no_repeat_ngram_size <= 0:
+        return logits
+    logits = logits.clone()
+    for b, row in enumerate(idx.tolist()):
+        row = row[int(pad[b]):] if pad is not None else row
+        if repetition_penalty != 1.0 and row:
+            seen = torch.tensor(sorted(set(row)), device=logits.device)
+            scores = logits[b, seen]
+            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+        n = no_repeat_ngram_size
+        if n > 0 and len(row) >= n:
+            prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+            banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
+            logits[b, banned] = float('-inf')
+    return logits
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

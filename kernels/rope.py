@@ -15,7 +15,8 @@ def _rotate(x, cos, sin):
 
 def qkv_rope_ref(qkv, cos, sin, n_head):
     """qkv (B, T, 3C) -> q, k, v, each (B, H, T, D) in qkv's dtype, q and k rotated by RoPE in (at least) fp32.
-    cos, sin (T, D/2) hold the angles of these T positions. v is returned as a (non-contiguous) view of qkv."""
+    cos, sin (T, D/2) hold the angles of these T positions, or (B, 1, T, D/2) per row (left-padded batches).
+    v is returned as a (non-contiguous) view of qkv."""
     B, T, C3 = qkv.shape
     q, k, v = qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -23,7 +24,7 @@ def qkv_rope_ref(qkv, cos, sin, n_head):
 
 def qkv_rope(qkv, cos, sin, n_head):
     """qkv_rope_ref's function through the CUDA kernels when they are available (q, k, v then contiguous)."""
-    if kernels.use_cuda(qkv, cos, sin):
+    if kernels.use_cuda(qkv, cos, sin) and cos.dim() == 2:  # per-row positions (B, 1, T, D/2): the twin
         return torch.ops.ava.qkv_rope(qkv, cos, sin, n_head)
     return qkv_rope_ref(qkv, cos, sin, n_head)
 

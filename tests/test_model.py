@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import sinkhorn
-from model import GPT, MoE, ModelConfig, Router
+from model import GPT, MoE, ModelConfig, Router, penalize
 
 
 def tiny_config(**overrides):
@@ -47,6 +47,47 @@ def test_kv_cache_generation_equals_full_recomputation():
     assert torch.equal(cached, full)
     # past block_size the cache slides instead of failing
     assert model.generate(prompt, max_new_tokens=40, temperature=0).shape == (3, 45)
+
+
+def test_left_padded_batch_decodes_like_each_prompt_alone():
+    """Prompts of different lengths, left-padded into one batch: each row's greedy continuation (cached and
+    uncached) equals decoding that prompt on its own, so padding is invisible to RoPE positions and attention."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    prompts = [torch.randint(0, 97, (n,)) for n in (7, 3, 5)]
+    pad = torch.tensor([7 - len(p) for p in prompts])
+    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96), p]) for p in prompts])  # (3, 7), pad id 96
+    for use_cache in (True, False):
+        out = model.generate(batch, max_new_tokens=12, temperature=0, pad=pad, use_cache=use_cache)
+        for row, prompt in zip(out, prompts):
+            alone = model.generate(prompt[None], max_new_tokens=12, temperature=0)[0]
+            assert torch.equal(row[-12:], alone[-12:])
+
+
+def test_penalties_hand_computed():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2; the pad token 2 (first position) is skipped
+    out = penalize(logits, torch.tensor([[2, 0, 1]]), repetition_penalty=2.0, pad=torch.tensor([1]))
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned (and only 1)
+    out = penalize(logits, torch.tensor([[3, 1, 0, 3]]), no_repeat_ngram_size=2)
+    assert torch.isinf(out[0, 1]) and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
+
+
+def test_eos_and_stop_finish_rows():
+    """A row that samples eos_id is finished and repeats eos_id; generation ends once every row is finished."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    torch.manual_seed(1)
+    free = model.generate(prompt, max_new_tokens=6)  # sampled: the same draws below until row 0 ends
+    new = free[0, 4:].tolist()
+    j = next((i for i in range(1, len(new)) if new[i] not in new[:i]), 0)  # the first token not seen before
+    torch.manual_seed(1)
+    out = model.generate(prompt, max_new_tokens=6, eos_id=new[j])
+    assert torch.equal(out[0, :5 + j], free[0, :5 + j]) and (out[0, 5 + j:] == new[j]).all()
+    stopped = model.generate(prompt, max_new_tokens=6, temperature=0, stop=lambda idx: idx[:, -1] >= 0)
+    assert stopped.shape == (2, 5)  # every row stops after its first token
 
 
 def sinkhorn_float64(logits, n_iters):
