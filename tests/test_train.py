@@ -83,6 +83,17 @@ def test_training_lowers_the_loss_and_sample_prints_text(data_dir, tmp_path):
     sample = run('sample.py', f'--out_dir={tmp_path}', '--start=Hello', '--max_new_tokens=20', '--num_samples=2')
     assert sample.returncode == 0, sample.stderr
     assert sum(line.startswith('Hello') for line in sample.stdout.splitlines()) == 2  # the prompt, continued
+    # two prompts of different lengths in one left-padded batch, JSON lines out, and the evaluation report
+    (tmp_path / 'prompts.txt').write_text('Hello\nThe quick brown fox\n')
+    sample = run('sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{tmp_path / "prompts.txt"}', '--num_samples=2',
+                 '--max_new_tokens=12', f'--out={tmp_path / "s.jsonl"}', '--eval=True', '--repetition_penalty=1.3',
+                 '--no_repeat_ngram_size=3', '--stop=\\n\\n')
+    assert sample.returncode == 0, sample.stderr
+    records = [json.loads(line) for line in (tmp_path / 's.jsonl').read_text().splitlines()]
+    assert [r['prompt'] for r in records] == ['Hello'] * 2 + ['The quick brown fox'] * 2
+    assert all(r['finish'] in ('eos', 'stop', 'length') and '\n\n' not in r['sample'] for r in records)
+    report = json.loads((tmp_path / 'eval.json').read_text())
+    assert 1 < report['val_perplexity'] < 1000 and report['samples'] == 4 and '| val_perplexity |' in sample.stdout
 
 
 def test_run_folder_metrics_plots_and_features(data_dir, tmp_path):
@@ -262,6 +273,10 @@ def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir
         (run('sample.py', f'--out_dir={tmp_path / "corrupt"}'), 'cannot load'),
         (run('sample.py', '--top_p=1.5'), 'top_p'),
         (run('sample.py', '--temperature=-1.0'), 'temperature'),
+        (run('sample.py', '--repetition_penalty=0'), 'repetition_penalty'),
+        (run('sample.py', f'--out_dir={run_dir}', f'--start=FILE:{tmp_path}/missing.txt'), 'cannot read the prompt'),
+        (run('sample.py', f'--out_dir={run_dir}', '--eval=True', f'--data_dir={tmp_path}/nowhere',
+             '--max_new_tokens=2'), 'no prepared data'),
     ]
     for result, message in cases:
         lines = result.stderr.strip().splitlines()
