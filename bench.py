@@ -7,15 +7,20 @@ side by side with transformers' Mixtral at matched dimensions in the same proces
     python bench.py config/small.py --kernels=ref           # ... with the kernels' PyTorch twins instead
     python bench.py config/small.py --compare=hf            # + MixtralForCausalLM, and the ratio of the two
     python bench.py config/small.py --profile=True          # + torch.profiler's table of the GPU time per kernel
+    python bench.py config/small.py --decode=True           # generation tokens/s, with and without the KV cache
+    python bench.py config/nano.py --decode=True --device=cpu --block_size=1024
 
 The model is built from the config file as train.py would build it, fed random tokens and trained for real:
 fused AdamW, bf16 autocast, gradient_accumulation_steps micro-steps of batch_size x block_size tokens per step.
 The step time is the median over timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus
 attention's 12*L*C*T per token (GPT.flops_per_token, the same formula for both models) over peak_tflops.
+With --decode=True it times model.generate instead (greedy, random weights, a 16-token prompt): new_tokens
+tokens for batch 1 and 32, with the KV cache and recomputing the context every step, and the ratio.
 """
 
 import statistics
 import sys
+import time
 from dataclasses import fields
 
 import torch
@@ -35,7 +40,31 @@ settings.update(
     hf_experts='grouped_mm',  # transformers' experts implementation: 'grouped_mm', 'batched_mm' or 'eager'
     profile=False,          # print torch.profiler's table of GPU time per kernel (3 extra steps)
     peak_tflops=989.0,      # dense bf16 peak of the GPU (H100 SXM); MFU's denominator
+    decode=False,           # time generation instead of training
+    new_tokens=512,         # tokens generated per row in --decode mode
 )
+
+
+@torch.no_grad()
+def decode_bench(cfg, dev, new_tokens):
+    """tokens/s of greedy generation, batch 1 and 32, with and without the KV cache (bf16 autocast on CUDA)."""
+    model = GPT(cfg).to(dev).eval()
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=dev.startswith('cuda'))
+    for batch in (1, 32):
+        prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
+        rates = {}
+        for use_cache in (True, False):
+            with autocast:
+                model.generate(prompt, 8, temperature=0, use_cache=use_cache)  # warm-up
+                if dev.startswith('cuda'):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+                if dev.startswith('cuda'):
+                    torch.cuda.synchronize()
+            rates[use_cache] = batch * new_tokens / (time.perf_counter() - start)
+        print(f"decode batch {batch}: {rates[True]:,.0f} tok/s with the KV cache, {rates[False]:,.0f} without "
+              f"({rates[True] / rates[False]:.1f}x), {new_tokens} new tokens")
 
 
 def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
@@ -99,6 +128,15 @@ def build_hf(cfg, compile_model):
 def main():
     configure_or_exit(settings)
     s = settings
+    if s['decode']:
+        cfg = ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig)})
+        if cfg.block_size < 16 + s['new_tokens']:
+            sys.exit(f"error: block_size={cfg.block_size} is shorter than 16 + new_tokens={s['new_tokens']}")
+        dev = ('cuda' if torch.cuda.is_available() else 'cpu') if s['device'] == 'auto' else s['device']
+        kernels.enabled = s['kernels'] == 'cuda'
+        torch.manual_seed(s['seed'])
+        print(f"{torch.cuda.get_device_name() if dev.startswith('cuda') else 'CPU'}, torch {torch.__version__}")
+        return decode_bench(cfg, dev, s['new_tokens'])
     if not torch.cuda.is_available():
         sys.exit("error: bench.py measures a GPU and found none (CUDA unavailable)")
     if s['kernels'] not in ('cuda', 'ref') or s['compare'] not in ('', 'hf'):

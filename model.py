@@ -408,6 +408,32 @@ class GPT(nn.Module):
         return idx
 
 
+    @torch.no_grad()
+    def generate_speculative(self, idx, max_new_tokens):
+        """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies with the
+        main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al. 2018). Each step
+        feeds the next token and the heads' n-1 drafts through the model at once, keeps the drafts the main head
+        agrees with, plus the main head's own next token: the output equals generate(temperature=0) token for
+        token, in fewer forward passes. Returns (idx, forward passes). Falls back to generate() without MTP heads
+        or when the text would outgrow block_size (the cache does not slide here)."""
+        if not self.mtp_heads or idx.size(0) != 1 or idx.size(1) + max_new_tokens + len(self.mtp_heads) > self.config.block_size:
+            return self.generate(idx, max_new_tokens, temperature=0), max_new_tokens
+        cache = KVCache(self.config, 1, self.config.block_size, idx.device, self.wte.weight.dtype)
+        hidden, _ = self.trunk(idx, cache)                                     # (1, T, C)
+        last, passes, start = hidden[:, -1:], 1, idx.size(1)
+        while idx.size(1) - start < max_new_tokens:
+            next_token = self.lm_head(self.norm_f(last)).argmax(-1)            # (1, 1) the main head's token
+            drafts = [logits.argmax(-1) for logits in self.mtp_logits(last)]  # tokens after it, one per head
+            candidate = torch.cat([next_token, *drafts], dim=1)                # (1, n)
+            hidden, _ = self.trunk(candidate, cache)                           # verify all n in one pass
+            passes += 1
+            agree = self.lm_head(self.norm_f(hidden[:, :-1])).argmax(-1) == candidate[:, 1:]  # (1, n-1)
+            accepted = 1 + int(agree[0].long().cumprod(0).sum())              # the token + drafts agreed in a row
+            idx = torch.cat([idx, candidate[:, :accepted]], dim=1)
+            cache.pos -= candidate.size(1) - accepted                          # forget the rejected drafts' keys
+            last = hidden[:, accepted - 1:accepted]
+        return idx[:, :start + max_new_tokens], passes
+
 def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
     """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping each row's left
     padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the row has its logit divided by p
@@ -428,6 +454,55 @@ def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=No
             banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
             logits[b, banned] = float('-inf')
     return logits
+
+
+class Dequantize(nn.Module):
+    """Weight-only quantization as a parametrization: the module keeps integer codes (int8, or two int4 codes per
+    byte) and one scale per output channel (int8) or per group of group_size inputs (int4), and rebuilds the float
+    weight on every forward, so the matmul itself is unchanged (dequantize on the fly, in plain torch)."""
+
+    def __init__(self, scale, bits, shape):
+        super().__init__()
+        self.register_buffer('scale', scale)  # (..., out, 1) for int8; (..., out, in / group, 1) for int4
+        self.bits, self.shape = bits, shape
+
+    def forward(self, codes):
+        if self.bits == 4:  # unpack: low nibble, high nibble -> consecutive inputs, stored as value + 8
+            codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).to(torch.int8) - 8
+            codes = codes.view(*self.scale.shape[:-1], -1)                 # (..., out, in / group, group)
+        return (codes.float() * self.scale).view(self.shape)
+
+
+def quantize_weight(w, bits, group_size=128):
+    """w (..., out, in) -> (codes, scale) with round-to-nearest symmetric quantization: int8 per output channel
+    (scale = max|row| / 127), or int4 per group of group_size inputs (scale = max|group| / 7, two codes per byte).
+    Every element comes back within scale / 2."""
+    if bits == 8:
+        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127                # (..., out, 1)
+        return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+    groups = w.reshape(*w.shape[:-1], w.size(-1) // group_size, group_size)            # (..., out, in/g, g)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
+    codes = ((groups / scale).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2)     # (..., out, in) in 0..15
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale                            # (..., out, in/2)
+
+
+def quantize_model(model, bits, group_size=128):
+    """Quantize the attention projections and the expert weights of model in place (weight-only, for inference).
+    int4 needs each input size divisible by group_size; the tied embedding/lm_head and the norms stay float.
+    Returns the bytes the model's tensors now take."""
+    from torch.nn.utils import parametrize
+    for module in model.modules():
+        names = ['qkv', 'proj'] if isinstance(module, Attention) else ['w_in', 'w_out'] if isinstance(module, MoE) else []
+        for name in names:
+            target = getattr(module, name) if isinstance(module, Attention) else module
+            attr = 'weight' if isinstance(module, Attention) else name
+            w = getattr(target, attr).detach()
+            if bits == 4 and w.size(-1) % group_size:
+                raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; {name} has {w.size(-1)}")
+            codes, scale = quantize_weight(w.float(), bits, group_size)
+            setattr(target, attr, nn.Parameter(codes, requires_grad=False))
+            parametrize.register_parametrization(target, attr, Dequantize(scale, bits, w.shape), unsafe=True)
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from configurator import configure_or_exit
 from data.prepare import load_tokenizer
+from model import quantize_model
 from train import fail, load_checkpoint  # the same checks and one-line errors as train.py
 
 # -----------------------------------------------------------------------------
@@ -38,6 +40,9 @@ no_repeat_ngram_size = 0 # > 0: never repeat an n-gram of this many tokens; 0 = 
 stop = ''                # stop strings, separated by | (e.g. '\n\n|THE END'); '' = none
 stop_at_eos = True       # a continuation ends at the end-of-text token
 out = ''                 # also write the samples as JSON lines to this file
+speculative = False      # greedy decoding that drafts with the MTP heads (n_future_tokens > 1): one prompt,
+                         # one sample; prints the output and its speed next to plain greedy decoding
+quantize = ''            # 'int8' (per output channel) or 'int4' (groups of 128): weight-only, attention and experts
 seed = 1337
 device = 'auto'          # 'auto' (cuda if available), 'cpu', 'cuda', ...
 # evaluation (--eval=True): perplexity on val.bin and metrics of the samples, printed and saved as JSON
@@ -128,13 +133,20 @@ if __name__ == '__main__':
               (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
               (repetition_penalty > 0, f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
               (no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
-              (num_samples >= 1 and max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1")]
+              (num_samples >= 1 and max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1"),
+              (quantize in ('', 'int8', 'int4'), f"quantize must be '', 'int8' or 'int4', got {quantize!r}")]
     for ok, message in checks:
         if not ok:
             fail(message)
     model_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     torch.manual_seed(seed)
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    if quantize:
+        try:
+            model_bytes = quantize_model(model, bits=int(quantize[3:]))
+        except ValueError as e:
+            fail(e)
     model.eval().to(model_device)
     try:
         enc = load_tokenizer(os.path.join(out_dir, 'tokenizer.json'))
@@ -160,6 +172,25 @@ if __name__ == '__main__':
     pad = torch.tensor([longest - len(e) for e in encoded], device=model_device)
     x = torch.tensor([[enc.eot_token] * (longest - len(e)) + e for e in encoded], device=model_device)
     stops = [s.replace('\\n', '\n') for s in stop.split('|') if s]
+    if speculative:
+        if len(encoded) != 1 or not model.mtp_heads:
+            fail("--speculative=True needs one prompt, --num_samples=1 and a model trained with n_future_tokens > 1")
+        timings = {}
+        for name, decode in (('greedy', lambda: (model.generate(x, max_new_tokens, temperature=0), max_new_tokens)),
+                             ('speculative', lambda: model.generate_speculative(x, max_new_tokens))):
+            decode()  # warm-up
+            if model_device.startswith('cuda'):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result, passes = decode()
+            if model_device.startswith('cuda'):
+                torch.cuda.synchronize()
+            timings[name] = (time.perf_counter() - t0, passes, result)
+        (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
+        print(prompts[0] + enc.decode(spec[0, longest:].tolist()))
+        print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.2f} s; greedy "
+              f"{t_greedy:.2f} s ({t_greedy / t_spec:.2f}x); identical to greedy: {torch.equal(spec, greedy)}")
+        sys.exit(0)
 
     def stopped(idx):
         """(B,) bool: the row's continuation contains a stop string."""
@@ -208,6 +239,7 @@ if __name__ == '__main__':
         scores = [c for c in (coherence(r['sample']) for r in records) if c is not None]
         result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'), data_dir=folder,
                       val_tokens_scored=scored, val_perplexity=ppl, val_loss=math.log(ppl),
+                      quantize=quantize or 'none', model_bytes=model_bytes,
                       samples=len(samples), temperature=temperature, top_k=top_k, top_p=top_p,
                       distinct_1=distinct(samples, 1), distinct_2=distinct(samples, 2),
                       repetition_rate_4=repetition_rate(samples),
@@ -218,7 +250,7 @@ if __name__ == '__main__':
         with open(path, 'w') as f:
             json.dump(result, f, indent=2)
         print(f"\n| metric | value |\n|---|---|")
-        for key in ('val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2', 'repetition_rate_4',
+        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2', 'repetition_rate_4',
                     'entropy_nats', 'coherence'):
             value = result[key]
             print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")

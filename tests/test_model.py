@@ -53,10 +53,11 @@ def test_left_padded_batch_decodes_like_each_prompt_alone():
     """Prompts of different lengths, left-padded into one batch: each row's greedy continuation (cached and
     uncached) equals decoding that prompt on its own, so padding is invisible to RoPE positions and attention."""
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    prompts = [torch.randint(0, 97, (n,)) for n in (7, 3, 5)]
-    pad = torch.tensor([7 - len(p) for p in prompts])
-    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96), p]) for p in prompts])  # (3, 7), pad id 96
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # on CUDA: the kernels, in fp32
+    model = GPT(tiny_config()).eval().to(device)
+    prompts = [torch.randint(0, 97, (n,), device=device) for n in (7, 3, 5)]
+    pad = torch.tensor([7 - len(p) for p in prompts], device=device)
+    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96, device=device), p]) for p in prompts])  # (3, 7)
     for use_cache in (True, False):
         out = model.generate(batch, max_new_tokens=12, temperature=0, pad=pad, use_cache=use_cache)
         for row, prompt in zip(out, prompts):
@@ -88,6 +89,21 @@ def test_eos_and_stop_finish_rows():
     assert torch.equal(out[0, :5 + j], free[0, :5 + j]) and (out[0, 5 + j:] == new[j]).all()
     stopped = model.generate(prompt, max_new_tokens=6, temperature=0, stop=lambda idx: idx[:, -1] >= 0)
     assert stopped.shape == (2, 5)  # every row stops after its first token
+
+
+def test_self_speculative_decoding_equals_greedy():
+    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens, whether the
+    drafts are mostly right (heads at init copy the next-token state) or mostly wrong (heads scrambled)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=96, n_future_tokens=3)).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    for scramble in (False, True):
+        if scramble:
+            for head in model.mtp_heads:
+                torch.nn.init.normal_(head.proj.weight, std=1.0)
+        out, passes = model.generate_speculative(prompt, 60)
+        assert torch.equal(out, model.generate(prompt, 60, temperature=0)) and passes <= 61
+    assert model.generate_speculative(prompt, 95)[0].shape == (1, 100)  # too long for the cache: plain greedy
 
 
 def sinkhorn_float64(logits, n_iters):

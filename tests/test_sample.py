@@ -5,6 +5,7 @@ import math
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +61,38 @@ def test_coherence_falls_for_shuffled_sentences():
         shuffled.append(coherence('. '.join(sentences)))
     assert original > 2 and max(shuffled) < original and sum(shuffled) / 5 < 1.5
     assert coherence("One sentence only.") is None
+
+
+def test_quantization_round_trip_bounds():
+    """Every weight comes back within half a quantization step: scale = max|row| / 127 (int8, per output channel)
+    or max|group| / 7 (int4, per 128 inputs), on random 2-D and 3-D (expert) weights."""
+    from model import Dequantize, quantize_weight
+    torch.manual_seed(0)
+    for shape in ((96, 256), (4, 64, 384)):
+        w = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 3     # rows of different ranges
+        for bits, levels in ((8, 127), (4, 7)):
+            codes, scale = quantize_weight(w, bits)
+            back = Dequantize(scale, bits, w.shape)(codes)
+            step = (w.abs().amax(-1, keepdim=True) if bits == 8 else
+                    w.view(*shape[:-1], -1, 128).abs().amax(-1, keepdim=True)) / levels
+            err = (back - w).abs() if bits == 8 else (back - w).abs().view(*shape[:-1], -1, 128)
+            assert (err <= step / 2 + 1e-6).all()
+            assert codes.element_size() * codes.numel() == w.numel() * bits // 8
+
+
+def test_quantized_model_stays_close():
+    """int8 and int4 weight-only quantization of attention and experts: the loss moves little, the bytes shrink,
+    and int4 refuses an input size its groups do not divide."""
+    from model import quantize_model
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=128, n_experts=4)
+    x = torch.randint(0, 97, (2, 16))
+    losses, sizes = [], []
+    for bits in (None, 8, 4):
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        sizes.append(quantize_model(model, bits) if bits else sum(p.numel() * 4 for p in model.parameters()))
+        losses.append(model(x, x)[1].item())
+    assert abs(losses[1] / losses[0] - 1) < 0.002 and abs(losses[2] / losses[0] - 1) < 0.05
+    assert sizes[0] > sizes[1] > sizes[2]
+    with pytest.raises(ValueError, match='divisible'):
+        quantize_model(GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=96)), 4)
