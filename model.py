@@ -156,7 +156,7 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, C)
-        self.stats = {}  # last forward's load, dropped fraction, entropy, aux and z losses (detached, no sync)
+        self.stats = {}  # last training forward's load, dropped fraction, entropy, aux and z losses (detached)
 
     def forward(self, x):
         cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k  # x: (N, C)
@@ -173,10 +173,12 @@ class Router(nn.Module):
         gates = probs.gather(1, expert_idx)
         gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen experts
 
+        keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
+        if not self.training:  # inference: no dropping, no losses, no statistics (stats keep the last training step's)
+            return expert_idx, gates, keep, logits.new_zeros(())
         assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
         load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
-        keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
-        if self.training and cfg.capacity_factor > 0:
+        if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * N * K / E)
             # rank of each assignment inside its expert's queue: all first choices (in token order), then seconds
             queue = assigned.transpose(0, 1).reshape(K * N, E)   # (K*N, E) choice-major order

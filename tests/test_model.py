@@ -141,8 +141,8 @@ def test_sinkhorn_router_balances_training_load():
     router(x)
     load = router.stats['load']
     assert load.max() / load.mean() < 1.1
-    router.eval()(x)  # inference routing is plain top-k: the favourite is overloaded again
-    assert router.stats['load'][0] > 1.5 * router.stats['load'].mean()
+    picked = router.eval()(x)[0]  # inference routing is plain top-k: the favourite is overloaded again
+    assert (picked == 0).float().mean() > 1.5 / 8
 
 
 def router_with_logits(rows, **overrides):
