@@ -436,6 +436,7 @@ class GPT(nn.Module):
             last = hidden[:, accepted - 1:accepted]
         return idx[:, :start + max_new_tokens], passes
 
+
 def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
     """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping each row's left
     padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the row has its logit divided by p
@@ -493,7 +494,7 @@ def quantize_model(model, bits, group_size=128):
     int4 needs each input size divisible by group_size; the tied embedding/lm_head and the norms stay float.
     Returns the bytes the model's tensors now take."""
     from torch.nn.utils import parametrize
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: registering parametrizations adds modules
         names = ['qkv', 'proj'] if isinstance(module, Attention) else ['w_in', 'w_out'] if isinstance(module, MoE) else []
         for name in names:
             target = getattr(module, name) if isinstance(module, Attention) else module
