@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk
 
 
@@ -201,6 +202,24 @@ def grouped_mm(x, w, offsets):
     return F.grouped_mm(x, w, offs=offsets)
 
 
+def sort_by_expert(expert_idx, keep, n_experts):
+    """The expert-sorted row layout of the M = N*K assignments (t, k) of expert_idx (N, K), where keep (N, K) is
+    False for dropped ones: they get the sentinel expert E and sort last, outside every expert's block.
+    Returns offsets (E,) int32, the end row of each expert's block; row_src (M,) int32, the assignment t*K + k
+    each row holds (-1: an unused row); assignment_row (N, K) int32, the row each assignment holds (-1: dropped).
+    Everything stays on the GPU: no host sync, so the CPU can queue the next layers meanwhile."""
+    (N, K), E = expert_idx.shape, n_experts
+    flat_expert = torch.where(keep, expert_idx, E).flatten()                   # (M,)
+    order = flat_expert.argsort(stable=True)                                    # (M,) the assignment each row holds
+    counts = torch.zeros(E + 1, dtype=torch.long, device=expert_idx.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))                           # (E+1,) rows per expert, dropped last
+    offsets = counts[:E].cumsum(0).to(torch.int32)                              # (E,)
+    rows = torch.arange(N * K, device=expert_idx.device)
+    row_src = torch.where(rows < offsets[-1], order, -1).int()                  # (M,)
+    assignment_row = torch.empty_like(order).scatter_(0, order, rows)           # (M,) inverse permutation
+    return offsets, row_src, torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)
+
+
 class MoE(nn.Module):
     """Router + E GELU experts (C -> F -> C), run without a Python loop over experts:
     sort the N*K assignments by expert (permute), two grouped matmuls, then add each result back to its token
@@ -219,19 +238,8 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.view(-1, C)                                                       # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
-        (N, K), E = expert_idx.shape, self.w_in.size(0)
-        # sort the M = N*K assignments by expert; dropped ones get the sentinel expert E and sort last.
-        # Everything stays on the GPU: no host sync, so the CPU can queue the next layers meanwhile.
-        flat_expert = torch.where(keep, expert_idx, E).flatten()               # (M,)
-        order = flat_expert.argsort(stable=True)                                # (M,) the assignment each row holds
-        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, flat_expert,
-                                                                                   torch.ones_like(flat_expert))
-        offsets = counts[:E].cumsum(0).to(torch.int32)                          # (E,) end row of each expert's block
-        rows = torch.arange(N * K, device=x.device)
-        row_src = torch.where(rows < offsets[-1], order, -1).int()              # (M,) -1: an unused (dropped) row
-        assignment_row = torch.empty_like(order).scatter_(0, order, rows)       # (M,) inverse permutation
-        assignment_row = torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)  # (N, K) -1: dropped
-        dtype = torch.get_autocast_dtype('cuda') if x.is_cuda and torch.is_autocast_enabled('cuda') else x.dtype
+        offsets, row_src, assignment_row = sort_by_expert(expert_idx, keep, self.w_in.size(0))
+        dtype = kernels.autocast_dtype(x)                                       # bf16 under autocast
         w_in, w_out = self.w_in.to(dtype).transpose(1, 2), self.w_out.to(dtype).transpose(1, 2)  # (E,C,F), (E,F,C)
         h = F.gelu(grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets))  # (M, F)
         y = grouped_mm(h, w_out, offsets)                                       # (M, C)
@@ -409,7 +417,6 @@ class GPT(nn.Module):
                 break
         return idx
 
-
     @torch.no_grad()
     def generate_speculative(self, idx, max_new_tokens):
         """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies with the
@@ -494,17 +501,16 @@ def quantize_model(model, bits, group_size=128):
     int4 needs each input size divisible by group_size; the tied embedding/lm_head and the norms stay float.
     Returns the bytes the model's tensors now take."""
     from torch.nn.utils import parametrize
-    for module in list(model.modules()):  # a list: registering parametrizations adds modules
-        names = ['qkv', 'proj'] if isinstance(module, Attention) else ['w_in', 'w_out'] if isinstance(module, MoE) else []
-        for name in names:
-            target = getattr(module, name) if isinstance(module, Attention) else module
-            attr = 'weight' if isinstance(module, Attention) else name
-            w = getattr(target, attr).detach()
-            if bits == 4 and w.size(-1) % group_size:
-                raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; {name} has {w.size(-1)}")
-            codes, scale = quantize_weight(w.float(), bits, group_size)
-            setattr(target, attr, nn.Parameter(codes, requires_grad=False))
-            parametrize.register_parametrization(target, attr, Dequantize(scale, bits, w.shape), unsafe=True)
+    # (module, weight name) pairs, listed before any change: registering a parametrization adds modules
+    weights = [(linear, 'weight') for m in model.modules() if isinstance(m, Attention) for linear in (m.qkv, m.proj)]
+    weights += [(m, name) for m in model.modules() if isinstance(m, MoE) for name in ('w_in', 'w_out')]
+    for module, name in weights:
+        w = getattr(module, name).detach()
+        if bits == 4 and w.size(-1) % group_size:
+            raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; {type(module).__name__}.{name} has {w.size(-1)}")
+        codes, scale = quantize_weight(w.float(), bits, group_size)
+        setattr(module, name, nn.Parameter(codes, requires_grad=False))
+        parametrize.register_parametrization(module, name, Dequantize(scale, bits, w.shape), unsafe=True)
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 

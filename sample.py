@@ -153,6 +153,19 @@ if __name__ == '__main__':
     except OSError as e:
         fail(f"no tokenizer next to the checkpoint ({e}); copy the data set's tokenizer.json into {out_dir}")
 
+    if eval:  # the evaluation data is checked before any generating
+        folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
+        try:
+            meta = json.load(open(os.path.join(folder, 'meta.json')))
+            val = np.memmap(os.path.join(folder, 'val.bin'), dtype=meta['dtype'], mode='r')
+        except (OSError, KeyError, ValueError) as e:
+            fail(f"no prepared data in {folder!r} for --eval ({type(e).__name__}); pass --data_dir=data/<name>")
+        if meta['vocab_size'] != model.config.vocab_size:
+            fail(f"{folder} has vocab_size {meta['vocab_size']}, the checkpoint {model.config.vocab_size}")
+        tokens = val[:eval_tokens + 1] if eval_tokens else val
+        if len(tokens) < 2:
+            fail(f"{folder}/val.bin has too few tokens to evaluate")
+
     if start.startswith('FILE:'):
         try:
             with open(start[5:], encoding='utf-8') as f:
@@ -222,17 +235,6 @@ if __name__ == '__main__':
             fail(f"cannot write {out}: {e.strerror}")
 
     if eval:
-        folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
-        try:
-            meta = json.load(open(os.path.join(folder, 'meta.json')))
-            val = np.memmap(os.path.join(folder, 'val.bin'), dtype=meta['dtype'], mode='r')
-        except (OSError, KeyError, ValueError) as e:
-            fail(f"no prepared data in {folder!r} for --eval ({type(e).__name__}); pass --data_dir=data/<name>")
-        if meta['vocab_size'] != model.config.vocab_size:
-            fail(f"{folder} has vocab_size {meta['vocab_size']}, the checkpoint {model.config.vocab_size}")
-        tokens = val[:eval_tokens + 1] if eval_tokens else val
-        if len(tokens) < 2:
-            fail(f"{folder}/val.bin has too few tokens to evaluate")
         with torch.no_grad():
             ppl, scored = perplexity(model, np.asarray(tokens), model.config.block_size)
         samples = [r['tokens'] for r in records]
@@ -243,16 +245,18 @@ if __name__ == '__main__':
                       samples=len(samples), temperature=temperature, top_k=top_k, top_p=top_p,
                       distinct_1=distinct(samples, 1), distinct_2=distinct(samples, 2),
                       repetition_rate_4=repetition_rate(samples),
-                      entropy_nats=mean_entropy(model, [(list(x[i, pad[i]:].tolist()) + s, longest - int(pad[i]))
+                      entropy_nats=mean_entropy(model, [(x[i, pad[i]:].tolist() + s, longest - int(pad[i]))
                                                         for i, s in enumerate(samples) if s]),
                       coherence=sum(scores) / len(scores) if scores else None, coherence_samples=len(scores))
         path = report or os.path.join(out_dir, 'eval.json')
-        with open(path, 'w') as f:
-            json.dump(result, f, indent=2)
-        print(f"\n| metric | value |\n|---|---|")
+        try:
+            with open(path, 'w') as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            fail(f"cannot write the report {path}: {e.strerror}")
+        print("\n| metric | value |\n|---|---|")
         for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2', 'repetition_rate_4',
                     'entropy_nats', 'coherence'):
             value = result[key]
             print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
         print(f"report: {path}")
-    sys.stdout.flush()

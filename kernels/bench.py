@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk  # noqa: E402
+from model import sort_by_expert  # noqa: E402
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -58,16 +59,10 @@ def copy_ceiling_gbs():
     return 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def routing(keep_fraction=1.0):
-    """Index maps of a random top-K routing of N tokens, as MoE.forward builds them (see model.py)."""
+def routing():
+    """Index maps of a random top-K routing of N tokens (none dropped), laid out as MoE.forward lays them out."""
     expert = torch.rand(N, E, device='cuda').topk(K, dim=-1).indices            # (N, K)
-    keep = torch.rand(N, K, device='cuda') < keep_fraction
-    flat = torch.where(keep, expert, E).flatten()
-    order = flat.argsort(stable=True)
-    kept = int(keep.sum())
-    rows = torch.arange(M, device='cuda')
-    row_src = torch.where(rows < kept, order, -1).int()
-    assignment_row = torch.where(keep.flatten(), torch.empty_like(order).scatter_(0, order, rows), -1).int().view(N, K)
+    _, row_src, assignment_row = sort_by_expert(expert, torch.ones_like(expert, dtype=torch.bool), E)
     return row_src, assignment_row
 
 
