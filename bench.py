@@ -122,7 +122,8 @@ def build_hf(cfg, compile_model):
     active = total - cfg.n_layer * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * width
     print(f"hf: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active")
     loss_of = lambda x, y: model(input_ids=x, labels=x).loss  # noqa: E731 (transformers shifts the labels itself)
-    return (torch.compile(loss_of) if compile_model else loss_of), model, 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    flops_per_token = 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return (torch.compile(loss_of) if compile_model else loss_of), model, flops_per_token
 
 
 def main():

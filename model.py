@@ -121,7 +121,8 @@ class Attention(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         if pad is not None:  # ... but not row b's first pad[b] keys; a padding query sees itself (no empty row)
             key = torch.arange(start + T, device=x.device)
-            mask = (mask & (key >= pad[:, None, None, None])) | (key == start + torch.arange(T, device=x.device)[:, None])
+            own = key == start + torch.arange(T, device=x.device)[:, None]             # (T, S) each query's own key
+            mask = (mask & (key >= pad[:, None, None, None])) | own                   # (B, 1, T, S)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
@@ -402,7 +403,8 @@ class GPT(nn.Module):
             else:  # (re)build the cache from the context; without a cache, recompute the whole context
                 keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
                 context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
-                cache = KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype) if use_cache else None
+                cache = (KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype)
+                         if use_cache else None)
                 logits, _ = self(idx[:, -keep:], cache=cache, pad=context_pad)
             logits = penalize(logits[:, -1, :].float(), idx, repetition_penalty, no_repeat_ngram_size, pad)
             next_token = sample_next(logits, temperature, top_k, top_p)                   # (B, 1)
@@ -425,7 +427,8 @@ class GPT(nn.Module):
         agrees with, plus the main head's own next token: the output equals generate(temperature=0) token for
         token, in fewer forward passes. Returns (idx, forward passes). Falls back to generate() without MTP heads
         or when the text would outgrow block_size (the cache does not slide here)."""
-        if not self.mtp_heads or idx.size(0) != 1 or idx.size(1) + max_new_tokens + len(self.mtp_heads) > self.config.block_size:
+        too_long = idx.size(1) + max_new_tokens + len(self.mtp_heads) > self.config.block_size
+        if not self.mtp_heads or idx.size(0) != 1 or too_long:
             return self.generate(idx, max_new_tokens, temperature=0), max_new_tokens
         cache = KVCache(self.config, 1, self.config.block_size, idx.device, self.wte.weight.dtype)
         hidden, _ = self.trunk(idx, cache)                                     # (1, T, C)
@@ -507,7 +510,8 @@ def quantize_model(model, bits, group_size=128):
     for module, name in weights:
         w = getattr(module, name).detach()
         if bits == 4 and w.size(-1) % group_size:
-            raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; {type(module).__name__}.{name} has {w.size(-1)}")
+            raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; "
+                             f"{type(module).__name__}.{name} has {w.size(-1)}")
         codes, scale = quantize_weight(w.float(), bits, group_size)
         setattr(module, name, nn.Parameter(codes, requires_grad=False))
         parametrize.register_parametrization(module, name, Dequantize(scale, bits, w.shape), unsafe=True)

@@ -255,8 +255,8 @@ if __name__ == '__main__':
         except OSError as e:
             fail(f"cannot write the report {path}: {e.strerror}")
         print("\n| metric | value |\n|---|---|")
-        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2', 'repetition_rate_4',
-                    'entropy_nats', 'coherence'):
+        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2',
+                    'repetition_rate_4', 'entropy_nats', 'coherence'):
             value = result[key]
             print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
         print(f"report: {path}")

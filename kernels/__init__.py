@@ -32,7 +32,8 @@ def build():
         return _status
     if not torch.cuda.is_available():
         _status = 'no CUDA device'
-    elif shutil.which('nvcc') is None and not os.path.exists(os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')):
+    elif shutil.which('nvcc') is None and not os.path.exists(
+            os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')):
         _status = 'nvcc not found (install the CUDA toolkit or set CUDA_HOME)'
     if _status is not None:
         print(f"kernels: CUDA ops unavailable ({_status}); using the PyTorch _ref twins")

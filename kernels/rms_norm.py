@@ -22,7 +22,8 @@ def rms_norm(x, weight, eps):
 
 
 @torch.library.custom_op('ava::rms_norm', mutates_args=())
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """-> y (..., C) in out_dtype, rstd (N,) fp32 for backward."""
     rows = x.reshape(-1, x.size(-1)).contiguous()  # (N, C)
     y = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
