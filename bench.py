@@ -15,7 +15,8 @@ fused AdamW, bf16 autocast, gradient_accumulation_steps micro-steps of batch_siz
 The step time is the median over timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus
 attention's 12*L*C*T per token (GPT.flops_per_token, the same formula for both models) over peak_tflops.
 With --decode=True it times model.generate instead (greedy, random weights, a 16-token prompt): new_tokens
-tokens for batch 1 and 32, with the KV cache and recomputing the context every step, and the ratio.
+tokens for batch 1 and 32, with the KV cache (its step as a CUDA graph on a GPU, and eager), and recomputing
+the context every step; each against the last. The timed call includes the graph capture.
 """
 
 import statistics
@@ -47,37 +48,33 @@ settings.update(
 
 @torch.no_grad()
 def decode_bench(cfg, dev, new_tokens):
-    """tokens/s of greedy generation, batch 1 and 32, with and without the KV cache (bf16 autocast on CUDA)."""
+    """tokens/s of greedy generation, batch 1 and 32: with the KV cache and the CUDA-graphed step (GPU only), with
+    the KV cache in eager mode, and recomputing the context every step (bf16 autocast on CUDA)."""
     model = GPT(cfg).to(dev).eval()
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=dev.startswith('cuda'))
+    modes = {'cache + CUDA graph': dict(cuda_graph=True), 'cache, eager': dict(cuda_graph=False),
+             'no cache': dict(use_cache=False)}
+    if not dev.startswith('cuda'):
+        del modes['cache + CUDA graph']
     for batch in (1, 32):
         prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
         rates = {}
-        for use_cache in (True, False):
+        for mode, options in modes.items():
             with autocast:
-                model.generate(prompt, 8, temperature=0, use_cache=use_cache)  # warm-up
+                model.generate(prompt, 8, temperature=0, **options)  # warm-up
                 if dev.startswith('cuda'):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+                model.generate(prompt, new_tokens, temperature=0, **options)
                 if dev.startswith('cuda'):
                     torch.cuda.synchronize()
-            rates[use_cache] = batch * new_tokens / (time.perf_counter() - start)
-        print(f"decode batch {batch}: {rates[True]:,.0f} tok/s with the KV cache, {rates[False]:,.0f} without "
-              f"({rates[True] / rates[False]:.1f}x), {new_tokens} new tokens")
+            rates[mode] = batch * new_tokens / (time.perf_counter() - start)
+        print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
+            f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)" for mode, rate in rates.items()))
 
 
-def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
-    """Median seconds per optimizer step of `accumulation` micro-steps, timed with CUDA events; and the step."""
-    def step(i):
-        for micro in range(accumulation):
-            x = batches[(i * accumulation + micro) % len(batches)]
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                loss = loss_of(x[:, :-1], x[:, 1:])
-            (loss / accumulation).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+def median_seconds(step, warmup, timed):
+    """Median seconds of step(i) over `timed` calls after `warmup` untimed ones, from CUDA events."""
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
@@ -90,7 +87,35 @@ def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times), step
+    return statistics.median(times)
+
+
+def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
+    """Median seconds per optimizer step of `accumulation` micro-steps; and the step."""
+    def step(i):
+        for micro in range(accumulation):
+            x = batches[(i * accumulation + micro) % len(batches)]
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                loss = loss_of(x[:, :-1], x[:, 1:])
+            (loss / accumulation).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_seconds(step, warmup, timed), step
+
+
+def router_seconds(model, tokens, warmup, timed):
+    """Seconds per step spent in the routers, timed alone: one router's forward and backward on `tokens` random
+    activations (its top-k or Sinkhorn, gates, stats and losses), times the number of MoE layers."""
+    router = model.blocks[0].ffn.router
+    x = torch.randn(tokens, model.config.n_embd, device='cuda', requires_grad=True)
+
+    def step(i):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            _, gates, _, loss = router(x)
+        (gates.sum() + loss).backward()
+
+    return model.config.n_layer * median_seconds(step, warmup, timed)
 
 
 def report(name, seconds, tokens, flops_per_token, peak_tflops):
@@ -161,6 +186,9 @@ def main():
     loss_of = lambda x, y: forward(x, y)[1]  # noqa: E731
     seconds, step = time_steps(loss_of, optimizer, batches, accumulation, s['warmup_steps'], s['timed_steps'])
     ava = report('ava', seconds, tokens, model.flops_per_token(T), s['peak_tflops'])
+    if cfg.moe:
+        routing = router_seconds(model, B * T, s['warmup_steps'], s['timed_steps']) * accumulation
+        print(f"routers ({cfg.router}), timed alone: {routing * 1000:.1f} ms, {routing / seconds:.1%} of the step")
     if s['profile']:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for i in range(3):

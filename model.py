@@ -35,12 +35,14 @@ class ModelConfig:
     n_experts: int = 4
     top_k: int = 2
     ffn_hidden: int = 0          # F, hidden size of one expert; 0 means 4 * n_embd
-    router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction) or 'softmax' (aux loss + capacity)
+    router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction), 'softmax' (aux loss + capacity) or
+                                 # 'bias' (aux-loss-free: a per-expert selection bias nudged toward balance)
     sinkhorn_iters: int = 8      # fixed number of Sinkhorn-Knopp iterations: no data-dependent loop, no host sync
     capacity_factor: float = 0.0 # softmax router only: expert capacity = factor * N*K/E while training; 0 = no dropping
     router_jitter: float = 0.0   # softmax router only: multiplicative noise on the router input while training
     aux_loss_coef: float = 0.01  # Switch load-balancing loss (softmax router only)
-    z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, both routers
+    z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, every router
+    bias_update_rate: float = 0.01   # 'bias' router only: how far each training step moves an expert's logit bias
     # multi-token prediction (Gloeckle et al. 2024)
     n_future_tokens: int = 1     # heads predicting t+1 .. t+n; 1 = only the usual next-token head
     mtp_weight: float = 0.3      # weight of the mean extra-head loss in the training loss
@@ -52,11 +54,13 @@ class ModelConfig:
         checks = [
             (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
             ((self.n_embd // self.n_head) % 2 == 0, "head size n_embd/n_head must be even for RoPE"),
-            (self.router in ('softmax', 'sinkhorn'), f"router must be 'softmax' or 'sinkhorn', not {self.router!r}"),
+            (self.router in ('softmax', 'sinkhorn', 'bias'),
+             f"router must be 'softmax', 'sinkhorn' or 'bias', not {self.router!r}"),
             (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}"),
-            (not (self.router == 'sinkhorn' and self.capacity_factor > 0),
-             "capacity_factor applies to the softmax router only: Sinkhorn routing is balanced without dropping"),
-            (not (self.router == 'sinkhorn' and self.router_jitter > 0), "router_jitter applies to the softmax router only"),
+            (self.router == 'softmax' or self.capacity_factor == 0,
+             "capacity_factor applies to the softmax router only: the others balance without dropping"),
+            (self.router == 'softmax' or self.router_jitter == 0, "router_jitter applies to the softmax router only"),
+            (self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0"),
             (self.capacity_factor == 0 or self.capacity_factor >= 1, "capacity_factor must be 0 (no dropping) or >= 1"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0, "sizes must be positive"),
             (self.n_future_tokens >= 1, f"n_future_tokens={self.n_future_tokens} must be >= 1 (1 = next token only)"),
@@ -88,13 +92,42 @@ def rope_tables(head_dim, positions, base=10000.0):
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated to max_len."""
+    """Keys and values of every layer, preallocated to max_len, for positions [0, pos) where pos is a device tensor:
+    writes and attention masks read it on the GPU, so a decode step has the same shapes and launches at every
+    position, which lets one CUDA graph replay it (CUDAGraphed)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, T_max, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # number of positions already stored
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # number of positions already stored
+
+
+class CUDAGraphed:
+    """fn(*inputs) captured once as a CUDA graph and replayed: a decode step's ~1,000 kernel launches (eager,
+    ~80 ms of CPU per token on small) become one, so the GPU no longer waits on Python. Replays reuse the same
+    memory: call() copies new inputs into the captured ones and returns the captured outputs, valid until the
+    next call. fn may advance cache.pos (it is a device tensor); the warm-up runs are undone."""
+
+    def __init__(self, fn, inputs, cache):
+        self.inputs = [x.clone() for x in inputs]
+        pos = cache.pos.clone()
+        side = torch.cuda.Stream()  # warm up off the default stream, as capture needs (lazy cuBLAS/allocator setup)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*self.inputs)
+                cache.pos.copy_(pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the launches; runs nothing
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs):
+        for captured, x in zip(self.inputs, inputs):
+            captured.copy_(x)
+        self.graph.replay()
+        return self.outputs
 
 
 class Attention(nn.Module):
@@ -110,19 +143,17 @@ class Attention(nn.Module):
         no query attends to them."""
         B, T, C = x.size()
         q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q and k rotated (kernels/rope.py)
-        start = cache.pos if cache is not None else 0
-        if cache is not None:
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, H, start+T, D)
-        mask, causal = None, True
-        if start > 0 or pad is not None:  # query i sits at position start+i and may see keys 0..start+i
-            causal = False
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if pad is not None:  # ... but not row b's first pad[b] keys; a padding query sees itself (no empty row)
-            key = torch.arange(start + T, device=x.device)
-            own = key == start + torch.arange(T, device=x.device)[:, None]             # (T, S) each query's own key
-            mask = (mask & (key >= pad[:, None, None, None])) | own                   # (B, 1, T, S)
+        mask, causal = None, cache is None and pad is None  # training: SDPA's own causal mask, nothing to build
+        if not causal:  # query i sits at position start + i and may see keys 0 .. start + i
+            query = (cache.pos if cache is not None else 0) + torch.arange(T, device=x.device)  # (T,)
+            if cache is not None:
+                cache.k[layer].index_copy_(2, query, k.to(cache.k[layer].dtype))
+                cache.v[layer].index_copy_(2, query, v.to(cache.v[layer].dtype))
+                k, v = cache.k[layer], cache.v[layer]                                  # (B, H, T_max, D)
+            key = torch.arange(k.size(2), device=x.device)                             # (S,)
+            mask = key <= query[:, None]                                               # (T, S)
+            if pad is not None:  # ... but not row b's first pad[b] keys; a padding query sees itself (no empty row)
+                mask = (mask & (key >= pad[:, None, None, None])) | (key == query[:, None])  # (B, 1, T, S)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
@@ -152,12 +183,21 @@ class Router(nn.Module):
       rest are dropped (the token keeps its residual path), first choices of all tokens before second choices.
     - 'sinkhorn': top-k on the Sinkhorn-Knopp balanced matrix while training (kernels/sinkhorn.py says how and why),
       plain top-k at inference. No aux loss.
+    - 'bias': top-k on logits + b, where b (E,) is a buffer, not a parameter. After every training forward, each
+      expert's b moves by bias_update_rate toward balance: up if it got fewer than its share of the assignments,
+      down if more (DeepSeek-V3's auxiliary-loss-free balancing, Wang et al. 2024). b only chooses the experts, at
+      inference too; the gates come from the unbiased softmax. No aux loss, so no gradient pulls against the
+      language-modelling loss. DeepSeek-V3 adds b to sigmoid scores; on softmax probabilities an expert that every
+      token rates near 0 wins all of them at once when its bias crosses over, and the load oscillates. On the
+      logits the tokens cross one by one.
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, C)
+        if config.router == 'bias':  # saved with the weights: it is part of the routing function
+            self.register_buffer('bias', torch.zeros(config.n_experts))                  # (E,)
         self.stats = {}  # last training forward's load, dropped fraction, entropy, aux and z losses (detached)
 
     def forward(self, x):
@@ -170,6 +210,8 @@ class Router(nn.Module):
         if cfg.router == 'sinkhorn' and self.training:
             with torch.no_grad():
                 expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K)  # (N, K) kernels/sinkhorn.py
+        elif cfg.router == 'bias':
+            expert_idx = (logits.detach() + self.bias).topk(K, dim=-1).indices                     # (N, K)
         else:
             expert_idx = probs.topk(K, dim=-1).indices                                             # (N, K)
         gates = probs.gather(1, expert_idx)
@@ -180,12 +222,15 @@ class Router(nn.Module):
             return expert_idx, gates, keep, logits.new_zeros(())
         assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
         load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
+        if cfg.router == 'bias':
+            self.bias += cfg.bias_update_rate * torch.sign(1 / E - load)  # under-loaded experts up, over-loaded down
         if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * N * K / E)
             # rank of each assignment inside its expert's queue: all first choices (in token order), then seconds
-            queue = assigned.transpose(0, 1).reshape(K * N, E)   # (K*N, E) choice-major order
-            rank = (queue.cumsum(dim=0) - 1) * queue             # (K*N, E) position in the expert's queue
-            keep = (rank.sum(dim=-1) < capacity).view(K, N).t()  # (N, K)
+            # (a scan along the last dim: along dim 0 of (K*N, E), CUDA scans with only E threads, ~10 ms a layer)
+            queue = assigned.permute(2, 1, 0).reshape(E, K * N)  # (E, K*N) choice-major order
+            rank = (queue.cumsum(dim=1) - 1) * queue             # (E, K*N) position in the expert's queue
+            keep = (rank.sum(dim=0) < capacity).view(K, N).t()   # (N, K)
 
         aux_loss = E * (load * probs.mean(dim=0)).sum() if cfg.router == 'softmax' else logits.new_zeros(())
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -342,8 +387,8 @@ class GPT(nn.Module):
         With a KVCache, idx continues the cached sequence from position cache.pos. With pad (B,), row b begins
         with pad[b] padding tokens: its text starts at position 0 for RoPE, and attention skips the padding."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        positions = torch.arange(start, start + T, device=idx.device)                    # (T,)
+        start = cache.pos if cache is not None else 0                                  # a device tensor: no sync
+        positions = start + torch.arange(T, device=idx.device)                           # (T,)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp_min(0)                          # (B, T)
         cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions)
@@ -385,28 +430,43 @@ class GPT(nn.Module):
             loss = loss + self.config.mtp_weight * sum(mtp_losses) / len(mtp_losses)
         return logits, loss + router_loss
 
+    def graphable(self, idx):
+        """Whether decoding idx can run as a CUDA graph: on a GPU, with the experts in 16 bits (grouped_mm in fp32
+        falls back to a per-expert loop that reads the expert offsets on the CPU, which a graph cannot capture)."""
+        return idx.is_cuda and (not self.config.moe or kernels.autocast_dtype(self.wte.weight) != torch.float32)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True):
+                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True, cuda_graph=True):
         """Continue idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy; top_k, top_p,
         repetition_penalty and no_repeat_ngram_size as in penalize() and sample_next(). pad (B,): left padding
         per row (batched prompts). A row is finished once it samples eos_id, or when stop(idx) -> (B,) bool says
         so (stop strings); finished rows then repeat eos_id (or their last token), and generation ends when all
         are finished. Keys and values come from a KV cache (use_cache=False recomputes the whole context every
-        step: only for measuring what the cache saves). Past block_size the context slides: the cache is rebuilt
-        from the last block_size // 2 tokens, so every step stays within what the model was trained on."""
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache, window = None, self.config.block_size
+        step: only for measuring what the cache saves); on a GPU in bf16 the one-token step runs as a CUDA graph
+        (cuda_graph=False: eager, to measure what the graph saves). Past block_size the context slides: the cache
+        is rebuilt from the last block_size // 2 tokens, so every step stays within what the model was trained on."""
+        B, window = idx.size(0), self.config.block_size
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        check_finished = eos_id is not None or stop is not None  # else never: finished.all() syncs with the GPU
+        cache = (KVCache(self.config, B, window, idx.device, kernels.autocast_dtype(self.wte.weight))
+                 if use_cache else None)
+        step, cached = None, 0  # the one-token step; positions in the cache
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and cache.pos < window:  # one new token against the cache
-                logits, _ = self(idx[:, -1:], cache=cache, pad=context_pad)
+            if use_cache and 0 < cached < window:  # one new token against the cache
+                inputs = (idx[:, -1:],) if context_pad is None else (idx[:, -1:], context_pad)
+                if step is None:
+                    step = lambda token, pad=None: self(token, cache=cache, pad=pad)[0][:, -1]  # noqa: E731
+                    if cuda_graph and self.graphable(idx):
+                        step = CUDAGraphed(step, inputs, cache)
+                logits, cached = step(*inputs), cached + 1                               # (B, V)
             else:  # (re)build the cache from the context; without a cache, recompute the whole context
                 keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
                 context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
-                cache = (KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype)
-                         if use_cache else None)
-                logits, _ = self(idx[:, -keep:], cache=cache, pad=context_pad)
-            logits = penalize(logits[:, -1, :].float(), idx, repetition_penalty, no_repeat_ngram_size, pad)
+                if use_cache:
+                    cache.pos.zero_()
+                logits, cached = self(idx[:, -keep:], cache=cache, pad=context_pad)[0][:, -1], keep
+            logits = penalize(logits.float(), idx, repetition_penalty, no_repeat_ngram_size, pad)
             next_token = sample_next(logits, temperature, top_k, top_p)                   # (B, 1)
             done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
             next_token = torch.where(finished[:, None], done_token, next_token)
@@ -415,29 +475,34 @@ class GPT(nn.Module):
                 finished |= next_token[:, 0] == eos_id
             if stop is not None:
                 finished |= stop(idx)
-            if finished.all():
+            if check_finished and finished.all():
                 break
         return idx
 
     @torch.no_grad()
-    def generate_speculative(self, idx, max_new_tokens):
+    def generate_speculative(self, idx, max_new_tokens, cuda_graph=True):
         """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies with the
         main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al. 2018). Each step
         feeds the next token and the heads' n-1 drafts through the model at once, keeps the drafts the main head
         agrees with, plus the main head's own next token: the output equals generate(temperature=0) token for
         token, in fewer forward passes. Returns (idx, forward passes). Falls back to generate() without MTP heads
-        or when the text would outgrow block_size (the cache does not slide here)."""
+        or when the text would outgrow block_size (the cache does not slide here). The verifying pass always
+        takes n tokens, so on a GPU it runs as a CUDA graph too."""
         too_long = idx.size(1) + max_new_tokens + len(self.mtp_heads) > self.config.block_size
         if not self.mtp_heads or idx.size(0) != 1 or too_long:
-            return self.generate(idx, max_new_tokens, temperature=0), max_new_tokens
-        cache = KVCache(self.config, 1, self.config.block_size, idx.device, self.wte.weight.dtype)
+            return self.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph), max_new_tokens
+        cache = KVCache(self.config, 1, self.config.block_size, idx.device, kernels.autocast_dtype(self.wte.weight))
         hidden, _ = self.trunk(idx, cache)                                     # (1, T, C)
-        last, passes, start = hidden[:, -1:], 1, idx.size(1)
+        last, passes, start, verify = hidden[:, -1:], 1, idx.size(1), None
         while idx.size(1) - start < max_new_tokens:
             next_token = self.lm_head(self.norm_f(last)).argmax(-1)            # (1, 1) the main head's token
             drafts = [logits.argmax(-1) for logits in self.mtp_logits(last)]  # tokens after it, one per head
             candidate = torch.cat([next_token, *drafts], dim=1)                # (1, n)
-            hidden, _ = self.trunk(candidate, cache)                           # verify all n in one pass
+            if verify is None:
+                verify = lambda tokens: self.trunk(tokens, cache)[0]  # noqa: E731
+                if cuda_graph and self.graphable(idx):
+                    verify = CUDAGraphed(verify, (candidate,), cache)
+            hidden = verify(candidate)                                         # (1, n, C) all n in one pass
             passes += 1
             agree = self.lm_head(self.norm_f(hidden[:, :-1])).argmax(-1) == candidate[:, 1:]  # (1, n-1)
             accepted = 1 + int(agree[0].long().cumprod(0).sum())              # the token + drafts agreed in a row

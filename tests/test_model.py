@@ -145,6 +145,38 @@ def test_sinkhorn_router_balances_training_load():
     assert (picked == 0).float().mean() > 1.5 / 8
 
 
+def test_bias_router_hand_computed_step():
+    """Aux-loss-free balancing, one step by hand: 4 tokens all prefer expert 0 (top-1 over 3 experts), so the
+    load is (1, 0, 0) and the bias moves by rate * sign(1/3 - load) = (-1, +1, +1) at rate 1. The bias only picks
+    experts: the gates stay the unbiased probabilities (top-1: 1), and the loss is the z-loss alone."""
+    rows = [[2.0, 1.0, 0.0], [2.0, 0.0, 1.0], [2.0, 1.0, 0.5], [2.0, 0.5, 1.0]]
+    router = Router(tiny_config(n_embd=4, n_head=1, n_experts=3, top_k=1, router='bias', bias_update_rate=1.0))
+    router.weight.data = torch.tensor(rows).t().contiguous()  # x = identity: the logits are exactly `rows`
+    x = torch.eye(4)
+    expert_idx, gates, _, loss = router.train()(x)
+    assert expert_idx.flatten().tolist() == [0, 0, 0, 0] and torch.equal(gates, torch.ones(4, 1))
+    assert torch.equal(router.bias, torch.tensor([-1.0, 1.0, 1.0]))
+    torch.testing.assert_close(loss, 0.001 * torch.logsumexp(torch.tensor(rows), -1).pow(2).mean())
+    # logits + bias now: (1, 2, 1), (1, 1, 2), (1, 2, 1.5), (1, 1.5, 2); inference routes by them too
+    assert router.eval()(x)[0].flatten().tolist() == [1, 2, 1, 2]
+
+
+def test_bias_router_balances_hard_load_over_steps():
+    """On the skewed tokens of the Sinkhorn test, the bias walks the hard top-2 load from 2.6x the mean to
+    within 5% of even over 500 training steps."""
+    torch.manual_seed(0)
+    router = Router(tiny_config(n_experts=8, top_k=2, router='bias', bias_update_rate=0.01)).train()
+    router.weight.data = torch.randn(8, 32) * 0.3
+    router.weight.data[0] += 0.1
+    x = torch.randn(4096, 32) + 1.0
+    router(x)
+    first = router.stats['load']
+    for _ in range(500):
+        router(x)
+    load = router.stats['load']
+    assert first.max() / first.mean() > 2.5 and load.max() / load.mean() < 1.05
+
+
 def router_with_logits(rows, **overrides):
     """A softmax router whose logits are exactly `rows` (x = one-hot rows of the identity, W = rows^T)."""
     logits = torch.tensor(rows, dtype=torch.float32)
@@ -349,6 +381,34 @@ def test_grouped_experts_cuda_bf16(router, capacity):
     grads_ref = torch.autograd.grad(reference, [x, moe.w_in], grad.double())
     for g, g_ref in zip(grads, grads_ref):
         assert (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graph_decoding_equals_eager():
+    """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes: the same tokens
+    for a padded batch, sampled (same seed) and greedy, across the cache's slide past block_size; and
+    self-speculative decoding with a graphed verify pass equals its eager self, with good and scrambled drafts."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=48, n_future_tokens=3)).eval().cuda()
+    prompts = [torch.randint(0, 97, (n,), device='cuda') for n in (9, 4, 6)]
+    pad = torch.tensor([9 - len(p) for p in prompts], device='cuda')
+    batch = torch.stack([torch.cat([torch.full((9 - len(p),), 96, device='cuda'), p]) for p in prompts])
+    assert not model.graphable(batch)  # fp32 experts: grouped_mm's fallback cannot be captured
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        assert model.graphable(batch)
+        for temperature in (0.0, 1.0):
+            outs = []
+            for graph in (True, False):
+                torch.manual_seed(1)
+                outs.append(model.generate(batch, 70, temperature=temperature, pad=pad, cuda_graph=graph))
+            assert outs[0].shape == (3, 79) and torch.equal(outs[0], outs[1])
+        for scramble in (False, True):
+            if scramble:
+                for head in model.mtp_heads:
+                    torch.nn.init.normal_(head.proj.weight, std=1.0)
+            (graphed, passes), (eager, eager_passes) = (model.generate_speculative(batch[:1], 30, cuda_graph=graph)
+                                                        for graph in (True, False))
+            assert torch.equal(graphed, eager) and passes == eager_passes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

@@ -274,6 +274,7 @@ def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir
         (run('sample.py', '--top_p=1.5'), 'top_p'),
         (run('sample.py', '--temperature=-1.0'), 'temperature'),
         (run('sample.py', '--repetition_penalty=0'), 'repetition_penalty'),
+        (run('sample.py', '--dtype=fp16'), 'dtype'),
         (run('sample.py', f'--out_dir={run_dir}', f'--start=FILE:{tmp_path}/missing.txt'), 'cannot read the prompt'),
         (run('sample.py', f'--out_dir={run_dir}', '--eval=True', f'--data_dir={tmp_path}/nowhere',
              '--max_new_tokens=2'), 'no prepared data'),
