@@ -57,7 +57,7 @@ device = 'auto'              # 'auto' (cuda if available), 'cpu', 'cuda', ...
 seed = 1337
 # the task
 prompt_len = 32              # P: prompt tokens, ending at a line break (train split for learning, val for evaluation)
-response_len = 24            # R: tokens sampled per response at temperature 1; the response ends at its first line break
+response_len = 24            # R: tokens sampled per response at temperature 1; a response ends at its first line break
 label_temperature = 0.5      # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_temperature), sampled
 # judge (Bradley-Terry) on preference pairs sampled from the pretrained model
 n_pairs = 8000               # training pairs, from train prompts
@@ -124,9 +124,8 @@ class HeadedGPT(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, seq):
-        """seq (B, T) -> normed states (B, T, C) and head outputs (B, T)."""
-        h = self.gpt.norm_f(self.gpt.trunk(seq)[0])
-        return h, self.head(h).squeeze(-1)
+        """seq (B, T) -> one number per position (B, T)."""
+        return self.head(self.gpt.norm_f(self.gpt.trunk(seq)[0])).squeeze(-1)
 
 
 def response_logprobs(gpt, seq, P):
@@ -167,7 +166,7 @@ def rollout(gpt, prompts, R):
 @torch.no_grad()
 def judge_scores(judge, seq, end, P, chunk=256):
     """The judge's score of each prompt + response, read at the response's last token (B,)."""
-    scores = [judge(seq[i:i + chunk])[1] for i in range(0, len(seq), chunk)]
+    scores = [judge(seq[i:i + chunk]) for i in range(0, len(seq), chunk)]
     return torch.cat(scores).gather(1, (P + end)[:, None]).squeeze(1)
 
 
@@ -184,7 +183,7 @@ def whiten(x, mask):
 
 def gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016) over each row's masked prefix (B, R): the value
-    after a row's last token is 0 (the episode ends). -> advantages and returns = advantages + values, 0 where masked."""
+    after a row's last token is 0 (the episode ends). -> advantages, returns = advantages + values; 0 where masked."""
     rewards, values = rewards * mask, values * mask
     advantages, next_value, next_adv = torch.zeros_like(rewards), 0.0, 0.0
     for t in reversed(range(rewards.size(1))):
@@ -230,7 +229,7 @@ def experience(policy, critic, ref, judge, prompts, ends, beta):
     end, has_eos, mask = line_end(responses, ends)
     seq = torch.cat([prompts, responses], 1)                          # (B, T)
     old_lp, ref_lp = response_logprobs(policy, seq, P)[0], response_logprobs(ref, seq, P)[0]
-    old_values = critic(seq)[1][:, P - 1:-1]                          # (B, R)
+    old_values = critic(seq)[:, P - 1:-1]                             # (B, R)
     score = judge_scores(judge, seq, end, P)                          # (B,)
     kl = (old_lp - ref_lp) * mask                                     # (B, R) per-token log pi - log pi_ref
     rewards = -beta * kl
@@ -251,7 +250,7 @@ def ppo_update(policy, critic, optimizer, batch, loads):
         for idx in torch.randperm(B, device=batch['seq'].device).chunk(minibatches):
             mb = {k: v[idx] for k, v in batch.items()}
             logprobs, entropy = response_logprobs(policy, mb['seq'], P)
-            values = critic(mb['seq'])[1][:, P - 1:-1]
+            values = critic(mb['seq'])[:, P - 1:-1]
             mask = mb['mask']
             policy_loss, value_loss, ratio, clipfrac = ppo_losses(
                 logprobs, mb['old_lp'], mb['advantages'], values, mb['old_values'], mb['returns'], mask,
@@ -299,7 +298,8 @@ def watch_routing(gpt):
 def main():
     settings = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
     checks = [
-        (mode in ('judge', 'ppo', 'dpo', 'bon', 'frontier'), f"mode must be judge, ppo, dpo, bon or frontier, not {mode!r}"),
+        (mode in ('judge', 'ppo', 'dpo', 'bon', 'frontier'),
+         f"mode must be judge, ppo, dpo, bon or frontier, not {mode!r}"),
         (min(prompt_len, response_len, batch_size, ppo_epochs, minibatches, eval_interval, eval_prompts, bon_n,
              n_pairs, n_val_pairs, judge_epochs) >= 1, "sizes, counts and intervals must be >= 1"),
         (updates >= 0 and learning_rate >= 0 and judge_lr > 0, "need updates >= 0, learning_rate >= 0, judge_lr > 0"),
@@ -378,10 +378,16 @@ def main():
     except Exception as e:
         fail(f"cannot load {judge_path} ({type(e).__name__}); is it a judge from rlhf.py --mode=judge?")
     judge.eval().requires_grad_(False).to(dev)
+    if mode == 'dpo':
+        try:
+            pairs = torch.load(os.path.join(out_dir, 'pairs.pt'), map_location=dev, weights_only=True)['train']
+        except Exception as e:
+            fail(f"cannot load {out_dir}/pairs.pt ({type(e).__name__}); run --mode=judge again to write it")
     folder = os.path.join(out_dir, run or f'{mode}_s{seed}')
     os.makedirs(folder, exist_ok=True)
     metrics_path = os.path.join(folder, 'metrics.jsonl')
     open(metrics_path, 'w').close()
+    shutil.copy(os.path.join(init_dir, 'tokenizer.json'), os.path.join(folder, 'tokenizer.json'))
 
     def log(record):
         with open(metrics_path, 'a') as f:
@@ -397,36 +403,33 @@ def main():
                          * m).sum(1) for s, m in zip(seq.split(128), mask.split(128))])
         sentiment, fluency = gold(responses, end, has_eos)
         g, score = sentiment + fluency, judge_scores(judge, seq, end, prompt_len)
-        record = dict(eval=True, mode=mode, step=step, kl=kl.mean().item(), gold=g.mean().item(), gold_sd=g.std().item(),
-                      sentiment=sentiment.mean().item(), fluency=fluency.mean().item(), judge=score.mean().item(),
-                      eos_rate=has_eos.float().mean().item(), length=(end + 1).float().mean().item())
-        print(f"eval {step}: gold {record['gold']:+.3f} (sd {record['gold_sd']:.3f}; sentiment {record['sentiment']:+.3f}"
-              f", fluency {record['fluency']:+.3f}), judge {record['judge']:+.3f}, KL {record['kl']:.3f} nats, "
-              f"eos {record['eos_rate']:.1%}, length {record['length']:.1f}")
+        record = dict(eval=True, mode=mode, step=step, kl=kl.mean().item(), gold=g.mean().item(),
+                      gold_sd=g.std().item(), sentiment=sentiment.mean().item(), fluency=fluency.mean().item(),
+                      judge=score.mean().item(), eos_rate=has_eos.float().mean().item(),
+                      length=(end + 1).float().mean().item())
+        print(f"eval {step}: gold {record['gold']:+.3f} (sd {record['gold_sd']:.3f}; sentiment "
+              f"{record['sentiment']:+.3f}, fluency {record['fluency']:+.3f}), judge {record['judge']:+.3f}, "
+              f"KL {record['kl']:.3f} nats, eos {record['eos_rate']:.1%}, length {record['length']:.1f}")
         for i in range(show):
-            print(f"   ...{enc.decode(eval_set[i, -8:].tolist())!r} -> {enc.decode(responses[i, :end[i] + 1].tolist())!r}"
-                  f" gold {g[i]:+.0f} judge {score[i]:+.2f} KL {kl[i]:.2f}")
+            prompt, response = enc.decode(eval_set[i, -8:].tolist()), enc.decode(responses[i, :end[i] + 1].tolist())
+            print(f"   ...{prompt!r} -> {response!r} gold {g[i]:+.0f} judge {score[i]:+.2f} KL {kl[i]:.2f}")
         log(record)
-
-    def save_policy(policy, step):
-        """A train.py-style checkpoint, so sample.py --out_dir=<run folder> samples from the tuned policy."""
+        # the evaluated policy as a train.py-style checkpoint (sample.py --out_dir=<run folder> reads it) and the
+        # curves so far: a run stopped early keeps both
         state = dict(model=policy.state_dict(), model_config=asdict(cfg), iter_num=step,
                      config={**settings, 'data_dir': data_dir})
         write_atomic(os.path.join(folder, 'ckpt.pt'), lambda tmp: torch.save(state, tmp))
-        shutil.copy(os.path.join(init_dir, 'tokenizer.json'), os.path.join(folder, 'tokenizer.json'))
+        plot_run([json.loads(line) for line in open(metrics_path)], os.path.join(folder, f'{mode}.png'))
 
     if mode == 'bon':
         return best_of_n(gpt, judge, eval_set, ends, gold, log)
     policy = copy.deepcopy(gpt).requires_grad_(True)
     if mode == 'dpo':
-        pairs = torch.load(os.path.join(out_dir, 'pairs.pt'), map_location=dev, weights_only=True)['train']
         train_dpo(policy, gpt, adamw(policy), pairs, ends, evaluate, log)
     else:  # the critic starts as a copy of the judge (Huang et al. 2024): its values mean something from the start
         critic = copy.deepcopy(judge).requires_grad_(True)
         train_ppo(policy, critic, gpt, judge, adamw(policy, critic), lambda n: prompts('train', n, None), ends, gold,
                   evaluate, log)
-    save_policy(policy, updates)
-    plot_run([json.loads(line) for line in open(metrics_path)], os.path.join(folder, f'{mode}.png'))
     print(f"wrote {folder}/ckpt.pt, metrics.jsonl and {mode}.png")
 
 
@@ -436,7 +439,7 @@ def train_judge(gpt, cfg, sample_pairs, ends, path):
     t0 = time.time()
     data = {'train': sample_pairs('train', n_pairs, torch.Generator().manual_seed(seed)),
             'val': sample_pairs('val', n_val_pairs, torch.Generator().manual_seed(seed + 1))}
-    torch.save(data, os.path.join(out_dir, 'pairs.pt'))
+    write_atomic(os.path.join(out_dir, 'pairs.pt'), lambda tmp: torch.save(data, tmp))
     g = torch.cat([data['train']['gold_a'], data['train']['gold_b']])
     ties = (data['train']['gold_a'] == data['train']['gold_b']).float().mean()
     print(f"sampled {n_pairs} + {n_val_pairs} pairs in {time.time() - t0:.0f}s; pretrained gold {g.mean():+.3f} "
@@ -448,7 +451,7 @@ def train_judge(gpt, cfg, sample_pairs, ends, path):
         """score(a) - score(b) for the pairs idx."""
         a, b = (torch.cat([d['prompts'][idx], d[k][idx]], 1) for k in 'ab')
         end = torch.cat([line_end(d[k][idx], ends)[0] for k in 'ab'])
-        s = judge(torch.cat([a, b]))[1].gather(1, (prompt_len + end)[:, None]).squeeze(1)
+        s = judge(torch.cat([a, b])).gather(1, (prompt_len + end)[:, None]).squeeze(1)
         return s[:len(idx)] - s[len(idx):]
 
     def accuracy(d):
@@ -475,7 +478,8 @@ def train_judge(gpt, cfg, sample_pairs, ends, path):
             step += 1
         held_out = accuracy(data['val'])
         print(f"judge epoch {epoch + 1}: loss {np.mean(losses):.4f}, held-out accuracy {held_out['accuracy']:.3f} "
-              f"(Bayes {held_out['bayes']:.3f}; agrees with gold's order on {held_out['gold_order']:.3f} of untied pairs)")
+              f"(Bayes {held_out['bayes']:.3f}; agrees with gold's order on {held_out['gold_order']:.3f} of untied "
+              f"pairs)")
     d = data['train']
     responses = torch.cat([d['a'], d['b']])
     end = line_end(responses, ends)[0]
@@ -520,10 +524,11 @@ def train_ppo(policy, critic, ref, judge, optimizer, new_prompts, ends, gold, ev
             record['load_max_mean'] = [max(layer) for layer in record['expert_load']]
         print(f"update {update + 1}: judge {record['score']:+.3f}, gold {record['gold']:+.3f}, KL {kl:.3f}, "
               f"beta {beta:.4f}, entropy {stats['entropy']:.3f}, clipfrac {stats['clipfrac']:.3f}, approxkl "
-              f"{stats['approxkl']:.4f}, value loss {stats['value_loss']:.4f}, expl.var {record['explained_variance']:.2f}"
-              f", length {record['length']:.1f}, eos {record['eos_rate']:.0%}, ratio-1 {stats['ratio_first_max']:.1e}, "
-              f"rollout/train logprob gap {stats['logprob_mismatch']:.1e}, load max/mean {max(record.get('load_max_mean', [1])):.2f}"
-              f", {t1 - t0:.1f}s + {t2 - t1:.1f}s" + (f", {stats['skipped']} minibatches skipped" if stats['skipped'] else ''))
+              f"{stats['approxkl']:.4f}, value loss {stats['value_loss']:.4f}, expl.var "
+              f"{record['explained_variance']:.2f}, length {record['length']:.1f}, eos {record['eos_rate']:.0%}, "
+              f"ratio-1 {stats['ratio_first_max']:.1e}, rollout/train logprob gap {stats['logprob_mismatch']:.1e}, "
+              f"load max/mean {max(record.get('load_max_mean', [1])):.2f}, {t1 - t0:.1f}s + {t2 - t1:.1f}s"
+              + (f", {stats['skipped']} minibatches skipped" if stats['skipped'] else ''))
         log(record)
         if kl_target > 0:
             beta = adapt_kl(beta, kl, kl_target, batch_size, kl_horizon)
@@ -538,7 +543,8 @@ def train_dpo(policy, ref, optimizer, pairs, ends, evaluate, log):
     seq = torch.cat([torch.cat([pairs['prompts'], chosen], 1), torch.cat([pairs['prompts'], rejected], 1)])  # (2n, T)
     mask = torch.cat([line_end(chosen, ends)[2], line_end(rejected, ends)[2]]).float()
     with torch.no_grad():
-        ref_lp = torch.cat([(response_logprobs(ref, s, P)[0] * m).sum(1) for s, m in zip(seq.split(256), mask.split(256))])
+        ref_lp = torch.cat([(response_logprobs(ref, s, P)[0] * m).sum(1)
+                            for s, m in zip(seq.split(256), mask.split(256))])
     order = torch.cat([torch.randperm(n) for _ in range(math.ceil(updates * batch_size / n))])
     for step in range(updates + 1):
         if step % eval_interval == 0 or step == updates:
@@ -557,8 +563,8 @@ def train_dpo(policy, ref, optimizer, pairs, ends, evaluate, log):
         optimizer.step()
         record = dict(step=step + 1, loss=loss.item(), reward_accuracy=(margin > 0).float().mean().item(),
                       margin=margin.mean().item(), grad_norm=grad_norm.item())
-        print(f"step {step + 1}: DPO loss {record['loss']:.4f}, implicit reward accuracy {record['reward_accuracy']:.2f}, "
-              f"margin {record['margin']:+.3f}")
+        print(f"step {step + 1}: DPO loss {record['loss']:.4f}, implicit reward accuracy "
+              f"{record['reward_accuracy']:.2f}, margin {record['margin']:+.3f}")
         log(record)
 
 
@@ -595,8 +601,8 @@ def plot_run(records, path):
     keys = (['score', 'gold', 'kl', 'beta', 'entropy', 'clipfrac', 'approxkl', 'value_loss', 'explained_variance',
              'length', 'eos_rate', 't_rollout', 't_train', 'logprob_mismatch', 'load_max_mean'] if mode == 'ppo'
             else ['loss', 'reward_accuracy', 'margin', 'grad_norm'])
-    cols = 4
-    fig, axes = plt.subplots(math.ceil((len(keys) + 1) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil((len(keys) + 1) / cols)))
+    rows = math.ceil((len(keys) + 1) / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 2.6 * rows))
     axes = axes.ravel()
     for ax, key in zip(axes, [k for k in keys if steps and k in steps[0]]):
         ax.plot([r[x] for r in steps], [r[key] for r in steps], lw=0.8)
@@ -614,7 +620,8 @@ def plot_run(records, path):
 
 
 def frontier():
-    """Gold (and judge) score against KL for every run in out_dir: PPO along its evaluations, DPO, best-of-n."""
+    """Gold and judge score against KL for every run in out_dir (PPO and DPO along their evaluations, best-of-n):
+    top row up to 4.5 nats, where the methods compete; bottom row everything (KL on a log scale past 4)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -625,23 +632,26 @@ def frontier():
             runs[os.path.basename(os.path.dirname(path))] = evals
     if not runs:
         fail(f"no evaluated runs in {out_dir}/*/metrics.jsonl; run --mode=ppo, dpo or bon first")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {'ppo': '-o', 'dpo': '-s', 'bon': 'k--^'}
-    for name, evals in runs.items():
-        for ax, key in zip(axes, ('gold', 'judge')):
-            ax.plot([r['kl'] for r in evals], [r[key] for r in evals], styles[evals[0]['mode']], ms=4, lw=1,
-                    label=name + (' (KL bound)' if evals[0]['mode'] == 'bon' else ''))
     base = next((r for evals in runs.values() for r in evals if r['mode'] == 'bon' and r['n'] == 1), None)
-    if base:
-        axes[0].axhline(base['gold'] + base['gold_sd'], color='grey', lw=0.8, ls=':', label='pretrained + 1 sd')
-    for ax, key in zip(axes, ('gold score (what we want)', 'judge score (what PPO optimises)')):
-        ax.set(xlabel='KL to the pretrained model (nats per response)', ylabel=key, title=key)
-        ax.legend(fontsize=7)
+    styles = {'ppo': '-o', 'dpo': '-s', 'bon': 'k--^'}
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for row, zoom in enumerate((4.5, None)):
+        for ax, key in zip(axes[row], ('gold', 'judge')):
+            for name, evals in runs.items():
+                points = [(r['kl'], r[key]) for r in evals if zoom is None or r['kl'] <= zoom]
+                ax.plot(*zip(*points), styles[evals[0]['mode']], ms=4, lw=1,
+                        label=name + (' (at the KL bound)' if evals[0]['mode'] == 'bon' else ''))
+            if key == 'gold' and base:
+                ax.axhline(base['gold'] + base['gold_sd'], color='grey', lw=0.8, ls=':', label='pretrained + 1 sd')
+            if zoom is None:
+                ax.set_xscale('symlog', linthresh=4)
+            title = 'gold score (what we want)' if key == 'gold' else 'judge score (what PPO optimises)'
+            ax.set(xlabel='KL to the pretrained model (nats per response)', ylabel=key, title=title)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, 'gold_vs_kl.png')
     fig.savefig(path, dpi=90)
     print(f"wrote {path} ({len(runs)} runs)")
-
 
 if __name__ == '__main__':
     configure_or_exit(globals())

@@ -88,7 +88,8 @@ def test_ppo_losses_against_element_by_element_float64():
 
 def test_dpo_loss_against_the_formula():
     g = torch.Generator().manual_seed(1)
-    chosen, rejected, ref_chosen, ref_rejected = (torch.randn(4, generator=g, dtype=torch.float64) * 3 for _ in range(4))
+    chosen, rejected, ref_chosen, ref_rejected = (torch.randn(4, generator=g, dtype=torch.float64) * 3
+                                                  for _ in range(4))
     loss, margin = rlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
     expected = [math.log(1 + math.exp(-0.3 * ((c - rc) - (r - rr))))  # -log sigmoid(x) = log(1 + e^-x)
                 for c, r, rc, rr in zip(*(x.tolist() for x in (chosen, rejected, ref_chosen, ref_rejected)))]
@@ -128,7 +129,8 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     stats = rlhf.ppo_update(policy, critic, optimizer, batch, loads)
     assert stats['ratio_first_max'] == 0.0 and stats['approxkl'] == 0.0 and stats['clipfrac'] == 0.0
     assert stats['logprob_mismatch'] < 1e-4 and stats['grad_norm'] > 0 and stats['skipped'] == 0
-    assert len(stats['expert_load']) == 2 and all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
+    assert len(stats['expert_load']) == 2  # per layer: load / even share of each expert, summing to E
+    assert all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert torch.equal(rlhf.experience(policy, critic, ref, judge, prompts, ends, beta=0.1)['kl'], torch.zeros(8))
     # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so the first
@@ -163,8 +165,8 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
     judge = run(*common, '--mode=judge', '--n_pairs=32', '--n_val_pairs=16', '--judge_epochs=1')
     assert judge.returncode == 0, judge.stderr
     assert 'held-out accuracy' in judge.stdout and {'judge.pt', 'pairs.pt'} <= set(os.listdir(tmp_path))
-    ppo = run(*common, '--mode=ppo', '--updates=3', '--ppo_epochs=2', '--minibatches=2', '--kl_coef=0.1', '--kl_target=1.0',
-              '--kl_horizon=100', '--ent_coef=0.01')
+    ppo = run(*common, '--mode=ppo', '--updates=3', '--ppo_epochs=2', '--minibatches=2', '--kl_coef=0.1',
+              '--kl_target=1.0', '--kl_horizon=100', '--ent_coef=0.01')
     assert ppo.returncode == 0, ppo.stderr
     dpo = run(*common, '--mode=dpo', '--updates=3', '--run=dpo')
     assert dpo.returncode == 0, dpo.stderr
