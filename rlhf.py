@@ -498,16 +498,23 @@ def adamw(*models):
                              eps=1e-5, weight_decay=0)
 
 
+def annealed_steps(policy, optimizer, evaluate):
+    """Steps 0 .. updates-1 of PPO or DPO, each after setting the LR, annealed linearly to 0; the policy is
+    evaluated every eval_interval steps and after the last (showing 3 samples then)."""
+    for step in range(updates + 1):
+        if step % eval_interval == 0 or step == updates:
+            evaluate(policy, step, show=3 if step == updates else 0)
+        if step == updates:
+            return
+        for group in optimizer.param_groups:
+            group['lr'] = learning_rate * (1 - step / updates)
+        yield step
+
+
 def train_ppo(policy, critic, ref, judge, optimizer, new_prompts, ends, gold, evaluate, log):
     """updates PPO iterations: experience, ppo_update, adaptive beta, one log line each; evaluations between."""
     beta, loads = kl_coef, watch_routing(policy)
-    for update in range(updates + 1):
-        if update % eval_interval == 0 or update == updates:
-            evaluate(policy, update, show=3 if update == updates else 0)
-        if update == updates:
-            break
-        for group in optimizer.param_groups:
-            group['lr'] = learning_rate * (1 - update / updates)
+    for update in annealed_steps(policy, optimizer, evaluate):
         t0 = time.time()
         batch = experience(policy, critic, ref, judge, new_prompts(batch_size), ends, beta)
         t1 = time.time()
@@ -546,13 +553,7 @@ def train_dpo(policy, ref, optimizer, pairs, ends, evaluate, log):
         ref_lp = torch.cat([(response_logprobs(ref, s, P)[0] * m).sum(1)
                             for s, m in zip(seq.split(256), mask.split(256))])
     order = torch.cat([torch.randperm(n) for _ in range(math.ceil(updates * batch_size / n))])
-    for step in range(updates + 1):
-        if step % eval_interval == 0 or step == updates:
-            evaluate(policy, step, show=3 if step == updates else 0)
-        if step == updates:
-            break
-        for group in optimizer.param_groups:
-            group['lr'] = learning_rate * (1 - step / updates)
+    for step in annealed_steps(policy, optimizer, evaluate):
         idx = order[step * batch_size:(step + 1) * batch_size].to(seq.device)
         rows = torch.cat([idx, idx + n])                               # chosen, then rejected
         lp = (response_logprobs(policy, seq[rows], P)[0] * mask[rows]).sum(1)
