@@ -199,6 +199,7 @@ class Router(nn.Module):
         if config.router == 'bias':  # saved with the weights: it is part of the routing function
             self.register_buffer('bias', torch.zeros(config.n_experts))                  # (E,)
         self.stats = {}  # last training forward's load, dropped fraction, entropy, aux and z losses (detached)
+        self.watch_load = False  # eval mode too: record the load (GPT.watch_routing), else decoding skips it
 
     def forward(self, x):
         cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k  # x: (N, C)
@@ -218,7 +219,9 @@ class Router(nn.Module):
         gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen experts
 
         keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
-        if not self.training:  # inference: no dropping, no losses, no statistics (stats keep the last training step's)
+        if not self.training:  # inference: no dropping, no losses; only the load, and only when watched
+            if self.watch_load:
+                self.stats = dict(load=F.one_hot(expert_idx, E).float().mean(dim=(0, 1)))  # (E,)
             return expert_idx, gates, keep, logits.new_zeros(())
         assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
         load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
@@ -382,6 +385,13 @@ class GPT(nn.Module):
         forward pass. Tensors stay on the device; the caller decides when to sync."""
         return [block.ffn.router.stats for block in self.blocks if isinstance(block.ffn, MoE)]
 
+    def watch_routing(self, on=True):
+        """Record each router's expert load in eval mode too (RLHF samples and trains in eval mode and logs the
+        load); router_stats() then holds {'load'} after an eval forward. Off by default: decoding skips it."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                block.ffn.router.watch_load = on
+
     def trunk(self, idx, cache=None, pad=None):
         """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed router loss.
         With a KVCache, idx continues the cached sequence from position cache.pos. With pad (B,), row b begins
@@ -437,7 +447,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True, cuda_graph=True):
+                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True, cuda_graph=True,
+                 return_logprobs=False):
         """Continue idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy; top_k, top_p,
         repetition_penalty and no_repeat_ngram_size as in penalize() and sample_next(). pad (B,): left padding
         per row (batched prompts). A row is finished once it samples eos_id, or when stop(idx) -> (B,) bool says
@@ -445,13 +456,16 @@ class GPT(nn.Module):
         are finished. Keys and values come from a KV cache (use_cache=False recomputes the whole context every
         step: only for measuring what the cache saves); on a GPU in bf16 the one-token step runs as a CUDA graph
         (cuda_graph=False: eager, to measure what the graph saves). Past block_size the context slides: the cache
-        is rebuilt from the last block_size // 2 tokens, so every step stays within what the model was trained on."""
+        is rebuilt from the last block_size // 2 tokens, so every step stays within what the model was trained on.
+        return_logprobs=True also returns each new token's log-probability under the model's own distribution,
+        before temperature, filters and penalties (B, new): RL needs them, with plain sampling (temperature 1, no
+        filters), where they are the sampler's; a finished row's entries are its filler token's."""
         B, window = idx.size(0), self.config.block_size
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         check_finished = eos_id is not None or stop is not None  # else never: finished.all() syncs with the GPU
         cache = (KVCache(self.config, B, window, idx.device, kernels.autocast_dtype(self.wte.weight))
                  if use_cache else None)
-        step, cached = None, 0  # the one-token step; positions in the cache
+        step, cached, logprobs = None, 0, []  # the one-token step; positions in the cache; (B, 1) per token
         for _ in range(max_new_tokens):
             if use_cache and 0 < cached < window:  # one new token against the cache
                 inputs = (idx[:, -1:],) if context_pad is None else (idx[:, -1:], context_pad)
@@ -466,10 +480,13 @@ class GPT(nn.Module):
                 if use_cache:
                     cache.pos.zero_()
                 logits, cached = self(idx[:, -keep:], cache=cache, pad=context_pad)[0][:, -1], keep
-            logits = penalize(logits.float(), idx, repetition_penalty, no_repeat_ngram_size, pad)
-            next_token = sample_next(logits, temperature, top_k, top_p)                   # (B, 1)
+            logits = logits.float()
+            next_token = sample_next(penalize(logits, idx, repetition_penalty, no_repeat_ngram_size, pad),
+                                     temperature, top_k, top_p)                           # (B, 1)
             done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
             next_token = torch.where(finished[:, None], done_token, next_token)
+            if return_logprobs:
+                logprobs.append(logits.log_softmax(dim=-1).gather(1, next_token))
             idx = torch.cat((idx, next_token), dim=1)
             if eos_id is not None:
                 finished |= next_token[:, 0] == eos_id
@@ -477,7 +494,7 @@ class GPT(nn.Module):
                 finished |= stop(idx)
             if check_finished and finished.all():
                 break
-        return idx
+        return (idx, torch.cat(logprobs, dim=1)) if return_logprobs else idx
 
     @torch.no_grad()
     def generate_speculative(self, idx, max_new_tokens, cuda_graph=True):

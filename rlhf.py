@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from configurator import configure_or_exit
 from data.prepare import load_tokenizer
-from model import GPT, KVCache, ModelConfig, MoE, sample_next
+from model import GPT, ModelConfig
 from train import fail, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -147,20 +147,11 @@ def line_end(responses, ends):
     return end, has_eos, mask
 
 
-@torch.no_grad()
 def rollout(gpt, prompts, R):
     """Sample R tokens after each prompt (B, P) at temperature 1, no top-k/top-p (the ratio and the KL need the
     policy's own probabilities), with the KV cache -> tokens (B, R) and their log-probabilities (B, R)."""
-    cache = KVCache(gpt.config, prompts.size(0), prompts.size(1) + R, prompts.device, gpt.wte.weight.dtype)
-    logits = gpt(prompts, cache=cache)[0][:, -1].float()             # (B, V)
-    tokens, logprobs = [], []
-    for t in range(R):
-        token = sample_next(logits)                                   # (B, 1)
-        tokens.append(token)
-        logprobs.append(logits.log_softmax(-1).gather(1, token))
-        if t + 1 < R:
-            logits = gpt(token, cache=cache)[0][:, -1].float()
-    return torch.cat(tokens, 1), torch.cat(logprobs, 1)
+    seq, logprobs = gpt.generate(prompts, R, return_logprobs=True)
+    return seq[:, prompts.size(1):], logprobs
 
 
 @torch.no_grad()
@@ -240,7 +231,7 @@ def experience(policy, critic, ref, judge, prompts, ends, beta):
                 advantages=whiten(advantages, mask.float()), returns=returns)
 
 
-def ppo_update(policy, critic, optimizer, batch, loads):
+def ppo_update(policy, critic, optimizer, batch):
     """ppo_epochs passes of minibatches over one experience() batch. The first minibatch is checked before any
     step: its ratio must be 1, and its log-probabilities those of the rollout. -> statistics."""
     B, P = batch['responses'].shape[0], batch['seq'].size(1) - batch['responses'].size(1)
@@ -256,9 +247,10 @@ def ppo_update(policy, critic, optimizer, batch, loads):
                 logprobs, mb['old_lp'], mb['advantages'], values, mb['old_values'], mb['returns'], mask,
                 clip_range, clip_range_value)
             if not first:
+                loads = policy.router_stats()  # [{'load': (E,)}] per MoE layer of this forward: watch_routing() is on
                 first = dict(ratio_first_max=((ratio - 1).abs() * mask).max().item(),
                              logprob_mismatch=((logprobs - mb['rollout_lp']).abs() * mask).max().item(),
-                             **({'expert_load': [(loads[i] * len(loads[i])).tolist() for i in sorted(loads)]}
+                             **({'expert_load': [(s['load'] * len(s['load'])).tolist() for s in loads]}
                                 if loads else {}))  # load / even share, per layer and expert
             if not masked_mean(ratio, mask) < ratio_threshold:  # also catches NaN
                 skipped += 1
@@ -281,18 +273,6 @@ def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 = perfect, 0 = no better than a constant."""
     var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
     return float(1 - var(returns - values) / var(returns).clamp_min(1e-8))
-
-
-def watch_routing(gpt):
-    """{layer: expert load (E,) of the last forward pass}, kept current by forward hooks on the routers (in eval mode
-    model.router_stats() is not updated)."""
-    loads = {}
-    for i, block in enumerate(gpt.blocks):
-        if isinstance(block.ffn, MoE):
-            E = block.ffn.router.config.n_experts
-            block.ffn.router.register_forward_hook(lambda module, args, out, i=i, E=E: loads.__setitem__(
-                i, torch.bincount(out[0].flatten(), minlength=E).float() / out[0].numel()))
-    return loads
 
 
 def main():
@@ -513,12 +493,13 @@ def annealed_steps(policy, optimizer, evaluate):
 
 def train_ppo(policy, critic, ref, judge, optimizer, new_prompts, ends, gold, evaluate, log):
     """updates PPO iterations: experience, ppo_update, adaptive beta, one log line each; evaluations between."""
-    beta, loads = kl_coef, watch_routing(policy)
+    beta = kl_coef
+    policy.watch_routing()
     for update in annealed_steps(policy, optimizer, evaluate):
         t0 = time.time()
         batch = experience(policy, critic, ref, judge, new_prompts(batch_size), ends, beta)
         t1 = time.time()
-        stats = ppo_update(policy, critic, optimizer, batch, loads)
+        stats = ppo_update(policy, critic, optimizer, batch)
         t2 = time.time()
         kl = batch['kl'].mean().item()
         record = dict(update=update + 1, score=batch['score'].mean().item(), kl=kl, beta=beta,

@@ -49,6 +49,35 @@ def test_kv_cache_generation_equals_full_recomputation():
     assert model.generate(prompt, max_new_tokens=40, temperature=0).shape == (3, 45)
 
 
+def test_generate_logprobs_equal_a_full_forward():
+    """return_logprobs: each sampled token's log-probability under the model's own distribution (before the
+    temperature), as a full forward over the finished sequence gives it."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (3, 5))
+    for temperature in (1.0, 0.7):
+        out, logprobs = model.generate(prompt, max_new_tokens=10, temperature=temperature, return_logprobs=True)
+        full = model(out)[0][:, 4:-1].log_softmax(dim=-1).gather(2, out[:, 5:, None]).squeeze(2)  # (3, 10)
+        assert logprobs.shape == (3, 10) and torch.allclose(logprobs, full, atol=1e-5)
+
+
+def test_watch_routing_records_the_eval_load():
+    """After watch_routing(), an eval forward leaves each layer's load: the share of top-k assignments per expert
+    of its router's logits, counted here by hand from the input the router saw."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(router='bias')).eval()
+    assert model.router_stats() == [{}, {}]  # off by default: decoding records nothing
+    model.watch_routing()
+    router = model.blocks[1].ffn.router
+    router.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # as if trained: the load follows logits + bias
+    seen = []
+    model.blocks[1].ffn.router.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(torch.randint(0, 97, (2, 8)))
+    chosen = (seen[0] @ router.weight.t() + router.bias).topk(2, dim=-1).indices     # (16, 2)
+    by_hand = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
+    assert torch.allclose(model.router_stats()[1]['load'], by_hand)
+
+
 def test_left_padded_batch_decodes_like_each_prompt_alone():
     """Prompts of different lengths, left-padded into one batch: each row's greedy continuation (cached and
     uncached) equals decoding that prompt on its own, so padding is invisible to RoPE positions and attention."""

@@ -122,11 +122,11 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     ends = torch.arange(40) < 3
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=0.0)
     before = copy.deepcopy(policy.state_dict())
-    loads = rlhf.watch_routing(policy)
+    policy.watch_routing()
     prompts = torch.randint(3, 40, (8, 6))
     batch = rlhf.experience(policy, critic, ref, judge, prompts, ends, beta=0.1)
     assert torch.equal(batch['kl'], torch.zeros(8)) and batch['advantages'].abs().sum() > 0
-    stats = rlhf.ppo_update(policy, critic, optimizer, batch, loads)
+    stats = rlhf.ppo_update(policy, critic, optimizer, batch)
     assert stats['ratio_first_max'] == 0.0 and stats['approxkl'] == 0.0 and stats['clipfrac'] == 0.0
     assert stats['logprob_mismatch'] < 1e-4 and stats['grad_norm'] > 0 and stats['skipped'] == 0
     assert len(stats['expert_load']) == 2  # per layer: load / even share of each expert, summing to E
@@ -136,7 +136,7 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so the first
     # minibatch (half the batch) routes differently from the full-batch forward that made the old log-probs
     policy.train()
-    assert rlhf.ppo_update(policy, critic, optimizer, batch, loads)['ratio_first_max'] > 0
+    assert rlhf.ppo_update(policy, critic, optimizer, batch)['ratio_first_max'] > 0
 
 
 @pytest.fixture(scope='module')
