@@ -97,6 +97,17 @@ def test_dpo_loss_against_the_formula():
     assert torch.allclose(margin, 0.3 * ((chosen - ref_chosen) - (rejected - ref_rejected)))
 
 
+def test_best_of_against_a_loop_over_groups():
+    """best_of: 7 samples for 3 prompts, n = 1, 2, 3 (the 7th sample left out of groups of 2 and 3)."""
+    g = torch.Generator().manual_seed(2)
+    score, value = torch.randn(7, 3, generator=g), torch.randint(-3, 4, (7, 3), generator=g).float()
+    for n in (1, 2, 3):
+        expected = [[value[k * n:(k + 1) * n, j][score[k * n:(k + 1) * n, j].argmax()].item() for j in range(3)]
+                    for k in range(7 // n)]
+        assert rlhf.best_of(score, value, n).tolist() == expected
+    assert torch.equal(rlhf.best_of(score, value, 1), value)
+
+
 def test_line_end_and_gold_score():
     ends = torch.zeros(10, dtype=torch.bool)
     ends[[0, 7]] = True
