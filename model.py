@@ -308,8 +308,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0, pad=None):
         x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, layer, pad))
-        if isinstance(self.ffn, MoE):
+        if isinstance(self.ffn, MoE):  # its output is in the gates' fp32: keep a bf16 model (no autocast) in bf16
             y, router_loss = self.ffn(self.norm2(x))
+            y = y.to(x.dtype)
         else:
             y, router_loss = self.ffn(self.norm2(x)), x.new_zeros(())
         return x + self.dropout(y), router_loss

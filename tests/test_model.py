@@ -78,6 +78,19 @@ def test_watch_routing_records_the_eval_load():
     assert torch.allclose(model.router_stats()[1]['load'], by_hand)
 
 
+def test_bf16_weights_without_autocast_run_in_bf16():
+    """A model cast to bf16 (no autocast) keeps its residual stream in bf16 through the MoE layers, and its logits
+    stay within bf16 rounding of the fp32 model's."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 97, (2, 8))
+    half = GPT(tiny_config()).eval().to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    logits = half(idx)[0]
+    assert logits.dtype == torch.bfloat16 and torch.allclose(logits.float(), model(idx)[0], atol=2e-2)
+    assert half.generate(idx, max_new_tokens=4, temperature=0).shape == (2, 12)
+
+
 def test_left_padded_batch_decodes_like_each_prompt_alone():
     """Prompts of different lengths, left-padded into one batch: each row's greedy continuation (cached and
     uncached) equals decoding that prompt on its own, so padding is invisible to RoPE positions and attention."""
