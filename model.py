@@ -43,6 +43,7 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss (softmax router only)
     z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, every router
     bias_update_rate: float = 0.01   # 'bias' router only: how far each training step moves an expert's logit bias
+    sinkhorn_bias_rate: float = 0.0  # 'sinkhorn' router only: the same correction on the balanced matrix; 0 = off
     # multi-token prediction (Gloeckle et al. 2024)
     n_future_tokens: int = 1     # heads predicting t+1 .. t+n; 1 = only the usual next-token head
     mtp_weight: float = 0.3      # weight of the mean extra-head loss in the training loss
@@ -61,6 +62,9 @@ class ModelConfig:
              "capacity_factor applies to the softmax router only: the others balance without dropping"),
             (self.router == 'softmax' or self.router_jitter == 0, "router_jitter applies to the softmax router only"),
             (self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0"),
+            (self.sinkhorn_bias_rate >= 0, f"sinkhorn_bias_rate={self.sinkhorn_bias_rate} must be >= 0"),
+            (self.router == 'sinkhorn' or self.sinkhorn_bias_rate == 0, "sinkhorn_bias_rate applies to the sinkhorn "
+             "router only"),
             (self.capacity_factor == 0 or self.capacity_factor >= 1, "capacity_factor must be 0 (no dropping) or >= 1"),
             (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0, "sizes must be positive"),
             (self.n_future_tokens >= 1, f"n_future_tokens={self.n_future_tokens} must be >= 1 (1 = next token only)"),
@@ -182,7 +186,9 @@ class Router(nn.Module):
       2021). With capacity_factor > 0 each expert takes at most ceil(cf * N*K/E) assignments while training; the
       rest are dropped (the token keeps its residual path), first choices of all tokens before second choices.
     - 'sinkhorn': top-k on the Sinkhorn-Knopp balanced matrix while training (kernels/sinkhorn.py says how and why),
-      plain top-k at inference. No aux loss.
+      plain top-k at inference. No aux loss. The soft matrix is balanced exactly, but its hard top-k counts can
+      stay skewed (max/mean 1.17-1.20 on ShareGPT, README Results); sinkhorn_bias_rate > 0 adds a training-only
+      bias b (E,) to the balanced log matrix before the top-k, moved like the 'bias' router's (1.02 at 0.01).
     - 'bias': top-k on logits + b, where b (E,) is a buffer, not a parameter. After every training forward, each
       expert's b moves by bias_update_rate toward balance: up if it got fewer than its share of the assignments,
       down if more (DeepSeek-V3's auxiliary-loss-free balancing, Wang et al. 2024). b only chooses the experts, at
@@ -198,6 +204,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, C)
         if config.router == 'bias':  # saved with the weights: it is part of the routing function
             self.register_buffer('bias', torch.zeros(config.n_experts))                  # (E,)
+        elif config.router == 'sinkhorn':  # training only (inference routes by plain top-k): not saved
+            self.register_buffer('bias', torch.zeros(config.n_experts), persistent=False)  # (E,)
         self.stats = {}  # last training forward's load, dropped fraction, entropy, aux and z losses (detached)
         self.watch_load = False  # eval mode too: record the load (GPT.watch_routing), else decoding skips it
 
@@ -209,8 +217,8 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is precision-sensitive
         probs = logits.softmax(dim=-1)                           # (N, E)
         if cfg.router == 'sinkhorn' and self.training:
-            with torch.no_grad():
-                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K)  # (N, K) kernels/sinkhorn.py
+            with torch.no_grad():  # kernels/sinkhorn.py
+                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K, self.bias)           # (N, K)
         elif cfg.router == 'bias':
             expert_idx = (logits.detach() + self.bias).topk(K, dim=-1).indices                     # (N, K)
         else:
@@ -225,8 +233,9 @@ class Router(nn.Module):
             return expert_idx, gates, keep, logits.new_zeros(())
         assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
         load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
-        if cfg.router == 'bias':
-            self.bias += cfg.bias_update_rate * torch.sign(1 / E - load)  # under-loaded experts up, over-loaded down
+        rate = {'bias': cfg.bias_update_rate, 'sinkhorn': cfg.sinkhorn_bias_rate}.get(cfg.router, 0)
+        if rate > 0:
+            self.bias += rate * torch.sign(1 / E - load)  # under-loaded experts up, over-loaded down
         if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * N * K / E)
             # rank of each assignment inside its expert's queue: all first choices (in token order), then seconds

@@ -91,7 +91,8 @@ def cases():
                               angles.sin(), H],
                      2 * 3 * N * C * 2, 2 * 3 * N * C * 2),
         'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
-                          lambda: [torch.randn(N, E, device='cuda'), 8, K], N * E * 4 + N * K * 8, 0),
+                          lambda: [torch.randn(N, E, device='cuda'), 8, K, torch.zeros(E, device='cuda')],
+                          N * E * 4 + N * K * 8, 0),
     }
 
 

@@ -1,9 +1,9 @@
 // Sinkhorn-Knopp balanced top-k routing in one launch: expert_idx = top-k over j of the balanced log matrix
-// logits[i, j] + u[i] + v[j] after n_iters rounds of (rows sum to 1, columns sum to N/E).
+// logits[i, j] + u[i] + v[j] after n_iters rounds of (rows sum to 1, columns sum to N/E), plus bias[j].
 // Only the E column scalings v need global state: u[i] is constant along row i, so it changes no row's top-k, and
 // each round is   u[i] = -logsumexp_j(logits[i, j] + v[j])        (per row, recomputed, row-max shifted)
 //                 v[j] += log(N/E) - log(sum_i exp(logits[i, j] + v[j] + u[i]))   (each term <= 1: safe in fp32)
-// Shapes: logits (N, E) fp32 contiguous, 1 <= E <= 64; expert_idx (N, K) int64, 1 <= K <= E;
+// Shapes: logits (N, E) fp32 contiguous, 1 <= E <= 64; bias (E,) fp32; expert_idx (N, K) int64, 1 <= K <= E;
 // partials (2, G, E) fp32 scratch, G = grid blocks.
 // Work split: a cooperative grid of G <= #SMs blocks (one block per SM: every block re-reads all G*E partials each
 // round, so fewer, larger blocks keep that cheap). A row belongs to a group of `group` = min(32, pow2 >= E) lanes,
@@ -11,7 +11,8 @@
 // in a fixed order), writes them to partials[round % 2][block], grid.sync(), then every block sums the G partials
 // in the same fixed order and updates its own copy of v in shared memory: no float atomics, so the result is
 // deterministic and identical in every block. Double-buffered partials need one grid.sync() per round.
-// Last, top-k of logits + v, K rounds of a group argmax (ties -> lower index, NaN ranks highest, as torch.topk).
+// Last, top-k of logits + v + bias, K rounds of a group argmax (ties -> lower index, NaN ranks highest, as
+// torch.topk).
 // Memory traffic per call: (n_iters + 1) * N*E*4 read (rounds after the first hit L2 when N*E*4 fits in it, 1 MiB
 // at N = 32768, E = 8) + N*K*8 written + n_iters * G*E*4 * (1 + G) of partials (written once, read by every block).
 // Test: pytest tests/test_kernels_sinkhorn.py (CUDA tests need a GPU)
@@ -40,6 +41,7 @@ __device__ __forceinline__ void keep_better(float& val, int& idx, float other_va
 }
 
 __global__ void __launch_bounds__(kThreads) sinkhorn_topk_kernel(const float* __restrict__ logits,
+                                                                 const float* __restrict__ bias,
                                                                  int64_t* __restrict__ expert_idx,
                                                                  float* __restrict__ partials, int N, int E, int K,
                                                                  int n_iters, int group, float log_target) {
@@ -102,9 +104,11 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_topk_kernel(const float* __
         }
         __syncthreads();
     }
+    for (int j = threadIdx.x; j < E; j += kThreads) v[j] += bias[j];  // after the balancing, which would cancel it
+    __syncthreads();
 
     for (long long row = first; row < rounded_N; row += stride) {
-        float y[2];                                   // logits + v; -inf where there is no column
+        float y[2];                                   // logits + v + bias; -inf where there is no column
         bool taken[2] = {false, false};
 #pragma unroll
         for (int c = 0; c < 2; c++) {
@@ -129,9 +133,12 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_topk_kernel(const float* __
     }
 }
 
-void sinkhorn_topk(const at::Tensor& logits, int64_t n_iters, at::Tensor& expert_idx) {
+void sinkhorn_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t n_iters, at::Tensor& expert_idx) {
     TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
                 "logits must be a contiguous 2-D float32 CUDA tensor");
+    TORCH_CHECK(bias.device() == logits.device() && bias.dim() == 1 && bias.size(0) == logits.size(1) &&
+                    bias.is_contiguous() && bias.scalar_type() == at::kFloat,
+                "bias must be a contiguous (E,) float32 tensor on logits' device");
     TORCH_CHECK(expert_idx.device() == logits.device() && expert_idx.dim() == 2 && expert_idx.is_contiguous() &&
                     expert_idx.scalar_type() == at::kLong && expert_idx.size(0) == logits.size(0),
                 "expert_idx must be a contiguous (N, K) int64 tensor on logits' device");
@@ -153,15 +160,16 @@ void sinkhorn_topk(const at::Tensor& logits, int64_t n_iters, at::Tensor& expert
     int grid = (int)std::min<int64_t>((N + rows_per_block - 1) / rows_per_block, num_sms());  // <= co-resident
     at::Tensor partials = at::empty({2, grid, E}, logits.options());
     const float* logits_ptr = ptr<float>(logits);
+    const float* bias_ptr = ptr<float>(bias);
     int64_t* idx_ptr = ptr<int64_t>(expert_idx);
     float* partials_ptr = ptr<float>(partials);
     int n = (int)N, e = (int)E, k = (int)K, iters = (int)n_iters;
     float log_target = (float)std::log((double)N / E);
-    void* args[] = {&logits_ptr, &idx_ptr, &partials_ptr, &n, &e, &k, &iters, &group, &log_target};
+    void* args[] = {&logits_ptr, &bias_ptr, &idx_ptr, &partials_ptr, &n, &e, &k, &iters, &group, &log_target};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel((const void*)sinkhorn_topk_kernel, grid, kThreads, args, 0, stream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
-    m.def("sinkhorn_topk(Tensor logits, int n_iters, Tensor(a!) expert_idx) -> ()", &sinkhorn_topk);
+    m.def("sinkhorn_topk(Tensor logits, Tensor bias, int n_iters, Tensor(a!) expert_idx) -> ()", &sinkhorn_topk);
 }

@@ -21,38 +21,45 @@ import torch
 import kernels
 
 
-def sinkhorn(logits, n_iters):
-    """logits (N, E) -> the balanced matrix (N, E) after n_iters rounds of (rows sum to 1, columns sum to N/E),
-    computed in log space in fp32 (float64 stays float64)."""
+def sinkhorn_log(logits, n_iters):
+    """logits (N, E) -> the log of the balanced matrix (N, E) after n_iters rounds of (rows sum to 1, columns sum
+    to N/E), computed in log space in fp32 (float64 stays float64)."""
     N, E = logits.shape
     log_p = logits.to(torch.promote_types(logits.dtype, torch.float32))
     for _ in range(n_iters):
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)                     # rows sum to 1
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + math.log(N / E)   # columns sum to N/E
-    return log_p.exp()
+    return log_p
 
 
-def sinkhorn_topk_ref(logits, n_iters, k):
-    """logits (N, E) -> expert_idx (N, k) int64: each row's k largest entries of sinkhorn(logits, n_iters),
-    largest first. n_iters = 0 is plain top-k on the logits."""
-    return sinkhorn(logits, n_iters).topk(k, dim=-1).indices
+def sinkhorn(logits, n_iters):
+    """logits (N, E) -> the balanced matrix (N, E): exp(sinkhorn_log(logits, n_iters))."""
+    return sinkhorn_log(logits, n_iters).exp()
 
 
-def sinkhorn_topk(logits, n_iters, k):
+def sinkhorn_topk_ref(logits, n_iters, k, bias):
+    """logits (N, E), bias (E,) -> expert_idx (N, k) int64: each row's k largest entries of
+    sinkhorn_log(logits, n_iters) + bias, largest first. The bias steers the hard top-k counts, which the soft
+    balance does not fix (model.Router); it must come after the balancing, which would cancel any per-expert
+    shift of the logits. n_iters = 0 is plain top-k on logits + bias."""
+    return (sinkhorn_log(logits, n_iters) + bias).topk(k, dim=-1).indices
+
+
+def sinkhorn_topk(logits, n_iters, k, bias):
     """sinkhorn_topk_ref's function through the CUDA kernel when it is available (and E <= 64, else the twin)."""
-    if kernels.use_cuda(logits) and logits.size(1) <= 64:
-        return torch.ops.ava.sinkhorn_topk(logits, n_iters, k)
-    return sinkhorn_topk_ref(logits, n_iters, k)
+    if kernels.use_cuda(logits, bias) and logits.size(1) <= 64:
+        return torch.ops.ava.sinkhorn_topk(logits, bias, n_iters, k)
+    return sinkhorn_topk_ref(logits, n_iters, k, bias)
 
 
 @torch.library.custom_op('ava::sinkhorn_topk', mutates_args=())
-def _sinkhorn_topk(logits: torch.Tensor, n_iters: int, k: int) -> torch.Tensor:
+def _sinkhorn_topk(logits: torch.Tensor, bias: torch.Tensor, n_iters: int, k: int) -> torch.Tensor:
     """-> expert_idx (N, k) int64. No autograd registration: indices have no gradient."""
     expert_idx = logits.new_empty(logits.size(0), k, dtype=torch.long)
-    torch.ops.ava_cuda.sinkhorn_topk(logits.float().contiguous(), n_iters, expert_idx)
+    torch.ops.ava_cuda.sinkhorn_topk(logits.float().contiguous(), bias.float().contiguous(), n_iters, expert_idx)
     return expert_idx
 
 
 @_sinkhorn_topk.register_fake
-def _(logits, n_iters, k):
+def _(logits, bias, n_iters, k):
     return logits.new_empty(logits.size(0), k, dtype=torch.long)

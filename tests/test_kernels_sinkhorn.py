@@ -21,16 +21,16 @@ def sinkhorn_float64(logits, n_iters):
     return P
 
 
-def topk_from_column_scalings(logits, n_iters, k):
+def topk_from_column_scalings(logits, n_iters, k, bias):
     """The kernel's algorithm in float64: keep only the column scalings v (E,); the row scalings u are recomputed
-    from v each round and dropped, since they do not change a row's top-k."""
+    from v each round and dropped, since they do not change a row's top-k. The bias comes last."""
     x = logits.double()
     N, E = x.shape
     v = torch.zeros(E, dtype=torch.float64)
     for _ in range(n_iters):
         u = -torch.logsumexp(x + v, dim=1, keepdim=True)                        # (N, 1)
         v = v + math.log(N / E) - torch.logsumexp(x + u + v, dim=0)             # (E,)
-    return (x + v).topk(k, dim=-1).indices
+    return (x + v + bias).topk(k, dim=-1).indices
 
 
 CPU_CASES = [(256, 8, 2, 8, 1.0), (300, 4, 1, 3, 5.0), (64, 64, 64, 8, 1.0), (7, 3, 3, 1, 0.1), (1, 5, 2, 4, 1.0),
@@ -48,10 +48,11 @@ def test_ref_matches_float64_matrix_form(N, E, K, n_iters, scale):
     if n_iters > 0:
         torch.testing.assert_close(balanced.double().sum(dim=0), torch.full((E,), N / E, dtype=torch.float64),
                                    rtol=1e-5, atol=0)                           # columns hold N/E exactly
-    idx = sinkhorn_topk_ref(logits, n_iters, K)
-    assert idx.dtype == torch.int64 and idx.shape == (N, K)
-    assert torch.equal(idx, expected.topk(K, dim=-1).indices)
-    assert torch.equal(idx, topk_from_column_scalings(logits, n_iters, K))     # the kernel's shortcut is exact
+    for bias in (torch.zeros(E), torch.randn(E, generator=gen) * 0.5):
+        idx = sinkhorn_topk_ref(logits, n_iters, K, bias)
+        assert idx.dtype == torch.int64 and idx.shape == (N, K)
+        assert torch.equal(idx, (expected.log() + bias.double()).topk(K, dim=-1).indices)
+        assert torch.equal(idx, topk_from_column_scalings(logits, n_iters, K, bias))  # the kernel's shortcut is exact
 
 
 def test_ref_balances_a_favourite():
@@ -59,17 +60,18 @@ def test_ref_balances_a_favourite():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4096, 8, generator=gen) * 2
     logits[:, 0] += 3.0
-    plain = torch.bincount(sinkhorn_topk_ref(logits, 0, 1).flatten(), minlength=8).float()
-    even = torch.bincount(sinkhorn_topk_ref(logits, 8, 1).flatten(), minlength=8).float()
+    plain = torch.bincount(sinkhorn_topk_ref(logits, 0, 1, torch.zeros(8)).flatten(), minlength=8).float()
+    even = torch.bincount(sinkhorn_topk_ref(logits, 8, 1, torch.zeros(8)).flatten(), minlength=8).float()
     assert plain.max() / plain.mean() > 4 and even.max() / even.mean() < 1.1
 
 
-def check_against_ref(logits, n_iters, K):
+def check_against_ref(logits, n_iters, K, bias=None):
     """The CUDA kernel's picks against the float64 twin: valid, distinct per row, >= 99.9% equal, same loads."""
     N, E = logits.shape
+    bias = torch.zeros(E, device=logits.device) if bias is None else bias
     poison()
-    got = sinkhorn_topk(logits, n_iters, K)
-    want = sinkhorn_topk_ref(logits.double(), n_iters, K)
+    got = sinkhorn_topk(logits, n_iters, K, bias)
+    want = sinkhorn_topk_ref(logits.double(), n_iters, K, bias.double())
     assert got.dtype == torch.int64 and got.shape == (N, K) and got.is_cuda
     assert ((got >= 0) & (got < E)).all()
     assert (got.sort(dim=1).values.diff(dim=1) > 0).all()                       # K distinct experts per token
@@ -90,6 +92,8 @@ def test_cuda_matches_ref(N, E, K):
     gen = torch.Generator('cuda').manual_seed(N * 100 + E * 10 + K)
     for scale in (0.1, 1.0, 5.0):
         check_against_ref(torch.randn(N, E, device='cuda', generator=gen) * scale, 8, K)
+    check_against_ref(torch.randn(N, E, device='cuda', generator=gen), 8, K,
+                      bias=torch.randn(E, device='cuda', generator=gen) * 0.3)
 
 
 @cuda
@@ -117,15 +121,17 @@ def test_cuda_deterministic_and_empty():
     """No float atomics: the same input gives bit-identical picks. N = 0 launches nothing."""
     built()
     logits = torch.randn(32768, 8, device='cuda')
-    assert torch.equal(sinkhorn_topk(logits, 8, 2), sinkhorn_topk(logits, 8, 2))
-    empty = sinkhorn_topk(torch.randn(0, 8, device='cuda'), 8, 2)
+    bias = torch.randn(8, device='cuda') * 0.1
+    assert torch.equal(sinkhorn_topk(logits, 8, 2, bias), sinkhorn_topk(logits, 8, 2, bias))
+    empty = sinkhorn_topk(torch.randn(0, 8, device='cuda'), 8, 2, bias)
     assert empty.shape == (0, 2) and empty.dtype == torch.int64
 
 
 @cuda
 def test_cuda_opcheck():
     built()
-    torch.library.opcheck(torch.ops.ava.sinkhorn_topk.default, (torch.randn(300, 8, device='cuda'), 8, 2))
+    torch.library.opcheck(torch.ops.ava.sinkhorn_topk.default,
+                          (torch.randn(300, 8, device='cuda'), torch.randn(8, device='cuda'), 8, 2))
 
 
 @cuda
@@ -134,6 +140,6 @@ def test_cuda_compile():
     logits = torch.randn(4096, 8, device='cuda')
 
     def route(logits):
-        return sinkhorn_topk(logits * 2, 8, 2)
+        return sinkhorn_topk(logits * 2, 8, 2, torch.ones(8, device=logits.device) * 0.1)
 
     assert torch.equal(torch.compile(route, fullgraph=True)(logits), route(logits))
