@@ -643,6 +643,7 @@ def frontier():
     fig.savefig(path, dpi=90)
     print(f"wrote {path} ({len(runs)} runs)")
 
+
 if __name__ == '__main__':
     configure_or_exit(globals())
     main()

@@ -71,7 +71,7 @@ def test_watch_routing_records_the_eval_load():
     router = model.blocks[1].ffn.router
     router.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # as if trained: the load follows logits + bias
     seen = []
-    model.blocks[1].ffn.router.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    router.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     model(torch.randint(0, 97, (2, 8)))
     chosen = (seen[0] @ router.weight.t() + router.bias).topk(2, dim=-1).indices     # (16, 2)
     by_hand = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
