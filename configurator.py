@@ -30,10 +30,17 @@ def _coerce(key, value, default):
     return value
 
 
-def configure(settings, argv):
+def settings_of(namespace):
+    """The settings of a script: its public globals that hold an int, float, bool or str."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+def configure(settings, argv, ignored=()):
     """Apply config files and --key=value overrides in argv to the dict settings (a script's globals()),
-    for the keys that already hold an int, float, bool or str. Returns the overridden {key: value}."""
-    keys = {k for k, v in settings.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    for the keys that already hold an int, float, bool or str. Keys in `ignored` are accepted and dropped
+    (bench.py reads train.py's config files but not their data or schedule settings).
+    Returns the overridden {key: value}."""
+    keys = set(settings_of(settings))
     overrides = {}
     for arg in argv:
         if not arg.startswith('--'):  # a config file: run it in its own namespace, then check what it set
@@ -54,6 +61,8 @@ def configure(settings, argv):
                 value = text                    # ... and bare words are strings
             pairs = [(key, value)]
         for key, value in pairs:
+            if key in ignored:
+                continue
             if key not in keys:
                 close = difflib.get_close_matches(key, keys, n=3)
                 hint = f"did you mean {' or '.join(close)}?" if close else "the settings are the globals of the script"
@@ -62,10 +71,10 @@ def configure(settings, argv):
     return overrides
 
 
-def configure_or_exit(settings, argv=None):
+def configure_or_exit(settings, argv=None, ignored=()):
     """configure(), with bad input reported as one line on stderr and exit code 2."""
     try:
-        overrides = configure(settings, sys.argv[1:] if argv is None else argv)
+        overrides = configure(settings, sys.argv[1:] if argv is None else argv, ignored)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
