@@ -1,7 +1,8 @@
-# Seed 'base'.
+# base: 18 layers, C=768, 8 experts, top-2.
 # $ python train.py config/base.py       (one GPU; torchrun --nproc_per_node=N for N)
 # Shakespeare (~1.4M tokens) is far too small for this model: prepare a larger corpus, e.g.
-# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768   and set data_dir = 'data/corpus'.
+# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768
+# and set data_dir = 'data/corpus'.
 # 32 sequences x 1024 tokens x 4 accumulation steps = 131072 tokens per iteration.
 out_dir = 'out/base'
 data_dir = 'data/shakespeare'

@@ -1,8 +1,8 @@
-# Issue 8's experiments (README "Results"): MoE vs dense and the routers at equal compute, on ShareGPT.
-# $ python data/prepare.py --dataset=sharegpt && python train.py config/sharegpt.py     (one GPU, ~2 minutes)
-# 64 sequences x 512 tokens = 32,768 tokens per iteration; 600 iterations = 19.7M tokens, about one epoch.
-# The variants are overrides of this file, e.g. --moe=False (the dense twin: same active parameters),
-# --router=softmax --capacity_factor=1.25, --router=bias, --n_experts=16; README "Results" lists each command.
+# MoE vs dense and the routers at equal compute, on ShareGPT (bench/RESULTS.md has the runs).
+# $ python data/prepare.py --dataset=sharegpt && python train.py config/sharegpt.py    (one GPU)
+# 64 sequences x 512 tokens = 32,768 tokens per iteration; 600 iterations = 19.7M tokens, about one
+# epoch. The variants are overrides of this file: --moe=False (the dense twin: same active
+# parameters), --router=softmax --capacity_factor=1.25, --router=bias, --n_experts=16.
 out_dir = 'out/sharegpt'
 data_dir = 'data/sharegpt'
 batch_size = 64

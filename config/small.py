@@ -1,7 +1,8 @@
-# Seed 'small': the speed benchmark's model (issue 5 targets 375k tok/s on one H100).
+# small: 14 layers, C=512, 8 experts, top-2; the size of the speed figures (bench/RESULTS.md).
 # $ python train.py config/small.py       (one GPU; torchrun --nproc_per_node=N for N)
 # Shakespeare (~1.4M tokens) is far too small for this model: prepare a larger corpus, e.g.
-# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768   and set data_dir = 'data/corpus'.
+# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768
+# and set data_dir = 'data/corpus'.
 # 32 sequences x 1024 tokens x 4 accumulation steps = 131072 tokens per iteration.
 out_dir = 'out/small'
 data_dir = 'data/shakespeare'

@@ -1,7 +1,8 @@
-# Seed 'tiny': the smallest GPU model; ~1 minute per 100 iterations on one H100.
+# tiny: the smallest GPU model (10 layers, C=384, 4 experts, top-2).
 # $ python train.py config/tiny.py       (one GPU; torchrun --nproc_per_node=N for N)
 # Shakespeare (~1.4M tokens) is far too small for this model: prepare a larger corpus, e.g.
-# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768   and set data_dir = 'data/corpus'.
+# $ python data/prepare.py --input=my_corpus/ --name=corpus --vocab_size=32768
+# and set data_dir = 'data/corpus'.
 # 16 sequences x 1024 tokens x 4 accumulation steps = 65536 tokens per iteration.
 out_dir = 'out/tiny'
 data_dir = 'data/shakespeare'
