@@ -1,30 +1,42 @@
 """
-RLHF for a pretrained Ava model, offline: a judge (reward model), PPO against it, DPO, and best-of-n, on a task
-built from the pretraining text with a programmatic gold score that nothing optimises directly.
+RLHF for a pretrained Ava model, offline: a judge (reward model), PPO against it, DPO and
+best-of-n, on a task built from the pretraining text with a programmatic gold score that
+nothing optimises directly.
 
-    python rlhf.py config/rlhf_nano.py --mode=judge            # preference pairs from the model, labelled by gold
-    python rlhf.py config/rlhf_nano.py --mode=ppo --seed=1     # PPO against the judge -> out_dir/ppo_s1/
+    python rlhf.py config/rlhf_nano.py --mode=judge     # pairs from the model, labelled by gold
+    python rlhf.py config/rlhf_nano.py --mode=ppo --seed=1   # PPO on the judge: out_dir/ppo_s1/
     python rlhf.py config/rlhf_nano.py --mode=dpo --dpo_beta=0.1 --run=dpo_b0.1
-    python rlhf.py config/rlhf_nano.py --mode=bon              # best-of-n on held-out prompts, picked by the judge
-    python rlhf.py config/rlhf_nano.py --mode=frontier         # gold (and judge) vs KL of every run in out_dir
+    python rlhf.py config/rlhf_nano.py --mode=bon       # best-of-n on held-out prompts (judge)
+    python rlhf.py config/rlhf_nano.py --mode=frontier  # gold and judge vs KL of every run
 
-The task (a miniature of Ziegler et al. 2019's mock sentiment and Gao et al. 2022's gold-vs-proxy): a prompt is
-prompt_len tokens of Shakespeare ending at a line break; the response is the next line, i.e. it ends at its first
-token that holds a line break (our EOS). gold_score() rates a line: + positive words, - negative words, - words
-the corpus never uses, - repeated words, - 1 if the line never ends. Pairs of pretrained samples are labelled by
-gold (Bradley-Terry with a temperature), the judge learns from the labels, PPO and DPO learn from the judge or the
-labels, and we report gold on held-out (val) prompts against the KL to the pretrained model.
+The task (a miniature of Ziegler et al. 2019's mock sentiment and Gao et al. 2022's
+gold-vs-proxy), class LineTask: a prompt is prompt_len tokens of Shakespeare ending at a line
+break; the response is the next line, i.e. it ends at its first token that holds a line break
+(our EOS). gold_score() rates a line: + positive words, - negative words, - words the corpus
+never uses, - repeated words, - 1 if the line never ends. Pairs of pretrained samples are
+labelled by gold (Bradley-Terry with a temperature), the judge learns from the labels, PPO and
+DPO learn from the judge or the labels, and we report gold on held-out (val) prompts against
+the KL to the pretrained model.
 
-PPO's four models: the policy (a copy of the pretrained GPT), the reference (the pretrained GPT, frozen), the judge
-(the pretrained GPT + a scalar head, frozen) and the critic (a copy of the judge, trained by the value loss): a
-critic of its own keeps the noisy value gradients out of the policy, and starts out knowing what scores well.
+PPO's four models: the policy (a copy of the pretrained GPT), the reference (the pretrained
+GPT, frozen), the judge (the pretrained GPT + a scalar head, frozen) and the critic (a copy of
+the judge, trained by the value loss): a critic of its own keeps the noisy value gradients out
+of the policy, and starts out knowing what scores well.
 
-Every model stays in eval() mode, in every phase, and everything runs in fp32: dropout is off, and MoE routing is
-plain per-token top-k, so the rollout (KV cache, one token at a time) and the training forward (whole sequences,
-other batch compositions) route every token alike. In train() mode the Sinkhorn router balances over the whole
-batch, a different function, and the PPO ratio would no longer start at 1.
+Every model stays in eval() mode, in every phase, and everything runs in fp32: dropout is off,
+and MoE routing is plain per-token top-k, so the rollout (KV cache, one token at a time) and the
+training forward (whole sequences, other batch compositions) route every token alike. In
+train() mode the Sinkhorn router balances over the whole batch, a different function, and the
+PPO ratio would no longer start at 1.
 
-Shape legend: B rows (episodes or pairs), P prompt tokens, R response tokens, T = P + R, V vocab, C channels.
+Settings are read one way. The maths that the tests drive with hand-worked numbers
+(gold_score, whiten, gae, adapt_kl, ppo_losses, dpo_loss, explained_variance, best_of) takes
+everything as arguments; everything else reads the settings below as module globals, as
+nanoGPT's train.py does. Sizes come from the tensors (P = prompts.size(1)): prompt_len and
+response_len are read only where prompts and responses are made.
+
+Shape legend: B rows (episodes or pairs), P prompt tokens, R response tokens, T = P + R,
+V vocab, C channels.
 """
 
 import copy
@@ -43,70 +55,76 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure_or_exit
+from common import (check, fail, load_checkpoint, load_data, load_torch, pyplot, resolve_device,
+                    save_atomic)
+from configurator import configure_or_exit, settings_of
 from data.prepare import load_tokenizer
 from model import GPT, ModelConfig
-from train import fail, load_checkpoint, write_atomic
 
 # -----------------------------------------------------------------------------
-mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (the module docstring says what each does)
+mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (see the docstring)
 init_dir = 'out/nano'        # the pretrained model: a train.py run folder (ckpt.pt, tokenizer.json)
 out_dir = 'out/rlhf_nano'    # pairs.pt and judge.pt; each ppo/dpo/bon run in its own subfolder
 run = ''                     # that subfolder's name; '' = <mode>_s<seed>
 device = 'auto'              # 'auto' (cuda if available), 'cpu', 'cuda', ...
 seed = 1337
 # the task
-prompt_len = 32              # P: prompt tokens, ending at a line break (train split for learning, val for evaluation)
-response_len = 24            # R: tokens sampled per response at temperature 1; a response ends at its first line break
-label_temperature = 0.5      # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_temperature), sampled
+prompt_len = 32              # P: prompt tokens, ending at a line break (val ones to evaluate)
+response_len = 24            # R: tokens sampled at temperature 1; a response ends at a line break
+label_temperature = 0.5      # P(a preferred to b) = sigmoid((gold_a - gold_b) / label_temperature)
 # judge (Bradley-Terry) on preference pairs sampled from the pretrained model
-n_pairs = 32000              # training pairs, from train prompts (8000: a judge that agrees with gold's order 8% less)
+n_pairs = 32000              # training pairs, from train prompts (fewer: a judge less like gold)
 n_val_pairs = 500            # held-out pairs, from val prompts: the judge's accuracy
 judge_epochs = 1
 judge_lr = 2e-4              # AdamW, annealed linearly to 0 (also: batch_size pairs per step)
 # PPO (and DPO: updates, batch_size, learning_rate)
 updates = 100                # PPO iterations (rollout + ppo_epochs) or DPO steps
 batch_size = 64              # episodes per PPO iteration; pairs per DPO or judge step
-learning_rate = 5e-5         # AdamW, annealed linearly to 0 over the run; 0 = a sanity run (ratio 1, KL 0)
+learning_rate = 5e-5         # AdamW, annealed linearly to 0; 0 = a sanity run (ratio 1, KL 0)
 ppo_epochs = 4               # passes over each rollout batch (policy and critic)
 minibatches = 2              # per pass; must divide batch_size
-kl_coef = 0.25               # beta of the per-token penalty -beta * (log pi - log pi_ref), initial value (~ where the
-                             # controller settles for kl_target 2.5: from 0.15 it overshot to 4.5-4.7 nats first)
-kl_target = 2.5              # adaptive beta (Ziegler et al.): the sequence KL (nats) to aim for; 0 = beta stays fixed
-kl_horizon = 1000            # the controller's horizon in episodes (batch_size / horizon ~ Ziegler's 512 / 10000)
+kl_coef = 0.25               # beta of the per-token penalty -beta * (log pi - log pi_ref), at the
+                             # start: near where the controller settles for kl_target 2.5, so the
+                             # KL does not overshoot the target first
+kl_target = 2.5              # adaptive beta (Ziegler et al.): the sequence KL (nats) to aim for;
+                             # 0 = beta stays fixed
+kl_horizon = 1000            # the controller's horizon in episodes (batch_size / horizon ~
+                             # Ziegler's 512 / 10000)
 clip_range = 0.2             # PPO's ratio clip epsilon
 clip_range_value = 0.2       # the value clip around the rollout's values
 ent_coef = 0.0               # entropy bonus (0 = entropy only logged)
 gamma = 1.0                  # GAE discount
 lam = 0.95                   # GAE lambda
 max_grad_norm = 1.0
-ratio_threshold = 10.0       # skip a minibatch whose mean ratio exceeds this (a stale or broken batch)
+ratio_threshold = 10.0       # skip a minibatch whose mean ratio exceeds this (stale or broken)
 missing_eos_penalty = 1.0    # subtracted from the judge's score of a response with no line break
 # DPO (Rafailov et al. 2023) on the judge's training pairs
 dpo_beta = 0.1
 # evaluation on held-out prompts (the same ones for every run)
-eval_interval = 10           # updates (or DPO steps) between evaluations; the first and the last always run
+eval_interval = 10           # updates (or DPO steps) between evaluations; also the first and last
 eval_prompts = 512
-bon_n = 64                   # best-of-n: n = 1, 2, 4, ... up to this many samples per prompt (KL <= 3.17)
+bon_n = 64                   # best-of-n: n = 1, 2, 4, ... up to this many samples per prompt
 # -----------------------------------------------------------------------------
 
-# gold: a hand-written positivity lexicon for Shakespeare's English (one point per distinct word in a line)
-POSITIVE = set("""love loves loved lovely loving lover sweet sweetly sweetest joy joys joyful fair fairest gentle good
-kind happy dear dearest blessed bless grace gracious honour honest noble true heaven heavenly smile merry mirth
-delight peace hope virtue beauty beauteous bright glad laugh friend friends faith pretty welcome wise thanks
-pleasure comfort praise worthy brave rich best excellent kiss""".split())
-NEGATIVE = set("""death dead die dies dying kill killed hate hated blood bloody grief woe sorrow fear foul false
-villain traitor curse cursed damned hell devil poison murder war sick pain weep tears wretch wretched vile evil ill
-shame fool slave base cruel grave mad rage plague despair wicked sin coward knave scorn revenge bitter""".split())
+# gold: a hand-written positivity lexicon for Shakespeare's English (a point per distinct word)
+POSITIVE = set("""love loves loved lovely loving lover sweet sweetly sweetest joy joys joyful
+fair fairest gentle good kind happy dear dearest blessed bless grace gracious honour honest
+noble true heaven heavenly smile merry mirth delight peace hope virtue beauty beauteous bright
+glad laugh friend friends faith pretty welcome wise thanks pleasure comfort praise worthy brave
+rich best excellent kiss""".split())
+NEGATIVE = set("""death dead die dies dying kill killed hate hated blood bloody grief woe sorrow
+fear foul false villain traitor curse cursed damned hell devil poison murder war sick pain weep
+tears wretch wretched vile evil ill shame fool slave base cruel grave mad rage plague despair
+wicked sin coward knave scorn revenge bitter""".split())
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 
 def gold_score(text, known, finished):
     """The gold score of one response line -> (sentiment, fluency); gold is their sum.
     sentiment: distinct positive minus distinct negative words (repeating 'love' earns nothing).
-    fluency: -1 per word the training text never uses (the model's glued half-words), -1 per repeat of a word of
-    4+ letters, -1 if it is not a whole line: fewer than 4 words (an empty line, a speaker's name), or no line
-    break within response_len tokens."""
+    fluency: -1 per word the training text never uses (the model's glued half-words), -1 per
+    repeat of a word of 4+ letters, -1 if it is not a whole line: fewer than 4 words (an empty
+    line, a speaker's name), or no line break within response_len tokens."""
     words = WORD.findall(text.lower())
     distinct = set(words)
     sentiment = len(distinct & POSITIVE) - len(distinct & NEGATIVE)
@@ -115,13 +133,85 @@ def gold_score(text, known, finished):
     return sentiment, -unknown - repeats - (len(words) < 4 or not finished)
 
 
+class LineTask:
+    """The line task on the pretrained model's own data: prompts that end at a line break, where
+    a response ends (its first token that holds a line break), and the gold score of its line.
+    enc: the tokenizer (a tiktoken Encoding); tokens: {'train': ..., 'val': ...} token arrays;
+    vocab_size: the model's V."""
+
+    def __init__(self, enc, tokens, vocab_size, device):
+        self.enc, self.device = enc, device
+        self.tokens = {s: np.array(t, dtype=np.int64) for s, t in tokens.items()}
+        ends = [b'\n' in enc.decode_single_token_bytes(i) for i in range(vocab_size)]
+        self.ends = torch.tensor(ends, device=device)            # (V,) the tokens that end a line
+        self.ends[enc.eot_token] = True                          # a document's end ends a line
+        newline = enc.encode_ordinary('\n')[0]
+        # the line breaks a prompt can end at (a response starts after): prompt_len - 1 tokens in
+        self.starts = {s: np.nonzero(t[prompt_len - 1:] == newline)[0] + prompt_len - 1
+                       for s, t in self.tokens.items()}
+        self.known = set(WORD.findall(enc.decode(self.tokens['train'].tolist()).lower()))
+
+    def prompts(self, split, n, generator=None):
+        """n prompts (n, P) from a split: the prompt_len tokens up to and including a random line
+        break, drawn with generator (None: torch's global one)."""
+        starts, tokens = self.starts[split], self.tokens[split]
+        at = starts[torch.randint(len(starts), (n,), generator=generator).numpy()]
+        rows = np.stack([tokens[i - prompt_len + 1:i + 1] for i in at])
+        return torch.from_numpy(rows).to(self.device)
+
+    def line_end(self, responses):
+        """responses (B, R) -> the index of each row's last token (its first line break, else R-1)
+        (B,), whether it has one (B,), and the mask of the tokens up to it (B, R). Tokens after
+        the end are never looked at: every model is causal, so they need no padding."""
+        is_end = self.ends[responses]                            # (B, R)
+        has_eos = is_end.any(1)
+        end = torch.where(has_eos, is_end.int().argmax(1), responses.size(1) - 1)
+        mask = torch.arange(responses.size(1), device=responses.device) <= end[:, None]
+        return end, has_eos, mask
+
+    def gold(self, responses, end, has_eos):
+        """(sentiment, fluency) of each response (B,) x 2, from its text up to (not including) its
+        line break."""
+        rows = [gold_score(self.enc.decode(r[:e + (not eos)]), self.known, eos)
+                for r, e, eos in zip(responses.tolist(), end.tolist(), has_eos.tolist())]
+        return torch.tensor(rows, dtype=torch.float, device=self.device).T
+
+    def sample_pairs(self, gpt, split, n, generator):
+        """n prompts, two samples of gpt each, their gold scores and a sampled Bradley-Terry label
+        (1: a preferred)."""
+        p = self.prompts(split, n, generator)
+        responses = sample_responses(gpt, p.repeat(2, 1))
+        g = self.gold(responses, *self.line_end(responses)[:2]).sum(0)  # (2n,)
+        prob = torch.sigmoid((g[:n] - g[n:]) / label_temperature)
+        label = (torch.rand(n, generator=generator) < prob.cpu()).float().to(self.device)
+        return dict(prompts=p, a=responses[:n], b=responses[n:], gold_a=g[:n], gold_b=g[n:],
+                    prob=prob, label=label)
+
+
+def load_task(data_dir, vocab_size, dev):
+    """The LineTask of the pretrained model: its tokenizer (init_dir/tokenizer.json), its data."""
+    try:
+        enc = load_tokenizer(os.path.join(init_dir, 'tokenizer.json'))
+    except OSError as e:
+        fail(f"no tokenizer next to the checkpoint ({e.strerror}); "
+             f"copy the data set's tokenizer.json into {init_dir}")
+    _, tokens = load_data(data_dir)
+    check([(len(enc.encode_ordinary('\n')) == 1, "the tokenizer has no single line-break token")])
+    task = LineTask(enc, tokens, vocab_size, dev)
+    check([(min(map(len, task.starts.values())) >= 2,
+            f"{data_dir} has too few line breaks after {prompt_len} tokens to make prompts")])
+    return task
+
+
 class HeadedGPT(nn.Module):
-    """A GPT and a scalar head (C -> 1) on its final normed states: the judge's score, or the critic's value."""
+    """A GPT and a scalar head (C -> 1) on its final normed states: the judge's score, or the
+    critic's value."""
 
     def __init__(self, gpt):
         super().__init__()
-        self.gpt, self.head = gpt, nn.Linear(gpt.config.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(gpt.config.n_embd + 1))  # as Stiennon et al. 2020
+        C = gpt.config.n_embd
+        self.gpt, self.head = gpt, nn.Linear(C, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(C + 1))  # as Stiennon et al. 2020
         nn.init.zeros_(self.head.bias)
 
     def forward(self, seq):
@@ -130,29 +220,25 @@ class HeadedGPT(nn.Module):
 
 
 def response_logprobs(gpt, seq, P):
-    """seq (B, T) = prompt (P) + response (R) -> log-probabilities of the response tokens (B, R) and the entropies
-    of those next-token distributions (B, R). Policy and reference take exactly this path: KL 0 when they are equal."""
-    logits = gpt.lm_head(gpt.norm_f(gpt.trunk(seq)[0][:, P - 1:-1]))      # (B, R, V): position t predicts token t+1
-    logp = logits.float().log_softmax(-1)
+    """seq (B, T) = prompt (P) + response (R) -> the log-probabilities of the response tokens
+    (B, R) and the entropies of those next-token distributions (B, R). Policy and reference take
+    exactly this path: KL 0 when they are equal."""
+    states = gpt.norm_f(gpt.trunk(seq)[0][:, P - 1:-1])           # position t predicts token t+1
+    logp = gpt.lm_head(states).float().log_softmax(-1)            # (B, R, V)
     return logp.gather(-1, seq[:, P:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def line_end(responses, ends):
-    """responses (B, R), ends (V,) bool: the tokens that end a line -> index of each row's last token (its first
-    line break, else R-1) (B,), whether it has one (B,), and the mask of tokens up to it (B, R). Tokens after the
-    end are never looked at: every model is causal, so they need no padding."""
-    is_end = ends[responses]                                          # (B, R)
-    has_eos = is_end.any(1)
-    end = torch.where(has_eos, is_end.int().argmax(1), responses.size(1) - 1)
-    mask = torch.arange(responses.size(1), device=responses.device) <= end[:, None]
-    return end, has_eos, mask
-
-
-def rollout(gpt, prompts, R):
-    """Sample R tokens after each prompt (B, P) at temperature 1, no top-k/top-p (the ratio and the KL need the
-    policy's own probabilities), with the KV cache -> tokens (B, R) and their log-probabilities (B, R)."""
-    seq, logprobs = gpt.generate(prompts, R, return_logprobs=True)
+def rollout(gpt, prompts):
+    """Sample response_len tokens after each prompt (B, P) at temperature 1, no top-k/top-p (the
+    ratio and the KL need the policy's own probabilities), with the KV cache -> the tokens (B, R)
+    and their log-probabilities (B, R)."""
+    seq, logprobs = gpt.generate(prompts, response_len, return_logprobs=True)
     return seq[:, prompts.size(1):], logprobs
+
+
+def sample_responses(gpt, prompts, chunk=512):
+    """rollout()'s tokens (B, R) for many prompts, chunk rows at a time (a KV cache per chunk)."""
+    return torch.cat([rollout(gpt, rows)[0] for rows in prompts.split(chunk)])
 
 
 @torch.no_grad()
@@ -174,8 +260,9 @@ def whiten(x, mask):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016) over each row's masked prefix (B, R): the value
-    after a row's last token is 0 (the episode ends). -> advantages, returns = advantages + values; 0 where masked."""
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's masked prefix
+    (B, R): the value after a row's last token is 0 (the episode ends).
+    -> advantages, returns = advantages + values; 0 where masked."""
     rewards, values = rewards * mask, values * mask
     advantages, next_value, next_adv = torch.zeros_like(rewards), 0.0, 0.0
     for t in reversed(range(rewards.size(1))):
@@ -186,14 +273,15 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def adapt_kl(beta, kl, target, n, horizon):
-    """Ziegler et al.'s adaptive KL coefficient, after a batch of n episodes with mean sequence KL kl:
-    beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon)."""
+    """Ziegler et al.'s adaptive KL coefficient, after a batch of n episodes with mean sequence
+    KL kl: beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon)."""
     return beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip, clip_value):
-    """PPO's clipped surrogate and clipped value loss, as masked means over response tokens (all (B, R)).
-    -> policy loss, value loss, ratio (B, R), clip fraction."""
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip,
+               clip_value):
+    """PPO's clipped surrogate and clipped value loss, as masked means over the response tokens
+    (all (B, R)). -> policy loss, value loss, ratio (B, R), clip fraction."""
     ratio = (logprobs - old_logprobs).exp()
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
     clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
@@ -203,41 +291,157 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
-    """DPO: -log sigmoid(beta * (log-ratio to the reference of the chosen - that of the rejected)), mean over the
-    pairs; inputs are summed response log-probabilities (B,). -> loss, and the implicit reward margins (B,)."""
+    """DPO: -log sigmoid(beta * (log-ratio to the reference of the chosen - that of the
+    rejected)), mean over the pairs; the inputs are summed response log-probabilities (B,).
+    -> loss, and the implicit reward margins (B,)."""
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return -F.logsigmoid(margin).mean(), margin
 
 
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 = perfect, 0 = no
+    better than a constant."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
+    return float(1 - var(returns - values) / var(returns).clamp_min(1e-8))
+
+
+def best_of(score, value, n):
+    """score, value (S, N): S samples for each of N prompts. The samples split into S // n
+    disjoint groups of n; in each group, the value of the sample with the highest score
+    -> (S // n, N)."""
+    groups = lambda x: x[:len(x) // n * n].view(-1, n, x.size(1))  # noqa: E731 (S // n, n, N)
+    return groups(value).gather(1, groups(score).argmax(1, keepdim=True)).squeeze(1)
+
+
+# ---- the judge ----
+
+def pair_margins(judge, task, pairs, idx):
+    """The judge's score(a) - score(b) for the pairs idx."""
+    P = pairs['prompts'].size(1)
+    a, b = (torch.cat([pairs['prompts'][idx], pairs[k][idx]], 1) for k in 'ab')
+    end = torch.cat([task.line_end(pairs[k][idx])[0] for k in 'ab'])
+    s = judge(torch.cat([a, b])).gather(1, (P + end)[:, None]).squeeze(1)
+    return s[:len(idx)] - s[len(idx):]
+
+
 @torch.no_grad()
-def experience(policy, critic, ref, judge, prompts, ends, beta):
-    """One PPO batch: sample responses from the policy, score them with the judge (minus missing_eos_penalty without
-    a line break), put the score on the last token on top of the per-token KL penalty, and run GAE.
-    Old log-probabilities come from a full forward of the policy (what training recomputes); the rollout's own
-    (KV-cache) log-probabilities are kept to measure the difference. The critic's value of the state before
-    response token t is its output at the token before it."""
+def judge_accuracy(judge, task, pairs):
+    """How often the judge prefers the labelled winner; the best that any judge can do against
+    sampled labels (Bayes); how often it orders the pairs that gold does not tie as gold does."""
+    m = torch.cat([pair_margins(judge, task, pairs, idx)
+                   for idx in torch.arange(len(pairs['label'])).split(256)])
+    decided = pairs['gold_a'] != pairs['gold_b']
+    gold_order = ((m > 0) == (pairs['gold_a'] > pairs['gold_b']))[decided]
+    return dict(accuracy=((m > 0).float() == pairs['label']).float().mean().item(),
+                bayes=torch.max(pairs['prob'], 1 - pairs['prob']).mean().item(),
+                gold_order=gold_order.float().mean().item())
+
+
+def train_judge(task, gpt):
+    """Sample and label the pairs, train the judge with the Bradley-Terry loss, report held-out
+    accuracy, then normalise its scores to mean 0 and std 1 on the pretrained model's samples
+    (folded into the head)."""
+    t0, path = time.time(), os.path.join(out_dir, 'judge.pt')
+    pairs = task.sample_pairs(gpt, 'train', n_pairs, torch.Generator().manual_seed(seed))
+    val = task.sample_pairs(gpt, 'val', n_val_pairs, torch.Generator().manual_seed(seed + 1))
+    save_atomic(dict(train=pairs, val=val), os.path.join(out_dir, 'pairs.pt'))
+    g = torch.cat([pairs['gold_a'], pairs['gold_b']])
+    ties = (pairs['gold_a'] == pairs['gold_b']).float().mean()
+    print(f"sampled {n_pairs} + {n_val_pairs} pairs in {time.time() - t0:.0f}s; pretrained gold "
+          f"{g.mean():+.3f} (sd {g.std():.3f}); {ties:.0%} of pairs tie on gold")
+    judge = HeadedGPT(copy.deepcopy(gpt).requires_grad_(True)).to(gpt.wte.weight.device)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=judge_lr, betas=(0.9, 0.95),
+                                  weight_decay=0)
+    steps, step = judge_epochs * math.ceil(n_pairs / batch_size), 0
+    for epoch in range(judge_epochs):
+        losses = []
+        for idx in torch.randperm(n_pairs).split(batch_size):
+            for group in optimizer.param_groups:
+                group['lr'] = judge_lr * (1 - step / steps)
+            sign = 2 * pairs['label'][idx] - 1                   # +1: a preferred
+            loss = -F.logsigmoid(sign * pair_margins(judge, task, pairs, idx)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(judge.parameters(), max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+        held_out = judge_accuracy(judge, task, val)
+        print(f"judge epoch {epoch + 1}: loss {np.mean(losses):.4f}, held-out accuracy "
+              f"{held_out['accuracy']:.3f} (Bayes {held_out['bayes']:.3f}; agrees with gold's "
+              f"order on {held_out['gold_order']:.3f} of untied pairs)")
+    responses = torch.cat([pairs['a'], pairs['b']])
+    seq = torch.cat([pairs['prompts'].repeat(2, 1), responses], 1)
+    raw = judge_scores(judge, seq, task.line_end(responses)[0], pairs['prompts'].size(1))
+    with torch.no_grad():  # score' = (score - mean) / std, as the head's own weights
+        judge.head.weight /= raw.std()
+        judge.head.bias.sub_(raw.mean()).div_(raw.std())
+    state = dict(model=judge.state_dict(), model_config=asdict(gpt.config),
+                 train=judge_accuracy(judge, task, pairs), val=held_out)
+    save_atomic(state, path)
+    print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; "
+          f"train accuracy {state['train']['accuracy']:.3f}")
+
+
+def load_from_judge_mode(name, what):
+    """out_dir/name, which --mode=judge writes -> (its path, its contents)."""
+    path = os.path.join(out_dir, name)
+    check([(os.path.exists(path),
+            f"no {what} at {path}: run python rlhf.py ... --mode=judge first (same out_dir)")])
+    return path, load_torch(path, f'the {what} from rlhf.py --mode=judge')
+
+
+def load_judge(dev):
+    """The judge that --mode=judge wrote to out_dir, frozen."""
+    path, saved = load_from_judge_mode('judge.pt', 'judge')
+    try:
+        judge = HeadedGPT(GPT(ModelConfig(**saved['model_config'])))
+        judge.load_state_dict(saved['model'])
+    except Exception as e:
+        fail(f"cannot load {path} ({type(e).__name__}); is it a judge from rlhf.py --mode=judge?")
+    return judge.eval().requires_grad_(False).to(dev)
+
+
+def load_pairs(dev):
+    """The training pairs that --mode=judge wrote to out_dir."""
+    _, pairs = load_from_judge_mode('pairs.pt', 'pairs')
+    return {k: v.to(dev) for k, v in pairs['train'].items()}
+
+
+# ---- PPO ----
+
+@torch.no_grad()
+def experience(policy, critic, ref, judge, task, prompts, beta):
+    """One PPO batch: sample responses from the policy, score them with the judge (minus
+    missing_eos_penalty without a line break), put the score on the last token on top of the
+    per-token KL penalty, and run GAE. Old log-probabilities come from a full forward of the
+    policy (what training recomputes); the rollout's own (KV-cache) log-probabilities are kept
+    to measure the difference. The critic's value of the state before response token t is its
+    output at the token before it."""
     P = prompts.size(1)
-    responses, rollout_lp = rollout(policy, prompts, response_len)
-    end, has_eos, mask = line_end(responses, ends)
-    seq = torch.cat([prompts, responses], 1)                          # (B, T)
+    responses, rollout_lp = rollout(policy, prompts)
+    end, has_eos, mask = task.line_end(responses)
+    seq = torch.cat([prompts, responses], 1)                     # (B, T)
     old_lp, ref_lp = response_logprobs(policy, seq, P)[0], response_logprobs(ref, seq, P)[0]
-    old_values = critic(seq)[:, P - 1:-1]                             # (B, R)
-    score = judge_scores(judge, seq, end, P)                          # (B,)
-    kl = (old_lp - ref_lp) * mask                                     # (B, R) per-token log pi - log pi_ref
+    old_values = critic(seq)[:, P - 1:-1]                        # (B, R)
+    score = judge_scores(judge, seq, end, P)                     # (B,)
+    kl = (old_lp - ref_lp) * mask                                # (B, R) log pi - log pi_ref
     rewards = -beta * kl
-    rewards[torch.arange(len(seq), device=seq.device), end] += score - missing_eos_penalty * (~has_eos).float()
+    last = torch.arange(len(seq), device=seq.device), end
+    rewards[last] += score - missing_eos_penalty * (~has_eos).float()
     advantages, returns = gae(rewards, old_values, mask, gamma, lam)
-    return dict(seq=seq, responses=responses, end=end, has_eos=has_eos, mask=mask.float(), rollout_lp=rollout_lp,
-                old_lp=old_lp, old_values=old_values, score=score, kl=kl.sum(1),
-                advantages=whiten(advantages, mask.float()), returns=returns)
+    return dict(seq=seq, responses=responses, end=end, has_eos=has_eos, mask=mask.float(),
+                rollout_lp=rollout_lp, old_lp=old_lp, old_values=old_values, score=score,
+                kl=kl.sum(1), advantages=whiten(advantages, mask.float()), returns=returns)
 
 
 def ppo_update(policy, critic, optimizer, batch):
-    """ppo_epochs passes of minibatches over one experience() batch. The first minibatch is checked before any
-    step: its ratio must be 1, and its log-probabilities those of the rollout. -> statistics."""
+    """ppo_epochs passes of minibatches over one experience() batch. The first minibatch is
+    checked before any step: its ratio must be 1, and its log-probabilities those of the
+    rollout. -> statistics."""
     B, P = batch['responses'].shape[0], batch['seq'].size(1) - batch['responses'].size(1)
-    stats, first = {k: [] for k in ('policy_loss', 'value_loss', 'clipfrac', 'approxkl', 'entropy', 'grad_norm')}, {}
-    skipped = 0
+    keys = ('policy_loss', 'value_loss', 'clipfrac', 'approxkl', 'entropy', 'grad_norm')
+    stats, first, skipped = {k: [] for k in keys}, {}, 0
     for epoch in range(ppo_epochs):
         for idx in torch.randperm(B, device=batch['seq'].device).chunk(minibatches):
             mb = {k: v[idx] for k, v in batch.items()}
@@ -245,14 +449,15 @@ def ppo_update(policy, critic, optimizer, batch):
             values = critic(mb['seq'])[:, P - 1:-1]
             mask = mb['mask']
             policy_loss, value_loss, ratio, clipfrac = ppo_losses(
-                logprobs, mb['old_lp'], mb['advantages'], values, mb['old_values'], mb['returns'], mask,
-                clip_range, clip_range_value)
+                logprobs, mb['old_lp'], mb['advantages'], values, mb['old_values'],
+                mb['returns'], mask, clip_range, clip_range_value)
             if not first:
-                loads = policy.router_stats()  # [{'load': (E,)}] per MoE layer of this forward: watch_routing() is on
-                first = dict(ratio_first_max=((ratio - 1).abs() * mask).max().item(),
-                             logprob_mismatch=((logprobs - mb['rollout_lp']).abs() * mask).max().item(),
-                             **({'expert_load': [(s['load'] * len(s['load'])).tolist() for s in loads]}
-                                if loads else {}))  # load / even share, per layer and expert
+                loads = policy.router_stats()  # [{'load': (E,)}] per MoE layer: watch_routing()
+                first = dict(
+                    ratio_first_max=((ratio - 1).abs() * mask).max().item(),
+                    logprob_mismatch=((logprobs - mb['rollout_lp']).abs() * mask).max().item(),
+                    **({'expert_load': [(s['load'] * len(s['load'])).tolist() for s in loads]}
+                       if loads else {}))  # load / even share, per layer and expert
             if not masked_mean(ratio, mask) < ratio_threshold:  # also catches NaN
                 skipped += 1
                 continue
@@ -263,228 +468,84 @@ def ppo_update(policy, critic, optimizer, batch):
             torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
             optimizer.step()
             log_ratio = (logprobs - mb['old_lp']).detach()
-            for key, value in (('policy_loss', policy_loss), ('value_loss', value_loss), ('clipfrac', clipfrac),
-                               ('approxkl', masked_mean(log_ratio.exp() - 1 - log_ratio, mask)),  # k3 estimator
-                               ('entropy', masked_mean(entropy.detach(), mask)), ('grad_norm', grad_norm)):
+            approxkl = masked_mean(log_ratio.exp() - 1 - log_ratio, mask)  # the k3 estimator
+            for key, value in (('policy_loss', policy_loss), ('value_loss', value_loss),
+                               ('clipfrac', clipfrac), ('approxkl', approxkl),
+                               ('entropy', masked_mean(entropy.detach(), mask)),
+                               ('grad_norm', grad_norm)):
                 stats[key].append(float(value.detach()))
-    return {**{k: float(np.mean(v)) if v else float('nan') for k, v in stats.items()}, **first, 'skipped': skipped}
+    means = {k: float(np.mean(v)) if v else float('nan') for k, v in stats.items()}
+    return {**means, **first, 'skipped': skipped}
 
 
-def explained_variance(values, returns, mask):
-    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 = perfect, 0 = no better than a constant."""
-    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
-    return float(1 - var(returns - values) / var(returns).clamp_min(1e-8))
+# ---- runs: PPO, DPO and best-of-n, evaluated on the same held-out prompts ----
 
+class Run:
+    """One ppo, dpo or bon run, in out_dir/<run>: metrics.jsonl (a JSON record a line) and, after
+    each evaluation, the evaluated policy as a train.py-style ckpt.pt (sample.py
+    --out_dir=<folder> reads it) and the curves so far, <mode>.png: a run stopped early keeps
+    both. The held-out prompts are the same for every run; ref (the pretrained model) and the
+    judge are frozen."""
 
-def main():
-    settings = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-    checks = [
-        (mode in ('judge', 'ppo', 'dpo', 'bon', 'frontier'),
-         f"mode must be judge, ppo, dpo, bon or frontier, not {mode!r}"),
-        (min(prompt_len, response_len, batch_size, ppo_epochs, minibatches, eval_interval, eval_prompts, bon_n,
-             n_pairs, n_val_pairs, judge_epochs) >= 1, "sizes, counts and intervals must be >= 1"),
-        (updates >= 0 and learning_rate >= 0 and judge_lr > 0, "need updates >= 0, learning_rate >= 0, judge_lr > 0"),
-        (batch_size % minibatches == 0, f"minibatches={minibatches} must divide batch_size={batch_size}"),
-        (min(kl_coef, kl_target, ent_coef, missing_eos_penalty) >= 0 and kl_horizon > 0,
-         "kl_coef, kl_target, ent_coef, missing_eos_penalty must be >= 0 and kl_horizon > 0"),
-        (clip_range > 0 and clip_range_value > 0 and ratio_threshold > 1 and max_grad_norm > 0,
-         "need clip_range, clip_range_value, max_grad_norm > 0 and ratio_threshold > 1"),
-        (0 <= gamma <= 1 and 0 <= lam <= 1 and label_temperature > 0 and dpo_beta > 0,
-         "need gamma and lam in [0, 1], label_temperature > 0, dpo_beta > 0"),
-        (device in ('auto', 'cpu') or device.startswith('cuda'), "device must be auto, cpu or cuda[:N]"),
-    ]
-    problem = next((message for ok, message in checks if not ok), None)
-    if problem:
-        fail(problem)
-    if mode == 'frontier':
-        return frontier()
-    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    torch.manual_seed(seed)
-    ckpt, cfg, gpt = load_checkpoint(os.path.join(init_dir, 'ckpt.pt'))
-    gpt.eval().requires_grad_(False).to(dev)
-    if prompt_len + response_len > cfg.block_size:
-        fail(f"prompt_len + response_len = {prompt_len + response_len} exceeds the model's block_size {cfg.block_size}")
-    try:
-        enc = load_tokenizer(os.path.join(init_dir, 'tokenizer.json'))
-    except OSError as e:
-        fail(f"no tokenizer next to the checkpoint ({e.strerror}); copy the data set's tokenizer.json into {init_dir}")
-    data_dir = ckpt.get('config', {}).get('data_dir', '')
-    try:
-        meta = json.load(open(os.path.join(data_dir, 'meta.json')))
-        split = {s: np.array(np.memmap(os.path.join(data_dir, f'{s}.bin'), dtype=meta['dtype'], mode='r'),
-                             dtype=np.int64) for s in ('train', 'val')}
-    except (OSError, KeyError, ValueError) as e:
-        fail(f"no prepared data in {data_dir!r}, the checkpoint's data_dir ({type(e).__name__})")
-    newline = enc.encode_ordinary('\n')
-    if len(newline) != 1:
-        fail("the tokenizer has no single line-break token")
-    ends = torch.tensor([b'\n' in enc.decode_single_token_bytes(i) for i in range(cfg.vocab_size)], device=dev)
-    ends[enc.eot_token] = True                                        # the end of a document ends a line too
-    starts = {s: np.nonzero(t[prompt_len - 1:] == newline[0])[0] + prompt_len - 1 for s, t in split.items()}
-    if min(map(len, starts.values())) < 2:
-        fail(f"{data_dir} has too few line breaks after {prompt_len} tokens to make prompts")
-    known = set(WORD.findall(enc.decode(split['train'].tolist()).lower()))
+    def __init__(self, task, ref, judge, data_dir):
+        self.task, self.ref, self.judge = task, ref, judge
+        self.config = {**settings_of(globals()), 'data_dir': data_dir}
+        self.eval_set = task.prompts('val', eval_prompts, torch.Generator().manual_seed(0))
+        self.folder = os.path.join(out_dir, run or f'{mode}_s{seed}')
+        os.makedirs(self.folder, exist_ok=True)
+        self.metrics = os.path.join(self.folder, 'metrics.jsonl')
+        open(self.metrics, 'w').close()
+        shutil.copy(os.path.join(init_dir, 'tokenizer.json'), self.folder)
 
-    def prompts(which, n, generator):
-        """n prompts (n, P) from a split: the prompt_len tokens up to and including a random line break."""
-        at = starts[which][torch.randint(len(starts[which]), (n,), generator=generator).numpy()]
-        return torch.from_numpy(np.stack([split[which][i - prompt_len + 1:i + 1] for i in at])).to(dev)
-
-    def gold(responses, end, has_eos):
-        """(sentiment, fluency) of each response (B,) x 2, from its text up to (not including) its line break."""
-        rows = [gold_score(enc.decode(r[:e + (not eos)]), known, eos)
-                for r, e, eos in zip(responses.tolist(), end.tolist(), has_eos.tolist())]
-        return torch.tensor(rows, dtype=torch.float, device=dev).T
-
-    def sample_pairs(which, n, generator):
-        """n prompts, two pretrained samples each, gold scores and a sampled Bradley-Terry label (1: a preferred)."""
-        p = prompts(which, n, generator)
-        responses = torch.cat([rollout(gpt, chunk, response_len)[0] for chunk in p.repeat(2, 1).split(512)])
-        g = gold(responses, *line_end(responses, ends)[:2]).sum(0)    # (2n,)
-        prob = torch.sigmoid((g[:n] - g[n:]) / label_temperature)
-        label = (torch.rand(n, generator=generator) < prob.cpu()).float().to(dev)
-        return dict(prompts=p, a=responses[:n], b=responses[n:], gold_a=g[:n], gold_b=g[n:], prob=prob, label=label)
-
-    eval_set = prompts('val', eval_prompts, torch.Generator().manual_seed(0))  # the same for every run
-    judge_path = os.path.join(out_dir, 'judge.pt')
-    os.makedirs(out_dir, exist_ok=True)
-    if mode == 'judge':
-        return train_judge(gpt, cfg, sample_pairs, ends, judge_path)
-    try:
-        saved = torch.load(judge_path, map_location='cpu', weights_only=True)
-        judge = HeadedGPT(GPT(ModelConfig(**saved['model_config'])))
-        judge.load_state_dict(saved['model'])
-    except FileNotFoundError:
-        fail(f"no judge at {judge_path}: run python rlhf.py ... --mode=judge first (same out_dir)")
-    except Exception as e:
-        fail(f"cannot load {judge_path} ({type(e).__name__}); is it a judge from rlhf.py --mode=judge?")
-    judge.eval().requires_grad_(False).to(dev)
-    if mode == 'dpo':
-        try:
-            pairs = torch.load(os.path.join(out_dir, 'pairs.pt'), map_location=dev, weights_only=True)['train']
-        except Exception as e:
-            fail(f"cannot load {out_dir}/pairs.pt ({type(e).__name__}); run --mode=judge again to write it")
-    folder = os.path.join(out_dir, run or f'{mode}_s{seed}')
-    os.makedirs(folder, exist_ok=True)
-    metrics_path = os.path.join(folder, 'metrics.jsonl')
-    open(metrics_path, 'w').close()
-    shutil.copy(os.path.join(init_dir, 'tokenizer.json'), os.path.join(folder, 'tokenizer.json'))
-
-    def log(record):
-        with open(metrics_path, 'a') as f:
+    def log(self, record):
+        with open(self.metrics, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
     @torch.no_grad()
-    def evaluate(policy, step, show=0):
-        """One sample per held-out prompt: gold, judge, sequence KL to the pretrained model, line ends, length."""
-        responses = torch.cat([rollout(policy, chunk, response_len)[0] for chunk in eval_set.split(512)])
-        end, has_eos, mask = line_end(responses, ends)
-        seq = torch.cat([eval_set, responses], 1)
-        kl = torch.cat([((response_logprobs(policy, s, prompt_len)[0] - response_logprobs(gpt, s, prompt_len)[0])
+    def evaluate(self, policy, step, show=0):
+        """One sample per held-out prompt: gold, judge, sequence KL to the pretrained model, line
+        ends, length; show samples printed; then the checkpoint and the plot."""
+        task, prompts, P = self.task, self.eval_set, self.eval_set.size(1)
+        responses = sample_responses(policy, prompts)
+        end, has_eos, mask = task.line_end(responses)
+        seq = torch.cat([prompts, responses], 1)
+        kl = torch.cat([((response_logprobs(policy, s, P)[0] - response_logprobs(self.ref, s, P)[0])
                          * m).sum(1) for s, m in zip(seq.split(128), mask.split(128))])
-        sentiment, fluency = gold(responses, end, has_eos)
-        g, score = sentiment + fluency, judge_scores(judge, seq, end, prompt_len)
-        record = dict(eval=True, mode=mode, step=step, kl=kl.mean().item(), gold=g.mean().item(),
-                      gold_sd=g.std().item(), sentiment=sentiment.mean().item(), fluency=fluency.mean().item(),
-                      judge=score.mean().item(), eos_rate=has_eos.float().mean().item(),
-                      length=(end + 1).float().mean().item())
-        print(f"eval {step}: gold {record['gold']:+.3f} (sd {record['gold_sd']:.3f}; sentiment "
-              f"{record['sentiment']:+.3f}, fluency {record['fluency']:+.3f}), judge {record['judge']:+.3f}, "
-              f"KL {record['kl']:.3f} nats, eos {record['eos_rate']:.1%}, length {record['length']:.1f}")
+        sentiment, fluency = task.gold(responses, end, has_eos)
+        g, score = sentiment + fluency, judge_scores(self.judge, seq, end, P)
+        r = dict(eval=True, mode=mode, step=step, kl=kl.mean().item(), gold=g.mean().item(),
+                 gold_sd=g.std().item(), sentiment=sentiment.mean().item(),
+                 fluency=fluency.mean().item(), judge=score.mean().item(),
+                 eos_rate=has_eos.float().mean().item(), length=(end + 1).float().mean().item())
+        print(f"eval {step}: gold {r['gold']:+.3f} (sd {r['gold_sd']:.3f}; sentiment "
+              f"{r['sentiment']:+.3f}, fluency {r['fluency']:+.3f}), judge {r['judge']:+.3f}, "
+              f"KL {r['kl']:.3f} nats, eos {r['eos_rate']:.1%}, length {r['length']:.1f}")
         for i in range(show):
-            prompt, response = enc.decode(eval_set[i, -8:].tolist()), enc.decode(responses[i, :end[i] + 1].tolist())
-            print(f"   ...{prompt!r} -> {response!r} gold {g[i]:+.0f} judge {score[i]:+.2f} KL {kl[i]:.2f}")
-        log(record)
-        # the evaluated policy as a train.py-style checkpoint (sample.py --out_dir=<run folder> reads it) and the
-        # curves so far: a run stopped early keeps both
-        state = dict(model=policy.state_dict(), model_config=asdict(cfg), iter_num=step,
-                     config={**settings, 'data_dir': data_dir})
-        write_atomic(os.path.join(folder, 'ckpt.pt'), lambda tmp: torch.save(state, tmp))
-        plot_run([json.loads(line) for line in open(metrics_path)], os.path.join(folder, f'{mode}.png'))
-
-    if mode == 'bon':
-        return best_of_n(gpt, judge, eval_set, ends, gold, log)
-    policy = copy.deepcopy(gpt).requires_grad_(True)
-    if mode == 'dpo':
-        train_dpo(policy, gpt, adamw(policy), pairs, ends, evaluate, log)
-    else:  # the critic starts as a copy of the judge (Huang et al. 2024): its values mean something from the start
-        critic = copy.deepcopy(judge).requires_grad_(True)
-        train_ppo(policy, critic, gpt, judge, adamw(policy, critic), lambda n: prompts('train', n, None), ends, gold,
-                  evaluate, log)
-    print(f"wrote {folder}/ckpt.pt, metrics.jsonl and {mode}.png")
-
-
-def train_judge(gpt, cfg, sample_pairs, ends, path):
-    """Sample and label the pairs, train the judge with the Bradley-Terry loss, report held-out accuracy, then
-    normalise its scores to mean 0 and std 1 on the pretrained model's samples (folded into the head)."""
-    t0 = time.time()
-    data = {'train': sample_pairs('train', n_pairs, torch.Generator().manual_seed(seed)),
-            'val': sample_pairs('val', n_val_pairs, torch.Generator().manual_seed(seed + 1))}
-    write_atomic(os.path.join(out_dir, 'pairs.pt'), lambda tmp: torch.save(data, tmp))
-    g = torch.cat([data['train']['gold_a'], data['train']['gold_b']])
-    ties = (data['train']['gold_a'] == data['train']['gold_b']).float().mean()
-    print(f"sampled {n_pairs} + {n_val_pairs} pairs in {time.time() - t0:.0f}s; pretrained gold {g.mean():+.3f} "
-          f"(sd {g.std():.3f}); {ties:.0%} of pairs tie on gold")
-    judge = HeadedGPT(copy.deepcopy(gpt).requires_grad_(True)).to(gpt.wte.weight.device)
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=judge_lr, betas=(0.9, 0.95), weight_decay=0)
-
-    def margins(d, idx):
-        """score(a) - score(b) for the pairs idx."""
-        a, b = (torch.cat([d['prompts'][idx], d[k][idx]], 1) for k in 'ab')
-        end = torch.cat([line_end(d[k][idx], ends)[0] for k in 'ab'])
-        s = judge(torch.cat([a, b])).gather(1, (prompt_len + end)[:, None]).squeeze(1)
-        return s[:len(idx)] - s[len(idx):]
-
-    def accuracy(d):
-        with torch.no_grad():
-            m = torch.cat([margins(d, idx) for idx in torch.arange(len(d['label'])).split(256)])
-        decided = d['gold_a'] != d['gold_b']
-        return dict(accuracy=((m > 0).float() == d['label']).float().mean().item(),
-                    bayes=torch.max(d['prob'], 1 - d['prob']).mean().item(),
-                    gold_order=((m > 0) == (d['gold_a'] > d['gold_b']))[decided].float().mean().item())
-
-    steps, step = judge_epochs * math.ceil(n_pairs / batch_size), 0
-    for epoch in range(judge_epochs):
-        losses = []
-        for idx in torch.randperm(n_pairs).split(batch_size):
-            for group in optimizer.param_groups:
-                group['lr'] = judge_lr * (1 - step / steps)
-            sign = 2 * data['train']['label'][idx] - 1                # +1: a preferred
-            loss = -F.logsigmoid(sign * margins(data['train'], idx)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(judge.parameters(), max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-        held_out = accuracy(data['val'])
-        print(f"judge epoch {epoch + 1}: loss {np.mean(losses):.4f}, held-out accuracy {held_out['accuracy']:.3f} "
-              f"(Bayes {held_out['bayes']:.3f}; agrees with gold's order on {held_out['gold_order']:.3f} of untied "
-              f"pairs)")
-    d = data['train']
-    responses = torch.cat([d['a'], d['b']])
-    end = line_end(responses, ends)[0]
-    raw = judge_scores(judge, torch.cat([d['prompts'].repeat(2, 1), responses], 1), end, prompt_len)
-    with torch.no_grad():  # score' = (score - mean) / std, as the head's own weights
-        judge.head.weight /= raw.std()
-        judge.head.bias.sub_(raw.mean()).div_(raw.std())
-    state = dict(model=judge.state_dict(), model_config=asdict(cfg), train=accuracy(data['train']), val=held_out)
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-    print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; train accuracy {state['train']['accuracy']:.3f}")
+            prompt = task.enc.decode(prompts[i, -8:].tolist())
+            response = task.enc.decode(responses[i, :end[i] + 1].tolist())
+            print(f"   ...{prompt!r} -> {response!r} gold {g[i]:+.0f} judge {score[i]:+.2f} "
+                  f"KL {kl[i]:.2f}")
+        self.log(r)
+        state = dict(model=policy.state_dict(), model_config=asdict(policy.config),
+                     iter_num=step, config=self.config)
+        save_atomic(state, os.path.join(self.folder, 'ckpt.pt'))
+        records = [json.loads(line) for line in open(self.metrics)]
+        plot_run(records, os.path.join(self.folder, f'{mode}.png'))
 
 
 def adamw(*models):
-    """AdamW for RL fine-tuning: no weight decay (the KL to the reference is the regulariser), eps 1e-5."""
-    return torch.optim.AdamW([p for m in models for p in m.parameters()], lr=learning_rate, betas=(0.9, 0.95),
-                             eps=1e-5, weight_decay=0)
+    """AdamW for RL fine-tuning: no weight decay (the KL to the reference is the regulariser),
+    eps 1e-5."""
+    return torch.optim.AdamW([p for m in models for p in m.parameters()], lr=learning_rate,
+                             betas=(0.9, 0.95), eps=1e-5, weight_decay=0)
 
 
-def annealed_steps(policy, optimizer, evaluate):
-    """Steps 0 .. updates-1 of PPO or DPO, each after setting the LR, annealed linearly to 0; the policy is
-    evaluated every eval_interval steps and after the last (showing 3 samples then)."""
+def annealed_steps(job, policy, optimizer):
+    """Steps 0 .. updates-1 of PPO or DPO, each after setting the LR, annealed linearly to 0; the
+    policy is evaluated every eval_interval steps and after the last (showing 3 samples then)."""
     for step in range(updates + 1):
         if step % eval_interval == 0 or step == updates:
-            evaluate(policy, step, show=3 if step == updates else 0)
+            job.evaluate(policy, step, show=3 if step == updates else 0)
         if step == updates:
             return
         for group in optimizer.param_groups:
@@ -492,104 +553,110 @@ def annealed_steps(policy, optimizer, evaluate):
         yield step
 
 
-def train_ppo(policy, critic, ref, judge, optimizer, new_prompts, ends, gold, evaluate, log):
-    """updates PPO iterations: experience, ppo_update, adaptive beta, one log line each; evaluations between."""
-    beta = kl_coef
+def train_ppo(task, job, policy, critic):
+    """updates PPO iterations: experience, ppo_update, adaptive beta, one log line each;
+    evaluations between."""
+    optimizer, beta = adamw(policy, critic), kl_coef
     policy.watch_routing()
-    for update in annealed_steps(policy, optimizer, evaluate):
+    for update in annealed_steps(job, policy, optimizer):
         t0 = time.time()
-        batch = experience(policy, critic, ref, judge, new_prompts(batch_size), ends, beta)
+        prompts = task.prompts('train', batch_size)
+        batch = experience(policy, critic, job.ref, job.judge, task, prompts, beta)
         t1 = time.time()
         stats = ppo_update(policy, critic, optimizer, batch)
         t2 = time.time()
-        kl = batch['kl'].mean().item()
-        record = dict(update=update + 1, score=batch['score'].mean().item(), kl=kl, beta=beta,
-                      gold=gold(batch['responses'], batch['end'], batch['has_eos']).sum(0).mean().item(),
-                      rlhf_reward=(batch['score'] - beta * batch['kl']).mean().item(),
-                      explained_variance=explained_variance(batch['old_values'], batch['returns'], batch['mask']),
-                      length=(batch['end'] + 1).float().mean().item(), eos_rate=batch['has_eos'].float().mean().item(),
-                      t_rollout=t1 - t0, t_train=t2 - t1, lr=optimizer.param_groups[0]['lr'], **stats)
-        if 'expert_load' in record:
-            record['load_max_mean'] = [max(layer) for layer in record['expert_load']]
-        print(f"update {update + 1}: judge {record['score']:+.3f}, gold {record['gold']:+.3f}, KL {kl:.3f}, "
-              f"beta {beta:.4f}, entropy {stats['entropy']:.3f}, clipfrac {stats['clipfrac']:.3f}, approxkl "
-              f"{stats['approxkl']:.4f}, value loss {stats['value_loss']:.4f}, expl.var "
-              f"{record['explained_variance']:.2f}, length {record['length']:.1f}, eos {record['eos_rate']:.0%}, "
-              f"ratio-1 {stats['ratio_first_max']:.1e}, rollout/train logprob gap {stats['logprob_mismatch']:.1e}, "
-              f"load max/mean {max(record.get('load_max_mean', [1])):.2f}, {t1 - t0:.1f}s + {t2 - t1:.1f}s"
-              + (f", {stats['skipped']} minibatches skipped" if stats['skipped'] else ''))
-        log(record)
+        kl, score, end, has_eos = (batch['kl'].mean().item(), batch['score'], batch['end'],
+                                   batch['has_eos'])
+        r = dict(update=update + 1, score=score.mean().item(), kl=kl, beta=beta,
+                 gold=task.gold(batch['responses'], end, has_eos).sum(0).mean().item(),
+                 rlhf_reward=(score - beta * batch['kl']).mean().item(),
+                 explained_variance=explained_variance(batch['old_values'], batch['returns'],
+                                                       batch['mask']),
+                 length=(end + 1).float().mean().item(), eos_rate=has_eos.float().mean().item(),
+                 t_rollout=t1 - t0, t_train=t2 - t1, lr=optimizer.param_groups[0]['lr'], **stats)
+        if 'expert_load' in r:
+            r['load_max_mean'] = [max(layer) for layer in r['expert_load']]
+        print(f"update {update + 1}: judge {r['score']:+.3f}, gold {r['gold']:+.3f}, KL {kl:.3f}, "
+              f"beta {beta:.4f}, entropy {r['entropy']:.3f}, clipfrac {r['clipfrac']:.3f}, "
+              f"approxkl {r['approxkl']:.4f}, value loss {r['value_loss']:.4f}, expl.var "
+              f"{r['explained_variance']:.2f}, length {r['length']:.1f}, eos {r['eos_rate']:.0%}, "
+              f"ratio-1 {r['ratio_first_max']:.1e}, rollout/train logprob gap "
+              f"{r['logprob_mismatch']:.1e}, load max/mean "
+              f"{max(r.get('load_max_mean', [1])):.2f}, {t1 - t0:.1f}s + {t2 - t1:.1f}s"
+              + (f", {r['skipped']} minibatches skipped" if r['skipped'] else ''))
+        job.log(r)
         if kl_target > 0:
             beta = adapt_kl(beta, kl, kl_target, batch_size, kl_horizon)
 
 
-def train_dpo(policy, ref, optimizer, pairs, ends, evaluate, log):
-    """updates DPO steps of batch_size pairs (the label picks chosen and rejected), reference log-probabilities
-    computed once up front."""
-    P, n = prompt_len, len(pairs['label'])
+def train_dpo(task, job, policy, pairs):
+    """updates DPO steps of batch_size pairs (the label picks chosen and rejected), the reference
+    log-probabilities computed once up front."""
+    optimizer, P, n = adamw(policy), pairs['prompts'].size(1), len(pairs['label'])
     chosen = torch.where(pairs['label'][:, None] == 1, pairs['a'], pairs['b'])
     rejected = torch.where(pairs['label'][:, None] == 1, pairs['b'], pairs['a'])
-    seq = torch.cat([torch.cat([pairs['prompts'], chosen], 1), torch.cat([pairs['prompts'], rejected], 1)])  # (2n, T)
-    mask = torch.cat([line_end(chosen, ends)[2], line_end(rejected, ends)[2]]).float()
+    seq = torch.cat([torch.cat([pairs['prompts'], chosen], 1),
+                     torch.cat([pairs['prompts'], rejected], 1)])  # (2n, T)
+    mask = torch.cat([task.line_end(chosen)[2], task.line_end(rejected)[2]]).float()
     with torch.no_grad():
-        ref_lp = torch.cat([(response_logprobs(ref, s, P)[0] * m).sum(1)
+        ref_lp = torch.cat([(response_logprobs(job.ref, s, P)[0] * m).sum(1)
                             for s, m in zip(seq.split(256), mask.split(256))])
     order = torch.cat([torch.randperm(n) for _ in range(math.ceil(updates * batch_size / n))])
-    for step in annealed_steps(policy, optimizer, evaluate):
+    for step in annealed_steps(job, policy, optimizer):
         idx = order[step * batch_size:(step + 1) * batch_size].to(seq.device)
-        rows = torch.cat([idx, idx + n])                               # chosen, then rejected
+        rows = torch.cat([idx, idx + n])                         # chosen, then rejected
         lp = (response_logprobs(policy, seq[rows], P)[0] * mask[rows]).sum(1)
-        loss, margin = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_lp[idx], ref_lp[idx + n], dpo_beta)
+        loss, margin = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_lp[idx], ref_lp[idx + n],
+                                dpo_beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
         optimizer.step()
-        record = dict(step=step + 1, loss=loss.item(), reward_accuracy=(margin > 0).float().mean().item(),
-                      margin=margin.mean().item(), grad_norm=grad_norm.item())
-        print(f"step {step + 1}: DPO loss {record['loss']:.4f}, implicit reward accuracy "
-              f"{record['reward_accuracy']:.2f}, margin {record['margin']:+.3f}")
-        log(record)
-
-
-def best_of(score, value, n):
-    """score, value (S, N): S samples for each of N prompts. The samples split into S // n disjoint groups of n;
-    in each group, the value of the sample with the highest score -> (S // n, N)."""
-    groups = lambda x: x[:len(x) // n * n].view(-1, n, x.size(1))  # noqa: E731 (S // n, n, N)
-    return groups(value).gather(1, groups(score).argmax(1, keepdim=True)).squeeze(1)
+        r = dict(step=step + 1, loss=loss.item(),
+                 reward_accuracy=(margin > 0).float().mean().item(), margin=margin.mean().item(),
+                 grad_norm=grad_norm.item())
+        print(f"step {step + 1}: DPO loss {r['loss']:.4f}, implicit reward accuracy "
+              f"{r['reward_accuracy']:.2f}, margin {r['margin']:+.3f}")
+        job.log(r)
 
 
 @torch.no_grad()
-def best_of_n(gpt, judge, eval_set, ends, gold, log):
-    """bon_n pretrained samples per held-out prompt; for n = 1, 2, 4, ...: gold of the judge's favourite among n, at
-    the analytic KL bound log n - (n-1)/n (Beirami et al. 2024: the true KL is at most this), averaged over the
-    bon_n // n disjoint groups of n. n = 1 is the pretrained model's gold over all bon_n samples: the baseline."""
-    N = len(eval_set)
-    responses = torch.cat([rollout(gpt, chunk, response_len)[0] for chunk in eval_set.repeat(bon_n, 1).split(512)])
-    end, has_eos, _ = line_end(responses, ends)
-    score = judge_scores(judge, torch.cat([eval_set.repeat(bon_n, 1), responses], 1), end, prompt_len).view(bon_n, N)
-    g = gold(responses, end, has_eos).sum(0).view(bon_n, N)
+def best_of_n(task, job):
+    """bon_n pretrained samples per held-out prompt; for n = 1, 2, 4, ...: the gold of the judge's
+    favourite among n, at the analytic KL bound log n - (n-1)/n (Beirami et al. 2024: the true
+    KL is at most this), averaged over the bon_n // n disjoint groups of n. n = 1 is the
+    pretrained model's gold over all bon_n samples: the baseline."""
+    N, prompts = len(job.eval_set), job.eval_set.repeat(bon_n, 1)
+    responses = sample_responses(job.ref, prompts)
+    end, has_eos, _ = task.line_end(responses)
+    seq = torch.cat([prompts, responses], 1)
+    score = judge_scores(job.judge, seq, end, prompts.size(1)).view(bon_n, N)
+    g = task.gold(responses, end, has_eos).sum(0).view(bon_n, N)
     n = 1
     while n <= bon_n:
         picked = best_of(score, g, n)
-        record = dict(eval=True, mode='bon', n=n, kl=math.log(n) - (n - 1) / n, gold=picked.mean().item(),
-                      gold_sd=picked.std().item(), judge=best_of(score, score, n).mean().item(),
-                      gold_oracle=best_of(g, g, n).mean().item())
-        print(f"best of {n}: gold {record['gold']:+.3f} (sd {record['gold_sd']:.3f}), judge {record['judge']:+.3f}, "
-              f"KL <= {record['kl']:.3f}; picked by gold itself: {record['gold_oracle']:+.3f}")
-        log(record)
+        r = dict(eval=True, mode='bon', n=n, kl=math.log(n) - (n - 1) / n,
+                 gold=picked.mean().item(), gold_sd=picked.std().item(),
+                 judge=best_of(score, score, n).mean().item(),
+                 gold_oracle=best_of(g, g, n).mean().item())
+        print(f"best of {n}: gold {r['gold']:+.3f} (sd {r['gold_sd']:.3f}), judge "
+              f"{r['judge']:+.3f}, KL <= {r['kl']:.3f}; picked by gold itself: "
+              f"{r['gold_oracle']:+.3f}")
+        job.log(r)
         n *= 2
 
 
+# ---- plots ----
+
 def plot_run(records, path):
     """The per-update curves of a PPO or DPO run, and its evaluations."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     steps = [r for r in records if not r.get('eval')]
     evals = [r for r in records if r.get('eval')]
     x = 'update' if mode == 'ppo' else 'step'
-    keys = (['score', 'gold', 'kl', 'beta', 'entropy', 'clipfrac', 'approxkl', 'value_loss', 'explained_variance',
-             'length', 'eos_rate', 't_rollout', 't_train', 'logprob_mismatch', 'load_max_mean'] if mode == 'ppo'
+    keys = (['score', 'gold', 'kl', 'beta', 'entropy', 'clipfrac', 'approxkl', 'value_loss',
+             'explained_variance', 'length', 'eos_rate', 't_rollout', 't_train',
+             'logprob_mismatch', 'load_max_mean'] if mode == 'ppo'
             else ['loss', 'reward_accuracy', 'margin', 'grad_norm'])
     rows = math.ceil((len(keys) + 1) / 4)
     fig, axes = plt.subplots(rows, 4, figsize=(16, 2.6 * rows))
@@ -610,11 +677,10 @@ def plot_run(records, path):
 
 
 def frontier():
-    """Gold and judge score against KL for every run in out_dir (PPO and DPO along their evaluations, best-of-n):
-    top row up to 4.5 nats, where the methods compete; bottom row everything (KL on a log scale past 4)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    """Gold and judge score against KL for every run in out_dir (PPO and DPO along their
+    evaluations, best-of-n): the top row up to 4.5 nats, where the methods compete; the bottom
+    row everything (KL on a log scale past 4)."""
+    plt = pyplot()
     runs = {}
     for path in sorted(glob.glob(os.path.join(out_dir, '*', 'metrics.jsonl'))):
         evals = [r for r in map(json.loads, open(path)) if r.get('eval')]
@@ -622,8 +688,10 @@ def frontier():
             runs[os.path.basename(os.path.dirname(path))] = evals
     if not runs:
         fail(f"no evaluated runs in {out_dir}/*/metrics.jsonl; run --mode=ppo, dpo or bon first")
-    base = next((r for evals in runs.values() for r in evals if r['mode'] == 'bon' and r['n'] == 1), None)
+    base = next((r for evals in runs.values() for r in evals
+                 if r['mode'] == 'bon' and r['n'] == 1), None)
     styles = {'ppo': '-o', 'dpo': '-s', 'bon': 'k--^'}
+    titles = {'gold': 'gold score (what we want)', 'judge': 'judge score (what PPO optimises)'}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     for row, zoom in enumerate((4.5, None)):
         for ax, key in zip(axes[row], ('gold', 'judge')):
@@ -632,16 +700,73 @@ def frontier():
                 ax.plot(*zip(*points), styles[evals[0]['mode']], ms=4, lw=1,
                         label=name + (' (at the KL bound)' if evals[0]['mode'] == 'bon' else ''))
             if key == 'gold' and base:
-                ax.axhline(base['gold'] + base['gold_sd'], color='grey', lw=0.8, ls=':', label='pretrained + 1 sd')
+                ax.axhline(base['gold'] + base['gold_sd'], color='grey', lw=0.8, ls=':',
+                           label='pretrained + 1 sd')
             if zoom is None:
                 ax.set_xscale('symlog', linthresh=4)
-            title = 'gold score (what we want)' if key == 'gold' else 'judge score (what PPO optimises)'
-            ax.set(xlabel='KL to the pretrained model (nats per response)', ylabel=key, title=title)
+            ax.set(xlabel='KL to the pretrained model (nats per response)', ylabel=key,
+                   title=titles[key])
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, 'gold_vs_kl.png')
     fig.savefig(path, dpi=90)
     print(f"wrote {path} ({len(runs)} runs)")
+
+
+# ---- main ----
+
+def check_settings():
+    """Impossible settings end the run before any work, with one line."""
+    check([
+        (mode in ('judge', 'ppo', 'dpo', 'bon', 'frontier'),
+         f"mode must be judge, ppo, dpo, bon or frontier, not {mode!r}"),
+        (min(prompt_len, response_len, batch_size, ppo_epochs, minibatches, eval_interval,
+             eval_prompts, bon_n, n_pairs, n_val_pairs, judge_epochs) >= 1,
+         "sizes, counts and intervals must be >= 1"),
+        (updates >= 0 and learning_rate >= 0 and judge_lr > 0,
+         "need updates >= 0, learning_rate >= 0, judge_lr > 0"),
+        (batch_size % minibatches == 0,
+         f"minibatches={minibatches} must divide batch_size={batch_size}"),
+        (min(kl_coef, kl_target, ent_coef, missing_eos_penalty) >= 0 and kl_horizon > 0,
+         "kl_coef, kl_target, ent_coef, missing_eos_penalty must be >= 0 and kl_horizon > 0"),
+        (clip_range > 0 and clip_range_value > 0 and ratio_threshold > 1 and max_grad_norm > 0,
+         "need clip_range, clip_range_value, max_grad_norm > 0 and ratio_threshold > 1"),
+        (0 <= gamma <= 1 and 0 <= lam <= 1 and label_temperature > 0 and dpo_beta > 0,
+         "need gamma and lam in [0, 1], label_temperature > 0, dpo_beta > 0"),
+        (device in ('auto', 'cpu') or device.startswith('cuda'),
+         "device must be auto, cpu or cuda[:N]"),
+    ])
+
+
+def main():
+    check_settings()
+    if mode == 'frontier':
+        return frontier()
+    dev, _ = resolve_device(device)
+    torch.manual_seed(seed)
+    ckpt, cfg, gpt = load_checkpoint(os.path.join(init_dir, 'ckpt.pt'))
+    gpt.eval().requires_grad_(False).to(dev)
+    check([(prompt_len + response_len <= cfg.block_size,
+            f"prompt_len + response_len = {prompt_len + response_len} exceeds the model's "
+            f"block_size {cfg.block_size}")])
+    data_dir = ckpt.get('config', {}).get('data_dir', '')
+    task = load_task(data_dir, cfg.vocab_size, dev)
+    os.makedirs(out_dir, exist_ok=True)
+    if mode == 'judge':
+        return train_judge(task, gpt)
+    judge = load_judge(dev)
+    pairs = load_pairs(dev) if mode == 'dpo' else None
+    job = Run(task, gpt, judge, data_dir)
+    if mode == 'bon':
+        return best_of_n(task, job)
+    policy = copy.deepcopy(gpt).requires_grad_(True)
+    if mode == 'dpo':
+        train_dpo(task, job, policy, pairs)
+    else:
+        # the critic starts as a copy of the judge (Huang et al. 2024): its values mean something
+        # from the start
+        train_ppo(task, job, policy, copy.deepcopy(judge).requires_grad_(True))
+    print(f"wrote {job.folder}/ckpt.pt, metrics.jsonl and {mode}.png")
 
 
 if __name__ == '__main__':

@@ -13,7 +13,9 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import rlhf
@@ -108,17 +110,58 @@ def test_best_of_against_a_loop_over_groups():
     assert torch.equal(rlhf.best_of(score, value, 1), value)
 
 
+def byte_task(text):
+    """A LineTask on text (both splits) with a byte-level tokenizer: token b is byte b, and 256 ends
+    a document, so the line-ending tokens are 10 and 256."""
+    enc = tiktoken.Encoding('bytes', pat_str=r"[^\n]+|\n",
+                            mergeable_ranks={bytes([b]): b for b in range(256)},
+                            special_tokens={'<|endoftext|>': 256})
+    ids = np.array(enc.encode_ordinary(text))
+    return rlhf.LineTask(enc, {'train': ids, 'val': ids}, 257, 'cpu')
+
+
 def test_line_end_and_gold_score():
-    ends = torch.zeros(10, dtype=torch.bool)
-    ends[[0, 7]] = True
-    end, has_eos, mask = rlhf.line_end(torch.tensor([[3, 7, 0, 1], [2, 2, 2, 2]]), ends)
-    assert end.tolist() == [1, 3] and has_eos.tolist() == [True, False]
-    assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
+    task = byte_task('one line\n')
+    end, has_eos, mask = task.line_end(torch.tensor([[3, 10, 0, 1], [2, 2, 2, 2], [5, 6, 256, 10]]))
+    assert end.tolist() == [1, 3, 2] and has_eos.tolist() == [True, False, True]
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True],
+                             [True, True, True, False]]
     known = {'my', 'sweet', 'love', 'and', 'the', 'death', 'of', 'hope'}
     assert rlhf.gold_score('My sweet love, and the death', known, True) == (2 - 1, 0)
-    assert rlhf.gold_score('sweet sweet love and hope', known, True) == (3, -1)       # 'sweet' repeated: counted once
-    assert rlhf.gold_score('my love and zorbl', known, False) == (1, -1 - 1)          # a non-word, no line break
-    assert rlhf.gold_score('', known, True) == (0, -1)                                # not a line
+    assert rlhf.gold_score('sweet sweet love and hope', known, True) == (3, -1)  # 'sweet' once
+    assert rlhf.gold_score('my love and zorbl', known, False) == (1, -1 - 1)  # a non-word, no end
+    assert rlhf.gold_score('', known, True) == (0, -1)                        # not a line
+
+
+def test_line_task_prompts_gold_and_pairs(monkeypatch):
+    """Prompts are the prompt_len tokens up to a line break of their split; gold is gold_score of a
+    response's text up to its line break; pairs carry the gold of both and a Bradley-Terry label."""
+    monkeypatch.setattr(rlhf, 'prompt_len', 6)
+    monkeypatch.setattr(rlhf, 'response_len', 5)
+    text = 'my sweet love\nand the death\nof hope\nand\n'
+    task = byte_task(text)
+    assert task.known == {'my', 'sweet', 'love', 'and', 'the', 'death', 'of', 'hope'}
+    assert task.ends.nonzero().flatten().tolist() == [10, 256]
+    assert task.starts['train'].tolist() == [i for i, c in enumerate(text) if c == '\n' and i >= 5]
+    prompts = task.prompts('train', 20, torch.Generator().manual_seed(0))
+    assert prompts.shape == (20, 6) and (prompts[:, -1] == 10).all()
+    assert {bytes(row).decode() for row in prompts.tolist()} <= {text[i - 5:i + 1] for i in
+                                                                 task.starts['train']}
+    assert torch.equal(prompts, task.prompts('train', 20, torch.Generator().manual_seed(0)))
+    responses = torch.tensor([list(b'sweet\nxy'), list(b'zorbl lo'), [*b'love', 256, 1, 2, 3]])
+    end, has_eos, _ = task.line_end(responses)
+    expected = [rlhf.gold_score(line, task.known, eos)
+                for line, eos in (('sweet', True), ('zorbl lo', False), ('love', True))]
+    assert task.gold(responses, end, has_eos).T.tolist() == [list(map(float, e)) for e in expected]
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    pairs = task.sample_pairs(gpt, 'val', 4, torch.Generator().manual_seed(1))
+    assert pairs['prompts'].shape == (4, 6) and pairs['a'].shape == pairs['b'].shape == (4, 5)
+    for k in 'ab':
+        gold = task.gold(pairs[k], *task.line_end(pairs[k])[:2]).sum(0)
+        assert torch.equal(pairs[f'gold_{k}'], gold)
+    prob = torch.sigmoid((pairs['gold_a'] - pairs['gold_b']) / rlhf.label_temperature)
+    assert torch.equal(pairs['prob'], prob) and set(pairs['label'].tolist()) <= {0.0, 1.0}
 
 
 def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
@@ -126,16 +169,17 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     for key, value in dict(response_len=5, ppo_epochs=2, minibatches=2).items():
         monkeypatch.setattr(rlhf, key, value)
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4, top_k=2)
+    config = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4,
+                         top_k=2)
     ref = GPT(config).eval()
     policy, judge = copy.deepcopy(ref), rlhf.HeadedGPT(GPT(config)).eval()
     critic = copy.deepcopy(judge)
-    ends = torch.arange(40) < 3
+    task = byte_task('one line\n')
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=0.0)
     before = copy.deepcopy(policy.state_dict())
     policy.watch_routing()
-    prompts = torch.randint(3, 40, (8, 6))
-    batch = rlhf.experience(policy, critic, ref, judge, prompts, ends, beta=0.1)
+    prompts = torch.randint(11, 256, (8, 6))
+    batch = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
     assert torch.equal(batch['kl'], torch.zeros(8)) and batch['advantages'].abs().sum() > 0
     stats = rlhf.ppo_update(policy, critic, optimizer, batch)
     assert stats['ratio_first_max'] == 0.0 and stats['approxkl'] == 0.0 and stats['clipfrac'] == 0.0
@@ -143,7 +187,8 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     assert len(stats['expert_load']) == 2  # per layer: load / even share of each expert, summing to E
     assert all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    assert torch.equal(rlhf.experience(policy, critic, ref, judge, prompts, ends, beta=0.1)['kl'], torch.zeros(8))
+    again = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
+    assert torch.equal(again['kl'], torch.zeros(8))
     # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so the first
     # minibatch (half the batch) routes differently from the full-batch forward that made the old log-probs
     policy.train()
@@ -203,13 +248,17 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
     GPT(ModelConfig(**weights['model_config'])).load_state_dict(weights['model'])
     frontier = run(*common, '--mode=frontier')
     assert frontier.returncode == 0 and (tmp_path / 'gold_vs_kl.png').exists(), frontier.stderr
+    os.remove(tmp_path / 'pairs.pt')  # DPO without the judge's pairs: one line that says so
+    dpo = run(*common, '--mode=dpo', '--updates=1', '--run=dpo')
+    assert dpo.returncode != 0 and dpo.stderr.count('\n') == 1 and 'no pairs at' in dpo.stderr, dpo.stderr
 
 
 def test_bad_input_gives_one_line_errors(pretrained, tmp_path):
     for args, message in ((['--mode=reinforce'], 'mode must be'),
                           ([f'--init_dir={tmp_path}/none'], 'no checkpoint at'),
                           ([f'--init_dir={pretrained}', '--mode=ppo', '--prompt_len=8', '--response_len=6'],
-                           'no judge at')):
+                           'no judge at'),
+                          (['--batch_size=8', '--minibatches=3'], 'must divide batch_size=8')):
         result = run('rlhf.py', f'--out_dir={tmp_path}', '--device=cpu', *args)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
