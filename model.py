@@ -1,14 +1,11 @@
 """
-Ava's model: a GPT whose feed-forward layers are Mixtures of Experts.
-
-All of it is in this file: RMSNorm, rotary attention, two routers (classic softmax top-k with an aux loss
-and capacity dropping, and Sinkhorn-Knopp balanced top-k), grouped experts, multi-token prediction heads,
-and KV-cache generation.
-Nothing here knows about training loops or files.
+Ava's model: a GPT whose feed-forward layers are Mixtures of Experts. RMSNorm, rotary attention,
+three routers (softmax top-k with an aux loss, Sinkhorn-Knopp balanced, aux-loss-free bias), grouped
+experts, multi-token prediction heads, a KV cache and generate(); no training loops, no files.
 
 Shape legend used in comments:
   B batch, T time (sequence), C channels (n_embd), H heads, D head dim (C // H), V vocab,
-  N = B*T tokens, E experts, K experts per token (top_k), F expert hidden size.
+  N = B*T tokens, E experts, K experts per token (top_k), F expert hidden size, S cached positions.
 """
 
 import math
@@ -31,19 +28,19 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     # mixture of experts
-    moe: bool = True             # False: each MoE becomes a dense FFN of width top_k*ffn_hidden (same active params)
+    moe: bool = True             # False: dense FFNs of width top_k*ffn_hidden (same active params)
     n_experts: int = 4
     top_k: int = 2
     ffn_hidden: int = 0          # F, hidden size of one expert; 0 means 4 * n_embd
-    router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction), 'softmax' (aux loss + capacity) or
-                                 # 'bias' (aux-loss-free: a per-expert selection bias nudged toward balance)
-    sinkhorn_iters: int = 8      # fixed number of Sinkhorn-Knopp iterations: no data-dependent loop, no host sync
-    capacity_factor: float = 0.0 # softmax router only: expert capacity = factor * N*K/E while training; 0 = no dropping
-    router_jitter: float = 0.0   # softmax router only: multiplicative noise on the router input while training
+    router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction), 'softmax' (aux loss and
+                                 # capacity) or 'bias' (aux-loss-free: a per-expert selection bias)
+    sinkhorn_iters: int = 8      # a fixed count: no data-dependent loop, no host sync
+    capacity_factor: float = 0.0 # softmax only: capacity = factor * N*K/E in training; 0 = no drops
+    router_jitter: float = 0.0   # softmax only: multiplicative noise on the router input (training)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss (softmax router only)
     z_loss_coef: float = 0.001   # router z-loss (ST-MoE): keeps router logits small, every router
-    bias_update_rate: float = 0.01   # 'bias' router only: how far each training step moves an expert's logit bias
-    sinkhorn_bias_rate: float = 0.0  # 'sinkhorn' router only: the same correction on the balanced matrix; 0 = off
+    bias_update_rate: float = 0.01   # 'bias' only: how far each update moves an expert's bias
+    sinkhorn_bias_rate: float = 0.0  # 'sinkhorn' only: the same bias after balancing; 0 = off
     # multi-token prediction (Gloeckle et al. 2024)
     n_future_tokens: int = 1     # heads predicting t+1 .. t+n; 1 = only the usual next-token head
     mtp_weight: float = 0.3      # weight of the mean extra-head loss in the training loss
@@ -52,31 +49,35 @@ class ModelConfig:
         """Impossible combinations fail here, with one line that says what to change."""
         if self.ffn_hidden == 0:
             self.ffn_hidden = 4 * self.n_embd
+        C, H, E, K, router = self.n_embd, self.n_head, self.n_experts, self.top_k, self.router
         checks = [
-            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
-            ((self.n_embd // self.n_head) % 2 == 0, "head size n_embd/n_head must be even for RoPE"),
-            (self.router in ('softmax', 'sinkhorn', 'bias'),
-             f"router must be 'softmax', 'sinkhorn' or 'bias', not {self.router!r}"),
-            (1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}"),
-            (self.router == 'softmax' or self.capacity_factor == 0,
-             "capacity_factor applies to the softmax router only: the others balance without dropping"),
-            (self.router == 'softmax' or self.router_jitter == 0, "router_jitter applies to the softmax router only"),
-            (self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0"),
-            (self.sinkhorn_bias_rate >= 0, f"sinkhorn_bias_rate={self.sinkhorn_bias_rate} must be >= 0"),
-            (self.router == 'sinkhorn' or self.sinkhorn_bias_rate == 0, "sinkhorn_bias_rate applies to the sinkhorn "
-             "router only"),
-            (self.capacity_factor == 0 or self.capacity_factor >= 1, "capacity_factor must be 0 (no dropping) or >= 1"),
-            (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0, "sizes must be positive"),
-            (self.n_future_tokens >= 1, f"n_future_tokens={self.n_future_tokens} must be >= 1 (1 = next token only)"),
-            (self.mtp_weight >= 0, f"mtp_weight={self.mtp_weight} must be >= 0"),
+            (C % H == 0, f"n_embd={C} must be divisible by n_head={H}"),
+            ((C // H) % 2 == 0, "head size n_embd/n_head must be even for RoPE"),
+            (router in ('softmax', 'sinkhorn', 'bias'),
+             f"router must be 'softmax', 'sinkhorn' or 'bias', not {router!r}"),
+            (1 <= K <= E, f"top_k={K} must be between 1 and n_experts={E}"),
+            (router == 'softmax' or self.capacity_factor == 0, "capacity_factor applies to the "
+             "softmax router only: the others balance without dropping"),
+            (router == 'softmax' or self.router_jitter == 0,
+             "router_jitter applies to the softmax router only"),
+            (router == 'sinkhorn' or self.sinkhorn_bias_rate == 0,
+             "sinkhorn_bias_rate applies to the sinkhorn router only"),
+            (self.capacity_factor == 0 or self.capacity_factor >= 1,
+             "capacity_factor must be 0 (no dropping) or >= 1"),
+            (min(self.vocab_size, self.block_size, self.n_layer, self.ffn_hidden) > 0,
+             "sizes must be positive"),
+            (self.n_future_tokens >= 1,
+             f"n_future_tokens={self.n_future_tokens} must be >= 1 (1 = next token only)"),
         ]
+        checks += [(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+                   for name in ('bias_update_rate', 'sinkhorn_bias_rate', 'mtp_weight')]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight: LayerNorm without the mean and the bias, cheaper and just as good (Zhang & Sennrich 2019)."""
+    """x / rms(x) * weight: LayerNorm without the mean and the bias (Zhang & Sennrich 2019)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -84,39 +85,61 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)  # kernels/rms_norm.py: output in the next matmul's dtype
+        return rms_norm(x, self.weight, self.eps)  # kernels/rms_norm.py: in the next matmul's dtype
 
 
 def rope_tables(head_dim, positions, base=10000.0):
-    """cos and sin of RoPE's rotation angles pos * base^(-2i/D): positions (T,) -> each (T, D/2), or per row
-    (B, T) -> (B, T, D/2). Computed for any positions, so every length and cache offset works without a limit."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
+    """cos and sin of RoPE's angles pos * base^(-2i/D) at any positions (no table to outgrow):
+    positions (T,) -> each (T, D/2), or per row (B, T) -> (B, T, D/2)."""
+    i2 = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)  # (D/2,) 2i
+    angles = positions.float()[..., None] * base ** (-i2 / head_dim)                # (..., T, D/2)
     return angles.cos(), angles.sin()
 
 
+def attention_mask(query, n_keys, pad=None):
+    """query positions (T,) -> (T, S) bool: query i sees keys 0 .. query[i] of S = n_keys. With pad
+    (B,) -> (B, 1, T, S): not row b's first pad[b] keys, though a padding query sees itself."""
+    key = torch.arange(n_keys, device=query.device)                                # (S,)
+    mask = key <= query[:, None]                                                   # (T, S)
+    if pad is not None:
+        mask = (mask & (key >= pad[:, None, None, None])) | (key == query[:, None])  # (B, 1, T, S)
+    return mask
+
+
 class KVCache:
-    """Keys and values of every layer, preallocated to max_len, for positions [0, pos) where pos is a device tensor:
-    writes and attention masks read it on the GPU, so a decode step has the same shapes and launches at every
-    position, which lets one CUDA graph replay it (CUDAGraphed)."""
+    """Keys and values of every layer, preallocated to max_len, for positions [0, pos), where pos is
+    a device tensor: writes and masks read it on the GPU, so a decode step has the same shapes and
+    launches at every position, and one CUDA graph can replay it (CUDAGraphed)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, T_max, D)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, S, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # number of positions already stored
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions already stored
+        self.max_len = max_len
+
+    def positions(self, T):
+        return self.pos + torch.arange(T, device=self.pos.device)  # (T,) of the next T tokens
+
+    def update(self, layer, k, v):
+        """Store layer's new k, v (B, H, T, D) at positions(T) -> all of the layer's (B, H, S, D);
+        the mask hides what is not written yet. GPT.trunk() advances pos after the last layer."""
+        at = self.positions(k.size(2))
+        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
 
 
 class CUDAGraphed:
-    """fn(*inputs) captured once as a CUDA graph and replayed: a decode step's ~1,000 kernel launches (eager,
-    ~80 ms of CPU per token on small) become one, so the GPU no longer waits on Python. Replays reuse the same
-    memory: call() copies new inputs into the captured ones and returns the captured outputs, valid until the
-    next call. fn may advance cache.pos (it is a device tensor); the warm-up runs are undone."""
+    """fn(*inputs) captured once as a CUDA graph, then replayed: a decode step's many small launches
+    become one, and the GPU stops waiting on Python. A call copies its inputs into the captured ones
+    and returns the captured outputs, valid until the next call. fn may advance cache.pos; the
+    warm-up runs are undone."""
 
     def __init__(self, fn, inputs, cache):
         self.inputs = [x.clone() for x in inputs]
         pos = cache.pos.clone()
-        side = torch.cuda.Stream()  # warm up off the default stream, as capture needs (lazy cuBLAS/allocator setup)
+        side = torch.cuda.Stream()  # capture wants the warm-up off the default stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -142,24 +165,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None, layer=0, pad=None):
-        """pad (B,): row b starts with pad[b] padding tokens (batched prompts of different lengths, left-padded);
-        no query attends to them."""
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        """x (B, T, C); mask from attention_mask(), or None: causal within x (training: SDPA's own
+        mask, nothing to build). With a KVCache, the queries attend to the cached keys too."""
         B, T, C = x.size()
-        q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q and k rotated (kernels/rope.py)
-        mask, causal = None, cache is None and pad is None  # training: SDPA's own causal mask, nothing to build
-        if not causal:  # query i sits at position start + i and may see keys 0 .. start + i
-            query = (cache.pos if cache is not None else 0) + torch.arange(T, device=x.device)  # (T,)
-            if cache is not None:
-                cache.k[layer].index_copy_(2, query, k.to(cache.k[layer].dtype))
-                cache.v[layer].index_copy_(2, query, v.to(cache.v[layer].dtype))
-                k, v = cache.k[layer], cache.v[layer]                                  # (B, H, T_max, D)
-            key = torch.arange(k.size(2), device=x.device)                             # (S,)
-            mask = key <= query[:, None]                                               # (T, S)
-            if pad is not None:  # ... but not row b's first pad[b] keys; a padding query sees itself (no empty row)
-                mask = (mask & (key >= pad[:, None, None, None])) | (key == query[:, None])  # (B, 1, T, S)
+        q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q, k rotated
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                       # 2 x (B, H, S, D)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
         return self.proj(y)
 
@@ -173,137 +188,152 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, n_embd, bias=False)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
+        """-> (y, zero router loss), as MoE returns: a Block treats both FFNs alike."""
+        y = self.proj(F.gelu(self.fc(x)))
+        return y, y.new_zeros(())
 
 
 class Router(nn.Module):
-    """Chooses K experts per token and their gates.
-
-    Both kinds compute logits = x W_r in fp32, z-loss = mean(logsumexp(logits)^2), and gates = softmax(logits)
-    renormalised over the chosen K experts.
-    - 'softmax': top-k on softmax(logits). Balance comes from the Switch aux loss E * sum_e f_e P_e, where f_e is
-      the fraction of the N*K assignments sent to expert e and P_e the mean router probability of e (Fedus et al.
-      2021). With capacity_factor > 0 each expert takes at most ceil(cf * N*K/E) assignments while training; the
-      rest are dropped (the token keeps its residual path), first choices of all tokens before second choices.
-    - 'sinkhorn': top-k on the Sinkhorn-Knopp balanced matrix while training (kernels/sinkhorn.py says how and why),
-      plain top-k at inference. No aux loss. The soft matrix is balanced exactly, but its hard top-k counts can
-      stay skewed (max/mean 1.17-1.20 on ShareGPT, README Results); sinkhorn_bias_rate > 0 adds a training-only
-      bias b (E,) to the balanced log matrix before the top-k, moved like the 'bias' router's (1.02 at 0.01).
-    - 'bias': top-k on logits + b, where b (E,) is a buffer, not a parameter. After every training forward, each
-      expert's b moves by bias_update_rate toward balance: up if it got fewer than its share of the assignments,
-      down if more (DeepSeek-V3's auxiliary-loss-free balancing, Wang et al. 2024). b only chooses the experts, at
-      inference too; the gates come from the unbiased softmax. No aux loss, so no gradient pulls against the
-      language-modelling loss. DeepSeek-V3 adds b to sigmoid scores; on softmax probabilities an expert that every
-      token rates near 0 wins all of them at once when its bias crosses over, and the load oscillates. On the
-      logits the tokens cross one by one.
+    """Chooses K experts per token and their gates: logits = x W_r in fp32, gates = softmax(logits)
+    renormalised over the chosen K, z-loss = mean(logsumexp(logits)^2). The choice:
+    - 'softmax': top-k of softmax(logits), balanced by the Switch aux loss E * sum_e f_e P_e (f_e:
+      share of the N*K assignments sent to e, P_e: mean probability of e; Fedus et al. 2021). With
+      capacity_factor > 0 an expert takes at most ceil(cf * N*K/E) assignments while training, first
+      choices of all tokens before second choices; the rest are dropped (the residual path remains).
+    - 'sinkhorn': top-k of the Sinkhorn-Knopp balanced matrix while training (kernels/sinkhorn.py),
+      plain top-k at inference. The soft matrix is balanced exactly, its hard top-k counts are not:
+      sinkhorn_bias_rate > 0 adds a bias b (E,) to the balanced log matrix before the top-k.
+    - 'bias': top-k of logits + b, at inference too (aux-loss-free balancing, Wang et al. 2024): b
+      only chooses, the gates stay unbiased, no aux loss pulls against the LM loss. b is on logits,
+      not (as in DeepSeek-V3) on probabilities, where an expert every token rates near 0 wins them
+      all at once when its bias crosses over; on logits the tokens cross one by one.
+    Training forwards only count the assignments per expert (buffer `counts`); update_bias() moves
+    each b by the rate toward balance. Its caller sums the counts over data-parallel ranks and
+    updates once per optimizer step, so every micro-step and every rank routes a token alike.
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.randn(config.n_experts, config.n_embd) * 0.02)  # (E, C)
-        if config.router == 'bias':  # saved with the weights: it is part of the routing function
-            self.register_buffer('bias', torch.zeros(config.n_experts))                  # (E,)
-        elif config.router == 'sinkhorn':  # training only (inference routes by plain top-k): not saved
-            self.register_buffer('bias', torch.zeros(config.n_experts), persistent=False)  # (E,)
-        self.stats = {}  # last training forward's load, dropped fraction, entropy, aux and z losses (detached)
-        self.watch_load = False  # eval mode too: record the load (GPT.watch_routing), else decoding skips it
+        rates = dict(bias=config.bias_update_rate, sinkhorn=config.sinkhorn_bias_rate)
+        self.rate = rates.get(config.router, 0.0)
+        if config.router != 'softmax':  # saved when it routes at inference or moves in training
+            saved = config.router == 'bias' or self.rate > 0
+            self.register_buffer('bias', torch.zeros(config.n_experts), persistent=saved)  # (E,)
+        if self.rate > 0:  # (E,) training assignments per expert since the last update_bias()
+            self.register_buffer('counts', torch.zeros(config.n_experts), persistent=False)
+        self.stats = {}  # the last training forward's, detached: see GPT.router_stats
+        self.watch_load = False  # record the load in eval mode too (GPT.watch_routing)
 
     def forward(self, x):
-        cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k  # x: (N, C)
+        """x (N, C) -> expert_idx (N, K), gates (N, K), keep (N, K) bool (False: dropped), loss."""
+        cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k
         if self.training and cfg.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is precision-sensitive
+            logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is sensitive
         probs = logits.softmax(dim=-1)                           # (N, E)
         if cfg.router == 'sinkhorn' and self.training:
             with torch.no_grad():  # kernels/sinkhorn.py
-                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K, self.bias)           # (N, K)
+                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K, self.bias)
         elif cfg.router == 'bias':
-            expert_idx = (logits.detach() + self.bias).topk(K, dim=-1).indices                     # (N, K)
+            expert_idx = (logits.detach() + self.bias).topk(K, dim=-1).indices
         else:
-            expert_idx = probs.topk(K, dim=-1).indices                                             # (N, K)
+            expert_idx = probs.topk(K, dim=-1).indices           # (N, K)
         gates = probs.gather(1, expert_idx)
-        gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen experts
-
+        gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen
         keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
-        if not self.training:  # inference: no dropping, no losses; only the load, and only when watched
+        if not self.training:  # inference: no dropping, no losses; the load only when watched
             if self.watch_load:
                 self.stats = dict(load=F.one_hot(expert_idx, E).float().mean(dim=(0, 1)))  # (E,)
             return expert_idx, gates, keep, logits.new_zeros(())
         assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
-        load = assigned.sum(dim=(0, 1)) / (N * K)                # (E,) fraction of assignments per expert
-        rate = {'bias': cfg.bias_update_rate, 'sinkhorn': cfg.sinkhorn_bias_rate}.get(cfg.router, 0)
-        if rate > 0:
-            self.bias += rate * torch.sign(1 / E - load)  # under-loaded experts up, over-loaded down
+        per_expert = assigned.sum(dim=(0, 1))                    # (E,)
+        if self.rate > 0:
+            self.counts += per_expert
+        load = per_expert / (N * K)                              # (E,) fraction of assignments
         if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * N * K / E)
-            # rank of each assignment inside its expert's queue: all first choices (in token order), then seconds
-            # (a scan along the last dim: along dim 0 of (K*N, E), CUDA scans with only E threads, ~10 ms a layer)
+            # each assignment's rank in its expert's queue: all first choices (in token order), then
+            # the seconds. A scan along the last dim: CUDA scans dim 0 of (K*N, E) with E threads
             queue = assigned.permute(2, 1, 0).reshape(E, K * N)  # (E, K*N) choice-major order
-            rank = (queue.cumsum(dim=1) - 1) * queue             # (E, K*N) position in the expert's queue
+            rank = (queue.cumsum(dim=1) - 1) * queue             # (E, K*N) place in the queue
             keep = (rank.sum(dim=0) < capacity).view(K, N).t()   # (N, K)
-
-        aux_loss = E * (load * probs.mean(dim=0)).sum() if cfg.router == 'softmax' else logits.new_zeros(())
+        aux_loss = logits.new_zeros(())
+        if cfg.router == 'softmax':
+            aux_loss = E * (load * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(dim=-1).mean()
-        self.stats = dict(load=load.detach(), dropped=1 - keep.float().mean().detach(), entropy=entropy.detach(),
-                          aux_loss=aux_loss.detach(), z_loss=z_loss.detach())
+        self.stats = dict(load=load.detach(), dropped=1 - keep.float().mean().detach(),
+                          entropy=entropy.detach(), aux_loss=aux_loss.detach(),
+                          z_loss=z_loss.detach())
         return expert_idx, gates, keep, cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
+
+    @torch.no_grad()
+    def update_bias(self):
+        """One balancing step from the assignments counted since the last one, then a fresh count.
+        No host sync: with nothing counted, nothing moves."""
+        total = self.counts.sum()
+        load = self.counts / total.clamp_min(1)                  # (E,) fraction of assignments
+        self.bias += self.rate * torch.sign(1 / self.config.n_experts - load) * (total > 0)
+        self.counts.zero_()
 
 
 def grouped_mm(x, w, offsets):
-    """Row block g of x (rows offsets[g-1]:offsets[g]) times w[g]: every expert's matmul in one call.
+    """Rows offsets[g-1]:offsets[g] of x times w[g], for every g (expert) in one call.
     x: (M, in), w: (E, in, out), offsets: (E,) int32 cumulative row counts -> (M, out)."""
-    if x.is_cuda and hasattr(torch, '_grouped_mm') and not hasattr(F, 'grouped_mm'):  # torch < 2.10 on CUDA
+    if x.is_cuda and hasattr(torch, '_grouped_mm') and not hasattr(F, 'grouped_mm'):  # torch < 2.10
         return torch._grouped_mm(x, w, offs=offsets)
     return F.grouped_mm(x, w, offs=offsets)
 
 
 def sort_by_expert(expert_idx, keep, n_experts):
-    """The expert-sorted row layout of the M = N*K assignments (t, k) of expert_idx (N, K), where keep (N, K) is
-    False for dropped ones: they get the sentinel expert E and sort last, outside every expert's block.
-    Returns offsets (E,) int32, the end row of each expert's block; row_src (M,) int32, the assignment t*K + k
-    each row holds (-1: an unused row); assignment_row (N, K) int32, the row each assignment holds (-1: dropped).
-    Everything stays on the GPU: no host sync, so the CPU can queue the next layers meanwhile."""
+    """The expert-sorted rows of the M = N*K assignments (t, k) of expert_idx (N, K); dropped ones
+    (keep False) get the sentinel expert E and sort last, outside every block. -> offsets (E,), each
+    expert's end row; row_src (M,), the assignment t*K + k a row holds (-1: unused); assignment_row
+    (N, K), the row an assignment holds (-1: dropped); all int32, computed without a host sync, so
+    the CPU can queue the next layers meanwhile."""
     (N, K), E = expert_idx.shape, n_experts
-    flat_expert = torch.where(keep, expert_idx, E).flatten()                   # (M,)
-    order = flat_expert.argsort(stable=True)                                    # (M,) the assignment each row holds
+    flat_expert = torch.where(keep, expert_idx, E).flatten()              # (M,)
+    order = flat_expert.argsort(stable=True)                               # (M,) assignment per row
     counts = torch.zeros(E + 1, dtype=torch.long, device=expert_idx.device).scatter_add_(
-        0, flat_expert, torch.ones_like(flat_expert))                           # (E+1,) rows per expert, dropped last
-    offsets = counts[:E].cumsum(0).to(torch.int32)                              # (E,)
+        0, flat_expert, torch.ones_like(flat_expert))                      # (E+1,) dropped last
+    offsets = counts[:E].cumsum(0).to(torch.int32)                         # (E,)
     rows = torch.arange(N * K, device=expert_idx.device)
-    row_src = torch.where(rows < offsets[-1], order, -1).int()                  # (M,)
-    assignment_row = torch.empty_like(order).scatter_(0, order, rows)           # (M,) inverse permutation
+    row_src = torch.where(rows < offsets[-1], order, -1).int()             # (M,)
+    assignment_row = torch.empty_like(order).scatter_(0, order, rows)      # (M,) inverse of order
     return offsets, row_src, torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)
 
 
 class MoE(nn.Module):
-    """Router + E GELU experts (C -> F -> C), run without a Python loop over experts:
-    sort the N*K assignments by expert (permute), two grouped matmuls, then add each result back to its token
+    """Router + E GELU experts (C -> F -> C), run without a Python loop over experts: sort the N*K
+    assignments by expert (permute), two grouped matmuls, then add each result back to its token
     weighted by its gate (unpermute + combine)."""
 
     def __init__(self, config):
         super().__init__()
         E, C, Fh = config.n_experts, config.n_embd, config.ffn_hidden
         self.router = Router(config)
-        # stored (out, in) like nn.Linear weights; transposed views are the column-major operands grouped_mm wants
-        # (init as GPT._init_weights does for dense layers: N(0, 0.02), output projection 0.02/sqrt(2L))
-        self.w_in = nn.Parameter(torch.randn(E, Fh, C) * 0.02)                                  # (E, F, C)
-        self.w_out = nn.Parameter(torch.randn(E, C, Fh) * 0.02 / math.sqrt(2 * config.n_layer))  # (E, C, F)
+        # stored (out, in) like nn.Linear weights; their transposes are the column-major operands
+        # grouped_mm wants. Init as GPT._init_weights: N(0, 0.02), output projection 0.02/sqrt(2L)
+        self.w_in = nn.Parameter(torch.randn(E, Fh, C) * 0.02)                       # (E, F, C)
+        self.w_out = nn.Parameter(torch.randn(E, C, Fh) * 0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, x):
         B, T, C = x.shape
-        x = x.view(-1, C)                                                       # (N, C)
+        x = x.view(-1, C)                                                    # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = sort_by_expert(expert_idx, keep, self.w_in.size(0))
-        dtype = kernels.autocast_dtype(x)                                       # bf16 under autocast
-        w_in, w_out = self.w_in.to(dtype).transpose(1, 2), self.w_out.to(dtype).transpose(1, 2)  # (E,C,F), (E,F,C)
+        dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast
+        w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, F)
+        w_out = self.w_out.to(dtype).transpose(1, 2)                         # (E, F, C)
         h = F.gelu(grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets))  # (M, F)
-        y = grouped_mm(h, w_out, offsets)                                       # (M, C)
+        y = grouped_mm(h, w_out, offsets)                                    # (M, C)
         # out[t] = sum over t's kept assignments of gate * expert output (kernels/moe_permute.py)
-        out = moe_unpermute(y, gates, row_src, assignment_row)                 # (N, C) in the gates' fp32
-        return out.view(B, T, C), router_loss
+        out = moe_unpermute(y, gates, row_src, assignment_row)               # (N, C) gates' fp32
+        # back in the residual stream's dtype, the model's own (a bf16 model stays bf16)
+        return out.view(B, T, C).to(self.router.weight.dtype), router_loss
 
 
 class Block(nn.Module):
@@ -312,27 +342,21 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(config.n_embd)
         self.attn = Attention(config)
         self.norm2 = RMSNorm(config.n_embd)
-        self.ffn = MoE(config) if config.moe else MLP(config.n_embd, config.top_k * config.ffn_hidden)
+        dense_width = config.top_k * config.ffn_hidden  # the MoE's active width
+        self.ffn = MoE(config) if config.moe else MLP(config.n_embd, dense_width)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, pad=None):
-        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, layer, pad))
-        if isinstance(self.ffn, MoE):  # its output is in the gates' fp32: keep a bf16 model (no autocast) in bf16
-            y, router_loss = self.ffn(self.norm2(x))
-            y = y.to(x.dtype)
-        else:
-            y, router_loss = self.ffn(self.norm2(x)), x.new_zeros(())
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, mask, cache, layer))
+        y, router_loss = self.ffn(self.norm2(x))
         return x + self.dropout(y), router_loss
 
 
 class MTPHead(nn.Module):
-    """Turns the trunk's final state at position t into a state for predicting token t+1+i (Gloeckle et al. 2024),
-    which the shared, tied lm_head then scores: x + W norm(x), normed like norm_f.
-
-    One residual linear layer (~C^2 parameters, where Gloeckle et al. give each head a transformer layer): cheap
-    enough to run at every training step and to draft tokens with, and weak enough that the trunk has to carry the
-    future tokens itself, which is the point of the extra loss. With W small at init the head starts as a copy of
-    the next-token state, the nearest thing the model already knows."""
+    """Turns the trunk's state at t into one for predicting token t+1+i (Gloeckle et al. 2024) that
+    the tied lm_head scores: norm(x + W norm(x)). One linear layer, not Gloeckle et al.'s
+    transformer layer: cheap to train and to draft with, and weak enough that the trunk itself must
+    carry the future tokens (the point of the extra loss). At init it copies the next-token one."""
 
     def __init__(self, n_embd):
         super().__init__()
@@ -345,8 +369,8 @@ class MTPHead(nn.Module):
 
 
 def next_token_loss(logits, targets):
-    """Mean cross-entropy over the targets that are not -1, in fp32 (kernels/cross_entropy.py: the fused kernel
-    never makes an fp32 copy of the logits). logits (B, T, V), targets (B, T)."""
+    """Mean cross-entropy of logits (B, T, V) over the targets (B, T) that are not -1, in fp32 (the
+    fused kernel of kernels/cross_entropy.py never makes an fp32 copy of the logits)."""
     return cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -358,15 +382,16 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017): fewer parameters, trains as well
-        # head i (1 .. n-1) predicts token t+1+i; empty when off, so such checkpoints have no extra keys
-        self.mtp_heads = nn.ModuleList([MTPHead(config.n_embd) for _ in range(config.n_future_tokens - 1)])
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017): fewer parameters
+        # head i in 1 .. n-1 predicts token t+1+i; none when off, and then no extra state_dict keys
+        n_heads = config.n_future_tokens - 1
+        self.mtp_heads = nn.ModuleList(MTPHead(config.n_embd) for _ in range(n_heads))
         self.mtp_losses = []  # last forward's extra-head losses (detached), for the training log
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """N(0, 0.02) everywhere (GPT-2); the projections that write into the residual stream get
-        0.02/sqrt(2L) so the stream's variance does not grow with depth."""
+        """N(0, 0.02) everywhere (GPT-2); the projections into the residual stream get 0.02/sqrt(2L)
+        so that its variance does not grow with depth."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -374,73 +399,84 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.proj.weight, mean=0.0, std=out_std)
 
     def num_params(self, active=False):
-        """Parameters in the model; with active=True only those one token uses (K of the E experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        if active and self.config.moe:
-            cfg = self.config
-            per_expert = 2 * cfg.n_embd * cfg.ffn_hidden
-            total -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * per_expert
+        """Parameters in the model; with active=True those one token uses (K of the E experts)."""
+        total, cfg = sum(p.numel() for p in self.parameters()), self.config
+        if active and cfg.moe:
+            total -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * 2 * cfg.n_embd * cfg.ffn_hidden
         return total
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 per active weight (forward + backward) plus attention's 12*L*C*T
-        (PaLM appendix B; the embedding lookup is free, the tied lm_head is counted once by 6N, and once more
-        for each extra MTP head that reuses it)."""
+        """Training FLOPs per token: 6 per active weight plus attention's 12*L*C*T (PaLM, appendix
+        B); the tied lm_head counts once in 6N and once more per MTP head that reuses it."""
         cfg = self.config
-        mtp_lm_head = len(self.mtp_heads) * cfg.n_embd * cfg.vocab_size
-        return 6 * (self.num_params(active=True) + mtp_lm_head) + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        weights = self.num_params(active=True) + len(self.mtp_heads) * cfg.n_embd * cfg.vocab_size
+        return 6 * weights + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def routers(self):
+        return [block.ffn.router for block in self.blocks if isinstance(block.ffn, MoE)]
 
     def router_stats(self):
-        """Per MoE layer: expert load (E,), dropped fraction, router entropy, aux and z loss, from the last
-        forward pass. Tensors stay on the device; the caller decides when to sync."""
-        return [block.ffn.router.stats for block in self.blocks if isinstance(block.ffn, MoE)]
+        """Per MoE layer: load (E,), dropped fraction, entropy, aux and z loss of the last training
+        forward, as device tensors (the caller decides when to sync)."""
+        return [router.stats for router in self.routers()]
 
     def watch_routing(self, on=True):
-        """Record each router's expert load in eval mode too (RLHF samples and trains in eval mode and logs the
-        load); router_stats() then holds {'load'} after an eval forward. Off by default: decoding skips it."""
-        for block in self.blocks:
-            if isinstance(block.ffn, MoE):
-                block.ffn.router.watch_load = on
+        """Record the load in eval mode too (RLHF trains in eval mode and logs it): router_stats()
+        then holds {'load'} after an eval forward. Off by default, so decoding skips it."""
+        for router in self.routers():
+            router.watch_load = on
+
+    def expert_counts(self):
+        """The (E,) assignment counts of the routers whose bias moves; a data-parallel caller sums
+        them over the ranks, in place, before update_router_bias()."""
+        return [router.counts for router in self.routers() if router.rate > 0]
+
+    def update_router_bias(self):
+        """Router.update_bias() for each router whose bias moves: once per optimizer step."""
+        for router in self.routers():
+            if router.rate > 0:
+                router.update_bias()
 
     def trunk(self, idx, cache=None, pad=None):
-        """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed router loss.
-        With a KVCache, idx continues the cached sequence from position cache.pos. With pad (B,), row b begins
-        with pad[b] padding tokens: its text starts at position 0 for RoPE, and attention skips the padding."""
+        """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed
+        router loss. With a KVCache, idx continues the cached sequence at cache.pos. With pad (B,),
+        row b starts with pad[b] padding tokens: RoPE starts its text at 0, attention skips them."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0                                  # a device tensor: no sync
-        positions = start + torch.arange(T, device=idx.device)                           # (T,)
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
+        mask = None  # no cache, no padding: SDPA's causal mask
+        if cache is not None or pad is not None:
+            mask = attention_mask(positions, T if cache is None else cache.max_len, pad)
         if pad is not None:
-            positions = (positions - pad[:, None]).clamp_min(0)                          # (B, T)
+            positions = (positions - pad[:, None]).clamp_min(0)                 # (B, T)
         cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions)
         if pad is not None:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): broadcast over heads
         x = self.wte(idx)  # (B, T, C)
         router_loss = 0.0
         for layer, block in enumerate(self.blocks):
-            x, block_router_loss = block(x, cos, sin, cache, layer, pad)
+            x, block_router_loss = block(x, cos, sin, mask, cache, layer)
             router_loss = router_loss + block_router_loss
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # a device tensor: no sync
         return x, router_loss
 
     def mtp_logits(self, hidden):
-        """Trunk states (B, T, C) -> one logits tensor (B, T, V) per extra head: entry i-1 at position t scores
-        token t+1+i. Pass hidden[:, -1:] to draft the tokens after the next one (self-speculative decoding)."""
+        """Trunk states (B, T, C) -> logits (B, T, V) per extra head: entry i-1 at t scores token
+        t+1+i. hidden[:, -1:] drafts the tokens after the next one."""
         return [self.lm_head(head(hidden)) for head in self.mtp_heads]
 
     def forward(self, idx, targets=None, cache=None, pad=None):
-        """idx (B, T) token ids -> logits (B, T, V), and with targets (-1 = ignore) the loss: cross-entropy, plus
-        while training the router losses and mtp_weight * the mean extra-head loss (both help training, so eval
-        reports the plain cross-entropy). The extra-head losses land in self.mtp_losses, detached; without
-        targets (generation) the extra heads are not run. With a KVCache, idx continues from cache.pos; pad as
-        in trunk()."""
+        """idx (B, T) -> logits (B, T, V), and with targets (-1 = ignore) the cross-entropy, which
+        training adds the router losses and mtp_weight * the mean extra-head loss (eval reports the
+        plain cross-entropy). self.mtp_losses gets the extra-head losses, detached; generation
+        (no targets) does not run the heads. cache and pad as in trunk()."""
         x, router_loss = self.trunk(idx, cache, pad)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             self.mtp_losses = []
             return logits, None
         loss = next_token_loss(logits, targets)
-        # head i's logits at t score token t+1+i = targets[:, t+i]; the last i positions have no target
+        # head i's logits at t score token t+1+i = targets[:, t+i]; the last i positions have none
         mtp_losses = [next_token_loss(head_logits[:, :-i], targets[:, i:])
                       for i, head_logits in enumerate(self.mtp_logits(x), start=1)]
         self.mtp_losses = [head_loss.detach() for head_loss in mtp_losses]
@@ -451,48 +487,48 @@ class GPT(nn.Module):
         return logits, loss + router_loss
 
     def graphable(self, idx):
-        """Whether decoding idx can run as a CUDA graph: on a GPU, with the experts in 16 bits (grouped_mm in fp32
-        falls back to a per-expert loop that reads the expert offsets on the CPU, which a graph cannot capture)."""
-        return idx.is_cuda and (not self.config.moe or kernels.autocast_dtype(self.wte.weight) != torch.float32)
+        """Whether decoding idx can run as a CUDA graph: on a GPU, with 16-bit experts (grouped_mm
+        in fp32 falls back to a loop that reads the expert offsets on the CPU: not capturable)."""
+        dtype = kernels.autocast_dtype(self.wte.weight)
+        return idx.is_cuda and (not self.config.moe or dtype != torch.float32)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, eos_id=None, pad=None, stop=None, use_cache=True, cuda_graph=True,
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 pad=None, stop=None, penalize=None, use_cache=True, cuda_graph=True,
                  return_logprobs=False):
-        """Continue idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy; top_k, top_p,
-        repetition_penalty and no_repeat_ngram_size as in penalize() and sample_next(). pad (B,): left padding
-        per row (batched prompts). A row is finished once it samples eos_id, or when stop(idx) -> (B,) bool says
-        so (stop strings); finished rows then repeat eos_id (or their last token), and generation ends when all
-        are finished. Keys and values come from a KV cache (use_cache=False recomputes the whole context every
-        step: only for measuring what the cache saves); on a GPU in bf16 the one-token step runs as a CUDA graph
-        (cuda_graph=False: eager, to measure what the graph saves). Past block_size the context slides: the cache
-        is rebuilt from the last block_size // 2 tokens, so every step stays within what the model was trained on.
-        return_logprobs=True also returns each new token's log-probability under the model's own distribution,
-        before temperature, filters and penalties (B, new): RL needs them, with plain sampling (temperature 1, no
-        filters), where they are the sampler's; a finished row's entries are its filler token's."""
+        """Continue idx (B, T) by up to max_new_tokens tokens from sample_next(temperature, top_k,
+        top_p); pad (B,): each row's left padding. A row finishes when it samples eos_id or when
+        stop(idx) -> (B,) bool says so, then repeats eos_id (or its last token); generation ends
+        when all rows are finished. penalize(logits (B, V), idx) -> logits reshapes each step's
+        logits before sampling (sample.py's repetition penalties). Past block_size the KV cache is
+        rebuilt from the last block_size // 2 tokens: no step sees more than the model trained on.
+        On a GPU in 16 bits the one-token step is a CUDA graph; use_cache=False and
+        cuda_graph=False measure what each saves. return_logprobs=True also returns (B, new) each
+        token's log-probability under the model, before temperature, filters and penalties (with
+        plain sampling, the sampler's own, as RL needs; a finished row's are its filler token's)."""
         B, window = idx.size(0), self.config.block_size
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        check_finished = eos_id is not None or stop is not None  # else never: finished.all() syncs with the GPU
-        cache = (KVCache(self.config, B, window, idx.device, kernels.autocast_dtype(self.wte.weight))
-                 if use_cache else None)
-        step, cached, logprobs = None, 0, []  # the one-token step; positions in the cache; (B, 1) per token
+        check_finished = eos_id is not None or stop is not None  # finished.all() syncs with the GPU
+        dtype = kernels.autocast_dtype(self.wte.weight)
+        cache = KVCache(self.config, B, window, idx.device, dtype) if use_cache else None
+        step, cached, logprobs = None, 0, []  # the one-token step; positions cached; (B, 1) each
         for _ in range(max_new_tokens):
             if use_cache and 0 < cached < window:  # one new token against the cache
                 inputs = (idx[:, -1:],) if context_pad is None else (idx[:, -1:], context_pad)
                 if step is None:
-                    step = lambda token, pad=None: self(token, cache=cache, pad=pad)[0][:, -1]  # noqa: E731
+                    step = lambda token, pad=None: self(token, cache=cache, pad=pad)[0][:, -1]
                     if cuda_graph and self.graphable(idx):
                         step = CUDAGraphed(step, inputs, cache)
-                logits, cached = step(*inputs), cached + 1                               # (B, V)
-            else:  # (re)build the cache from the context; without a cache, recompute the whole context
+                logits, cached = step(*inputs), cached + 1                          # (B, V)
+            else:  # (re)build the cache from the context; without a cache, recompute the context
                 keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
                 context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
                 if use_cache:
                     cache.pos.zero_()
                 logits, cached = self(idx[:, -keep:], cache=cache, pad=context_pad)[0][:, -1], keep
             logits = logits.float()
-            next_token = sample_next(penalize(logits, idx, repetition_penalty, no_repeat_ngram_size, pad),
-                                     temperature, top_k, top_p)                           # (B, 1)
+            scores = logits if penalize is None else penalize(logits, idx)
+            next_token = sample_next(scores, temperature, top_k, top_p)           # (B, 1)
             done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
             next_token = torch.where(finished[:, None], done_token, next_token)
             if return_logprobs:
@@ -506,113 +542,10 @@ class GPT(nn.Module):
                 break
         return (idx, torch.cat(logprobs, dim=1)) if return_logprobs else idx
 
-    @torch.no_grad()
-    def generate_speculative(self, idx, max_new_tokens, cuda_graph=True):
-        """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies with the
-        main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al. 2018). Each step
-        feeds the next token and the heads' n-1 drafts through the model at once, keeps the drafts the main head
-        agrees with, plus the main head's own next token: the output equals generate(temperature=0) token for
-        token, in fewer forward passes. Returns (idx, forward passes). Falls back to generate() without MTP heads
-        or when the text would outgrow block_size (the cache does not slide here). The verifying pass always
-        takes n tokens, so on a GPU it runs as a CUDA graph too."""
-        too_long = idx.size(1) + max_new_tokens + len(self.mtp_heads) > self.config.block_size
-        if not self.mtp_heads or idx.size(0) != 1 or too_long:
-            return self.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph), max_new_tokens
-        cache = KVCache(self.config, 1, self.config.block_size, idx.device, kernels.autocast_dtype(self.wte.weight))
-        hidden, _ = self.trunk(idx, cache)                                     # (1, T, C)
-        last, passes, start, verify = hidden[:, -1:], 1, idx.size(1), None
-        while idx.size(1) - start < max_new_tokens:
-            next_token = self.lm_head(self.norm_f(last)).argmax(-1)            # (1, 1) the main head's token
-            drafts = [logits.argmax(-1) for logits in self.mtp_logits(last)]  # tokens after it, one per head
-            candidate = torch.cat([next_token, *drafts], dim=1)                # (1, n)
-            if verify is None:
-                verify = lambda tokens: self.trunk(tokens, cache)[0]  # noqa: E731
-                if cuda_graph and self.graphable(idx):
-                    verify = CUDAGraphed(verify, (candidate,), cache)
-            hidden = verify(candidate)                                         # (1, n, C) all n in one pass
-            passes += 1
-            agree = self.lm_head(self.norm_f(hidden[:, :-1])).argmax(-1) == candidate[:, 1:]  # (1, n-1)
-            accepted = 1 + int(agree[0].long().cumprod(0).sum())              # the token + drafts agreed in a row
-            idx = torch.cat([idx, candidate[:, :accepted]], dim=1)
-            cache.pos -= candidate.size(1) - accepted                          # forget the rejected drafts' keys
-            last = hidden[:, accepted - 1:accepted]
-        return idx[:, :start + max_new_tokens], passes
-
-
-def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
-    """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping each row's left
-    padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the row has its logit divided by p
-    if positive, multiplied by p if negative. no_repeat_ngram_size n > 0: a token that would complete an n-gram
-    the row already contains gets -inf (its last n-1 tokens followed by it)."""
-    if repetition_penalty == 1.0 and no_repeat_ngram_size <= 0:
-        return logits
-    logits = logits.clone()
-    for b, row in enumerate(idx.tolist()):
-        row = row[int(pad[b]):] if pad is not None else row
-        if repetition_penalty != 1.0 and row:
-            seen = torch.tensor(sorted(set(row)), device=logits.device)
-            scores = logits[b, seen]
-            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
-        n = no_repeat_ngram_size
-        if n > 0 and len(row) >= n:
-            prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
-            banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
-            logits[b, banned] = float('-inf')
-    return logits
-
-
-class Dequantize(nn.Module):
-    """Weight-only quantization as a parametrization: the module keeps integer codes (int8, or two int4 codes per
-    byte) and one scale per output channel (int8) or per group of group_size inputs (int4), and rebuilds the float
-    weight on every forward, so the matmul itself is unchanged (dequantize on the fly, in plain torch)."""
-
-    def __init__(self, scale, bits, shape):
-        super().__init__()
-        self.register_buffer('scale', scale)  # (..., out, 1) for int8; (..., out, in / group, 1) for int4
-        self.bits, self.shape = bits, shape
-
-    def forward(self, codes):
-        if self.bits == 4:  # unpack: low nibble, high nibble -> consecutive inputs, stored as value + 8
-            codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).to(torch.int8) - 8
-            codes = codes.view(*self.scale.shape[:-1], -1)                 # (..., out, in / group, group)
-        return (codes.float() * self.scale).view(self.shape)
-
-
-def quantize_weight(w, bits, group_size=128):
-    """w (..., out, in) -> (codes, scale) with round-to-nearest symmetric quantization: int8 per output channel
-    (scale = max|row| / 127), or int4 per group of group_size inputs (scale = max|group| / 7, two codes per byte).
-    Every element comes back within scale / 2."""
-    if bits == 8:
-        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127                # (..., out, 1)
-        return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
-    groups = w.reshape(*w.shape[:-1], w.size(-1) // group_size, group_size)            # (..., out, in/g, g)
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
-    codes = ((groups / scale).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2)     # (..., out, in) in 0..15
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale                            # (..., out, in/2)
-
-
-def quantize_model(model, bits, group_size=128):
-    """Quantize the attention projections and the expert weights of model in place (weight-only, for inference).
-    int4 needs each input size divisible by group_size; the tied embedding/lm_head and the norms stay float.
-    Returns the bytes the model's tensors now take."""
-    from torch.nn.utils import parametrize
-    # (module, weight name) pairs, listed before any change: registering a parametrization adds modules
-    weights = [(linear, 'weight') for m in model.modules() if isinstance(m, Attention) for linear in (m.qkv, m.proj)]
-    weights += [(m, name) for m in model.modules() if isinstance(m, MoE) for name in ('w_in', 'w_out')]
-    for module, name in weights:
-        w = getattr(module, name).detach()
-        if bits == 4 and w.size(-1) % group_size:
-            raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; "
-                             f"{type(module).__name__}.{name} has {w.size(-1)}")
-        codes, scale = quantize_weight(w.float(), bits, group_size)
-        setattr(module, name, nn.Parameter(codes, requires_grad=False))
-        parametrize.register_parametrization(module, name, Dequantize(scale, bits, w.shape), unsafe=True)
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from logits (B, V): greedy if temperature == 0, else softmax(logits / temperature)
-    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    """One token per row of logits (B, V): greedy if temperature == 0, else from softmax(logits /
+    temperature) over the top_k most likely tokens and the smallest set whose mass reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -622,6 +555,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
-        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # drop tokens once the mass before them >= p
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # once the mass before >= p
         logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)

@@ -2,13 +2,14 @@
 Sample from a trained Ava model, and evaluate it.
 
     python sample.py --out_dir=out/nano
-    python sample.py --out_dir=out/nano --start="ROMEO:" --num_samples=3 --temperature=0.8 --top_k=50
-    python sample.py --out_dir=out/nano --start=FILE:prompts.txt --repetition_penalty=1.2 --out=samples.jsonl
-    python sample.py --out_dir=out/nano --eval=True         # perplexity on val.bin + metrics of the samples
+    python sample.py --out_dir=out/nano --start="ROMEO:" --num_samples=3 --temperature=0.8
+    python sample.py --out_dir=out/nano --start=FILE:prompts.txt --repetition_penalty=1.2
+    python sample.py --out_dir=out/nano --eval=True  # perplexity on val.bin, metrics of the samples
 
-Many prompts (one per line of a FILE:, with \\n standing for a newline) run as one batch, left-padded; each gets
-num_samples continuations. A continuation ends at the end-of-text token, at a stop string, or after
-max_new_tokens.
+Many prompts (one per line of a FILE:, with \\n standing for a newline) run as one batch,
+left-padded; each gets num_samples continuations. A continuation ends at the end-of-text token, at a
+stop string, or after max_new_tokens. Beside model.generate, this file holds what only sampling
+uses: repetition penalties, self-speculative decoding and weight-only quantization.
 """
 
 import json
@@ -20,12 +21,15 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
+import kernels
+from common import autocast, check, fail, load_checkpoint, load_data, resolve_device
 from configurator import configure_or_exit
 from data.prepare import load_tokenizer
-from model import quantize_model
-from train import fail, load_checkpoint  # the same checks and one-line errors as train.py
+from model import Attention, CUDAGraphed, KVCache, MoE
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -34,20 +38,21 @@ num_samples = 2          # continuations per prompt
 max_new_tokens = 200
 temperature = 0.8        # 0 = greedy; < 1 sharper, > 1 more random
 top_k = 0                # keep only the k most likely tokens; 0 = all
-top_p = 1.0              # keep the smallest set of tokens whose probability reaches p (nucleus); 1.0 = all
-repetition_penalty = 1.0 # > 1 discourages tokens already in the text (Keskar et al. 2019); 1.0 = off
+top_p = 1.0              # keep the smallest set of tokens whose probability reaches p; 1.0 = all
+repetition_penalty = 1.0 # > 1 discourages tokens already in the text (Keskar et al. 2019); 1 = off
 no_repeat_ngram_size = 0 # > 0: never repeat an n-gram of this many tokens; 0 = off
 stop = ''                # stop strings, separated by | (e.g. '\n\n|THE END'); '' = none
 stop_at_eos = True       # a continuation ends at the end-of-text token
 out = ''                 # also write the samples as JSON lines to this file
-speculative = False      # greedy decoding that drafts with the MTP heads (n_future_tokens > 1): one prompt,
-                         # one sample; prints the output and its speed next to plain greedy decoding
-quantize = ''            # 'int8' (per output channel) or 'int4' (groups of 128): weight-only, attention and experts
+speculative = False      # greedy decoding that drafts with the MTP heads (n_future_tokens > 1): one
+                         # prompt, one sample; prints the output and its speed next to plain greedy
+quantize = ''            # 'int8' (per output channel) or 'int4' (groups of 128): weight-only,
+                         # attention and experts
 seed = 1337
 device = 'auto'          # 'auto' (cuda if available), 'cpu', 'cuda', ...
-dtype = 'auto'           # 'auto': bfloat16 autocast on CUDA (as train.py; decoding then runs as a CUDA graph),
-                         # float32 on the CPU; or 'float32', 'bfloat16'
-# evaluation (--eval=True): perplexity on val.bin and metrics of the samples, printed and saved as JSON
+dtype = 'auto'           # 'auto': bfloat16 autocast on CUDA (as train.py; decoding then runs as a
+                         # CUDA graph), float32 on the CPU; or 'float32', 'bfloat16'
+# evaluation (--eval=True): perplexity on val.bin and metrics of the samples, printed and in JSON
 eval = False
 data_dir = ''            # the prepared data set; '' = the one the checkpoint was trained on
 eval_tokens = 0          # score the first this many val tokens; 0 = all
@@ -55,11 +60,130 @@ report = ''              # where the JSON report goes; '' = out_dir/eval.json
 # -----------------------------------------------------------------------------
 
 
+# ---- decoding beyond model.generate ----
+
+def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
+    """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping
+    each row's left padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the
+    row has its logit divided by p if positive, multiplied by p if negative. no_repeat_ngram_size
+    n > 0: a token that would complete an n-gram the row already contains (its last n-1 tokens
+    followed by it) gets -inf."""
+    if repetition_penalty == 1.0 and no_repeat_ngram_size <= 0:
+        return logits
+    logits, n = logits.clone(), no_repeat_ngram_size
+    for b, row in enumerate(idx.tolist()):
+        row = row[int(pad[b]):] if pad is not None else row
+        if repetition_penalty != 1.0 and row:
+            seen = torch.tensor(sorted(set(row)), device=logits.device)
+            scores = logits[b, seen]
+            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty,
+                                          scores * repetition_penalty)
+        if n > 0 and len(row) >= n:
+            prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+            banned = [row[i + n - 1] for i in range(len(row) - n + 1)
+                      if tuple(row[i:i + n - 1]) == prefix]
+            logits[b, banned] = float('-inf')
+    return logits
+
+
+@torch.no_grad()
+def generate_speculative(model, idx, max_new_tokens, cuda_graph=True):
+    """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
+    with the main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al.
+    2018). Each step feeds the next token and the heads' n-1 drafts through the model at once and
+    keeps the drafts the main head agrees with, plus the main head's own next token: the output
+    equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
+    forward passes). Falls back to generate() without MTP heads or when the text would outgrow
+    block_size (the cache does not slide here). The verifying pass always takes n tokens, so on a
+    GPU it runs as a CUDA graph too."""
+    cfg, heads = model.config, model.mtp_heads
+    if not heads or idx.size(0) != 1 or idx.size(1) + max_new_tokens + len(heads) > cfg.block_size:
+        greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
+        return greedy, max_new_tokens
+    cache = KVCache(cfg, 1, cfg.block_size, idx.device, kernels.autocast_dtype(model.wte.weight))
+    hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
+    last, passes, start, verify = hidden[:, -1:], 1, idx.size(1), None
+    while idx.size(1) - start < max_new_tokens:
+        next_token = model.lm_head(model.norm_f(last)).argmax(-1)         # (1, 1) the main head's
+        drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
+        candidate = torch.cat([next_token, *drafts], dim=1)               # (1, n)
+        if verify is None:
+            verify = lambda tokens: model.trunk(tokens, cache)[0]  # noqa: E731
+            if cuda_graph and model.graphable(idx):
+                verify = CUDAGraphed(verify, (candidate,), cache)
+        hidden = verify(candidate)                                        # (1, n, C) in one pass
+        passes += 1
+        verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)  # (1, n-1)
+        agree = verdict == candidate[:, 1:]
+        accepted = 1 + int(agree[0].long().cumprod(0).sum())  # the token + drafts agreed in a row
+        idx = torch.cat([idx, candidate[:, :accepted]], dim=1)
+        cache.pos -= candidate.size(1) - accepted                         # forget the rejected keys
+        last = hidden[:, accepted - 1:accepted]
+    return idx[:, :start + max_new_tokens], passes
+
+
+# ---- weight-only quantization ----
+
+class Dequantize(nn.Module):
+    """Weight-only quantization as a parametrization: the module keeps integer codes (int8, or two
+    int4 codes per byte) and one scale per output channel (int8) or per group of group_size inputs
+    (int4), and rebuilds the float weight on every forward, so the matmul itself is unchanged
+    (dequantize on the fly, in plain torch)."""
+
+    def __init__(self, scale, bits, shape):
+        super().__init__()
+        self.register_buffer('scale', scale)  # (..., out, 1) for int8; (..., out, in/group, 1) int4
+        self.bits, self.shape = bits, shape
+
+    def forward(self, codes):
+        if self.bits == 4:  # unpack: low, high nibble -> consecutive inputs, stored as value + 8
+            codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).to(torch.int8) - 8
+            codes = codes.view(*self.scale.shape[:-1], -1)            # (..., out, in/group, group)
+        return (codes.float() * self.scale).view(self.shape)
+
+
+def quantize_weight(w, bits, group_size=128):
+    """w (..., out, in) -> (codes, scale) with round-to-nearest symmetric quantization: int8 per
+    output channel (scale = max|row| / 127), or int4 per group of group_size inputs (scale =
+    max|group| / 7, two codes per byte). Every element comes back within scale / 2."""
+    if bits == 8:
+        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127            # (..., out, 1)
+        return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+    groups = w.reshape(*w.shape[:-1], w.size(-1) // group_size, group_size)  # (..., out, in/g, g)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
+    codes = ((groups / scale).round().clamp(-8, 7) + 8).to(torch.uint8).flatten(-2)  # 0..15
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale                  # (..., out, in/2)
+
+
+def quantize_model(model, bits, group_size=128):
+    """Quantize the attention projections and the expert weights of model in place (weight-only,
+    for inference). int4 needs each input size divisible by group_size; the tied embedding/lm_head
+    and the norms stay float. Returns the bytes the model's tensors now take."""
+    # (module, weight name) pairs, listed before any change: a parametrization adds modules
+    modules = list(model.modules())
+    weights = [(m, 'weight') for a in modules if isinstance(a, Attention) for m in (a.qkv, a.proj)]
+    weights += [(m, name) for m in modules if isinstance(m, MoE) for name in ('w_in', 'w_out')]
+    for module, name in weights:
+        w = getattr(module, name).detach()
+        if bits == 4 and w.size(-1) % group_size:
+            raise ValueError(f"int4 groups of {group_size} need input sizes divisible by it; "
+                             f"{type(module).__name__}.{name} has {w.size(-1)}")
+        codes, scale = quantize_weight(w.float(), bits, group_size)
+        setattr(module, name, nn.Parameter(codes, requires_grad=False))
+        parametrize.register_parametrization(module, name, Dequantize(scale, bits, w.shape),
+                                             unsafe=True)
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---- evaluation ----
+
 def perplexity(model, tokens, block_size, batch_size=16):
-    """Exact token-level perplexity of tokens (1-D) with a sliding window: every token after the first is scored
-    once, each with at least block_size/2 tokens of context (except the first window's). -> (ppl, n scored)."""
+    """Exact token-level perplexity of tokens (1-D) with a sliding window: every token after the
+    first is scored once, each with at least block_size/2 tokens of context (except the first
+    window's). -> (ppl, n scored)."""
     stride, n = block_size // 2, len(tokens) - 1
-    ends = list(range(min(block_size, n), n + 1, stride))  # window k predicts tokens ends[k]-T+1 .. ends[k]
+    ends = list(range(min(block_size, n), n + 1, stride))  # window k predicts up to ends[k]
     if ends[-1] != n:
         ends.append(n)
     T, dev = min(block_size, n), model.wte.weight.device
@@ -98,17 +222,19 @@ def repetition_rate(samples, n=4):
 
 
 def coherence(text):
-    """Lexical cohesion (after Halliday & Hasan's lexical chains): how much more adjacent sentences share content
-    words than sentences further apart, as mean Jaccard(adjacent) / mean Jaccard(distance >= 2). Coherent text
-    scores above 1; the same sentences shuffled score about 1 (adjacency then means nothing). Computed from the
-    text alone: offline and reproducible. None when there are fewer than 3 sentences or no shared words at all."""
+    """Lexical cohesion (after Halliday & Hasan's lexical chains): how much more adjacent sentences
+    share content words than sentences further apart, as mean Jaccard(adjacent) / mean
+    Jaccard(distance >= 2). Coherent text scores above 1; the same sentences shuffled score about 1
+    (adjacency then means nothing). Computed from the text alone: offline and reproducible. None
+    when there are fewer than 3 sentences or no shared words at all."""
     sentences = [set(re.findall(r"[a-z']{4,}", s.lower())) for s in re.split(r"[.!?;:\n]+", text)]
     sentences = [s for s in sentences if s]
     if len(sentences) < 3:
         return None
     jaccard = lambda a, b: len(a & b) / len(a | b)  # noqa: E731
     near = [jaccard(sentences[i], sentences[i + 1]) for i in range(len(sentences) - 1)]
-    far = [jaccard(sentences[i], sentences[j]) for i in range(len(sentences)) for j in range(i + 2, len(sentences))]
+    far = [jaccard(sentences[i], sentences[j])
+           for i in range(len(sentences)) for j in range(i + 2, len(sentences))]
     if sum(far) == 0:
         return None
     return (sum(near) / len(near)) / (sum(far) / len(far))
@@ -116,35 +242,126 @@ def coherence(text):
 
 @torch.no_grad()
 def mean_entropy(model, rows):
-    """Mean entropy (nats) of the model's next-token distribution over the generated tokens; rows: list of
-    (full token list, prompt length)."""
+    """Mean entropy (nats) of the model's next-token distribution over the generated tokens; rows:
+    list of (full token list, prompt length)."""
     values = []
     for tokens, prompt_len in rows:
         window = tokens[-model.config.block_size:]
         logits, _ = model(torch.tensor([window], device=model.wte.weight.device))
-        generated = min(len(tokens) - prompt_len, len(window) - 1)  # positions whose next token was generated
+        generated = min(len(tokens) - prompt_len, len(window) - 1)  # whose next token is generated
         logp = logits[0, -generated - 1:-1].float().log_softmax(-1)
         values.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(values).mean().item() if values else float('nan')
 
 
+# ---- the script's steps ----
+
+def load_val_tokens(folder, vocab_size, n_tokens):
+    """The first n_tokens + 1 tokens of folder's val.bin (all when n_tokens is 0), checked against
+    the model's vocabulary before any generating."""
+    if not os.path.isfile(os.path.join(folder, 'meta.json')):
+        fail(f"no prepared data in {folder!r} for --eval (no meta.json); "
+             "pass --data_dir=data/<name>")
+    meta, splits = load_data(folder, ('val',))
+    if meta['vocab_size'] != vocab_size:
+        fail(f"{folder} has vocab_size {meta['vocab_size']}, the checkpoint {vocab_size}")
+    tokens = splits['val'][:n_tokens + 1] if n_tokens else splits['val']
+    if len(tokens) < 2:
+        fail(f"{folder}/val.bin has too few tokens to evaluate")
+    return np.asarray(tokens)
+
+
+def read_prompts(start):
+    """The prompt, or the prompts of a FILE: (one a line, \\n standing for a newline)."""
+    if not start.startswith('FILE:'):
+        return [start]
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            prompts = [line.rstrip('\n').replace('\\n', '\n') for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}")
+    if not prompts:
+        fail(f"the prompt file {start[5:]} has no prompts (one per line)")
+    return prompts
+
+
+def time_speculative(model, x, max_new_tokens, precision, cuda):
+    """Speculative and plain greedy decoding of x (1, T), each timed after a warm-up run ->
+    {name: (seconds, forward passes, tokens)}."""
+    timings = {}
+    for name, decode in (
+            ('greedy', lambda: (model.generate(x, max_new_tokens, temperature=0), max_new_tokens)),
+            ('speculative', lambda: generate_speculative(model, x, max_new_tokens))):
+        with precision:
+            decode()  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result, passes = decode()
+        if cuda:
+            torch.cuda.synchronize()
+        timings[name] = (time.perf_counter() - t0, passes, result)
+    return timings
+
+
+def finish(tokens, enc, stops, stop_at_eos):
+    """A continuation's tokens -> (text, tokens, finish reason), cut at the end-of-text token (when
+    stop_at_eos) and at the first stop string."""
+    reason = 'length'
+    if stop_at_eos and enc.eot_token in tokens:
+        tokens, reason = tokens[:tokens.index(enc.eot_token)], 'eos'
+    text = enc.decode(tokens)
+    hits = [text.index(s) for s in stops if s in text]
+    if hits:
+        text, reason = text[:min(hits)], 'stop'
+    return text, tokens, reason
+
+
+def write_jsonl(records, path):
+    try:
+        with open(path, 'w') as f:
+            for r in records:
+                f.write(json.dumps({k: v for k, v in r.items() if k != 'tokens'}) + '\n')
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror}")
+
+
+def evaluate(model, tokens, records, rows, precision):
+    """Perplexity on tokens, and the metrics of the samples (records) whose full token lists and
+    prompt lengths are rows."""
+    samples = [r['tokens'] for r in records]
+    with torch.no_grad(), precision:
+        ppl, scored = perplexity(model, tokens, model.config.block_size)
+        entropy = mean_entropy(model, rows)
+    scores = [c for c in (coherence(r['sample']) for r in records) if c is not None]
+    return dict(val_tokens_scored=scored, val_perplexity=ppl, val_loss=math.log(ppl),
+                samples=len(samples), distinct_1=distinct(samples, 1),
+                distinct_2=distinct(samples, 2), repetition_rate_4=repetition_rate(samples),
+                entropy_nats=entropy, coherence=sum(scores) / len(scores) if scores else None,
+                coherence_samples=len(scores))
+
+
 if __name__ == '__main__':
     configure_or_exit(globals())
-    checks = [(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
-              (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
-              (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
-              (repetition_penalty > 0, f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
-              (no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
-              (num_samples >= 1 and max_new_tokens >= 1, "num_samples and max_new_tokens must be >= 1"),
-              (quantize in ('', 'int8', 'int4'), f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
-              (dtype in ('auto', 'float32', 'bfloat16'), f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-    model_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    check([(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+           (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+           (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+           (repetition_penalty > 0,
+            f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
+           (no_repeat_ngram_size >= 0,
+            f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
+           (num_samples >= 1 and max_new_tokens >= 1,
+            "num_samples and max_new_tokens must be >= 1"),
+           (quantize in ('', 'int8', 'int4'),
+            f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
+           (dtype in ('auto', 'float32', 'bfloat16'),
+            f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")])
+    dev, device_type = resolve_device(device)
     torch.manual_seed(seed)
-    bf16 = dtype == 'bfloat16' or (dtype == 'auto' and model_device.startswith('cuda'))
-    precision = torch.autocast(model_device.split(':')[0], dtype=torch.bfloat16, enabled=bf16)
+    bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
+    precision = autocast(device_type, bf16)
+
+    # load: the checkpoint (quantized if asked), its tokenizer, the evaluation data, the prompts
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     if quantize:
@@ -152,110 +369,71 @@ if __name__ == '__main__':
             model_bytes = quantize_model(model, bits=int(quantize[3:]))
         except ValueError as e:
             fail(e)
-    model.eval().to(model_device)
+    model.eval().to(dev)
     try:
         enc = load_tokenizer(os.path.join(out_dir, 'tokenizer.json'))
     except OSError as e:
-        fail(f"no tokenizer next to the checkpoint ({e}); copy the data set's tokenizer.json into {out_dir}")
-
-    if eval:  # the evaluation data is checked before any generating
-        folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
-        try:
-            meta = json.load(open(os.path.join(folder, 'meta.json')))
-            val = np.memmap(os.path.join(folder, 'val.bin'), dtype=meta['dtype'], mode='r')
-        except (OSError, KeyError, ValueError) as e:
-            fail(f"no prepared data in {folder!r} for --eval ({type(e).__name__}); pass --data_dir=data/<name>")
-        if meta['vocab_size'] != model.config.vocab_size:
-            fail(f"{folder} has vocab_size {meta['vocab_size']}, the checkpoint {model.config.vocab_size}")
-        tokens = val[:eval_tokens + 1] if eval_tokens else val
-        if len(tokens) < 2:
-            fail(f"{folder}/val.bin has too few tokens to evaluate")
-
-    if start.startswith('FILE:'):
-        try:
-            with open(start[5:], encoding='utf-8') as f:
-                prompts = [line.rstrip('\n').replace('\\n', '\n') for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}")
-        if not prompts:
-            fail(f"the prompt file {start[5:]} has no prompts (one per line)")
-    else:
-        prompts = [start]
-    encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts for _ in range(num_samples)]
-    longest = max(map(len, encoded))
-    if longest >= model.config.block_size:
-        print(f"note: a prompt has {longest} tokens, more than the context of {model.config.block_size}: "
-              f"the model sees its last {model.config.block_size // 2}")
+        fail(f"no tokenizer next to the checkpoint ({e}); "
+             f"copy the data set's tokenizer.json into {out_dir}")
+    folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
+    val_tokens = load_val_tokens(folder, model.config.vocab_size, eval_tokens) if eval else None
+    prompts = read_prompts(start)
+    encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
+               for _ in range(num_samples)]
+    longest, context = max(map(len, encoded)), model.config.block_size
+    if longest >= context:
+        print(f"note: a prompt has {longest} tokens, more than the context of {context}: "
+              f"the model sees its last {context // 2}")
     # left padding with the end-of-text token: every prompt ends where generation starts
-    pad = torch.tensor([longest - len(e) for e in encoded], device=model_device)
-    x = torch.tensor([[enc.eot_token] * (longest - len(e)) + e for e in encoded], device=model_device)
+    pad = torch.tensor([longest - len(e) for e in encoded], device=dev)
+    x = torch.tensor([[enc.eot_token] * (longest - len(e)) + e for e in encoded], device=dev)
     stops = [s.replace('\\n', '\n') for s in stop.split('|') if s]
+
+    # generate
     if speculative:
         if len(encoded) != 1 or not model.mtp_heads:
-            fail("--speculative=True needs one prompt, --num_samples=1 and a model trained with n_future_tokens > 1")
-        timings = {}
-        for name, decode in (('greedy', lambda: (model.generate(x, max_new_tokens, temperature=0), max_new_tokens)),
-                             ('speculative', lambda: model.generate_speculative(x, max_new_tokens))):
-            with precision:
-                decode()  # warm-up
-                if model_device.startswith('cuda'):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                result, passes = decode()
-            if model_device.startswith('cuda'):
-                torch.cuda.synchronize()
-            timings[name] = (time.perf_counter() - t0, passes, result)
+            fail("--speculative=True needs one prompt, --num_samples=1 and a model trained with "
+                 "n_future_tokens > 1")
+        timings = time_speculative(model, x, max_new_tokens, precision, device_type == 'cuda')
         (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
         print(prompts[0] + enc.decode(spec[0, longest:].tolist()))
-        print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.2f} s; greedy "
-              f"{t_greedy:.2f} s ({t_greedy / t_spec:.2f}x); identical to greedy: {torch.equal(spec, greedy)}")
+        print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.2f} s; "
+              f"greedy {t_greedy:.2f} s ({t_greedy / t_spec:.2f}x); identical to greedy: "
+              f"{torch.equal(spec, greedy)}")
         sys.exit(0)
 
     def stopped(idx):
         """(B,) bool: the row's continuation contains a stop string."""
-        return torch.tensor([any(s in enc.decode(row[longest:]) for s in stops) for row in idx.tolist()],
-                            device=idx.device)
+        texts = [enc.decode(row[longest:]) for row in idx.tolist()]
+        return torch.tensor([any(s in text for s in stops) for text in texts], device=idx.device)
+
+    def penalized(logits, idx):
+        return penalize(logits, idx, repetition_penalty, no_repeat_ngram_size, pad)
 
     with precision:
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                           eos_id=enc.eot_token if stop_at_eos else None, pad=pad, stop=stopped if stops else None)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           top_p=top_p, eos_id=enc.eot_token if stop_at_eos else None, pad=pad,
+                           stop=stopped if stops else None, penalize=penalized)
+
+    # write
     records = []
     for i, row in enumerate(y.tolist()):
-        new = row[longest:]
-        finish = 'length'
-        if stop_at_eos and enc.eot_token in new:
-            new, finish = new[:new.index(enc.eot_token)], 'eos'
-        text = enc.decode(new)
-        hits = [text.index(s) for s in stops if s in text]
-        if hits:
-            text, finish = text[:min(hits)], 'stop'
-        records.append(dict(prompt=prompts[i // num_samples], sample=text, tokens=new, finish=finish))
-        print(prompts[i // num_samples] + text)
+        text, tokens, reason = finish(row[longest:], enc, stops, stop_at_eos)
+        prompt = prompts[i // num_samples]
+        records.append(dict(prompt=prompt, sample=text, tokens=tokens, finish=reason))
+        print(prompt + text)
         print('---------------')
     if out:
-        try:
-            with open(out, 'w') as f:
-                for r in records:
-                    f.write(json.dumps({k: v for k, v in r.items() if k != 'tokens'}) + '\n')
-        except OSError as e:
-            fail(f"cannot write {out}: {e.strerror}")
+        write_jsonl(records, out)
 
+    # evaluate
     if eval:
-        samples = [r['tokens'] for r in records]
-        with torch.no_grad(), precision:
-            ppl, scored = perplexity(model, np.asarray(tokens), model.config.block_size)
-            entropy = mean_entropy(model, [(x[i, pad[i]:].tolist() + s, longest - int(pad[i]))
-                                           for i, s in enumerate(samples) if s])
-        scores = [c for c in (coherence(r['sample']) for r in records) if c is not None]
-        result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'), data_dir=folder,
-                      val_tokens_scored=scored, val_perplexity=ppl, val_loss=math.log(ppl),
-                      quantize=quantize or 'none', model_bytes=model_bytes,
-                      samples=len(samples), temperature=temperature, top_k=top_k, top_p=top_p,
-                      distinct_1=distinct(samples, 1), distinct_2=distinct(samples, 2),
-                      repetition_rate_4=repetition_rate(samples),
-                      entropy_nats=entropy,
-                      coherence=sum(scores) / len(scores) if scores else None, coherence_samples=len(scores))
+        rows = [(x[i, pad[i]:].tolist() + r['tokens'], longest - int(pad[i]))
+                for i, r in enumerate(records) if r['tokens']]
+        result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'),
+                      data_dir=folder, quantize=quantize or 'none', model_bytes=model_bytes,
+                      temperature=temperature, top_k=top_k, top_p=top_p)
+        result.update(evaluate(model, val_tokens, records, rows, precision))
         path = report or os.path.join(out_dir, 'eval.json')
         try:
             with open(path, 'w') as f:
@@ -263,8 +441,9 @@ if __name__ == '__main__':
         except OSError as e:
             fail(f"cannot write the report {path}: {e.strerror}")
         print("\n| metric | value |\n|---|---|")
-        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1', 'distinct_2',
-                    'repetition_rate_4', 'entropy_nats', 'coherence'):
+        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1',
+                    'distinct_2', 'repetition_rate_4', 'entropy_nats', 'coherence'):
             value = result[key]
-            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else
+                  f"| {key} | {value} |")
         print(f"report: {path}")

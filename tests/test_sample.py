@@ -1,5 +1,8 @@
-"""sample.py's evaluation: sliding-window perplexity against a window-by-window loop, the sample metrics against
-hand-counted examples, and the coherence score against the same text shuffled."""
+"""sample.py's decoding and evaluation: penalties against hand-worked logits, self-speculative decoding against
+greedy decoding, quantized weights against their bounds, sliding-window perplexity against a window-by-window loop,
+the sample metrics against hand-counted examples, and the coherence score against the same text shuffled.
+    python -m pytest -q tests/test_sample.py
+"""
 
 import math
 import random
@@ -10,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig
-from sample import coherence, distinct, perplexity, repetition_rate
+from sample import (Dequantize, coherence, distinct, generate_speculative, penalize, perplexity, quantize_model,
+                    quantize_weight, repetition_rate)
 
 
 def tiny_model(block_size=16):
@@ -63,10 +67,55 @@ def test_coherence_falls_for_shuffled_sentences():
     assert coherence("One sentence only.") is None
 
 
+def test_penalties_hand_computed():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2; the pad token 2 (first position) is skipped
+    out = penalize(logits, torch.tensor([[2, 0, 1]]), repetition_penalty=2.0, pad=torch.tensor([1]))
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned (and only 1)
+    out = penalize(logits, torch.tensor([[3, 1, 0, 3]]), no_repeat_ngram_size=2)
+    assert torch.isinf(out[0, 1]) and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
+
+
+def mtp_model(block_size, device='cpu'):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32, n_future_tokens=3)
+    return GPT(cfg).eval().to(device)
+
+
+def test_self_speculative_decoding_equals_greedy():
+    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens, whether the
+    drafts are mostly right (heads at init copy the next-token state) or mostly wrong (heads scrambled)."""
+    model = mtp_model(block_size=96)
+    prompt = torch.randint(0, 97, (1, 5))
+    for scramble in (False, True):
+        if scramble:
+            for head in model.mtp_heads:
+                torch.nn.init.normal_(head.proj.weight, std=1.0)
+        out, passes = generate_speculative(model, prompt, 60)
+        assert torch.equal(out, model.generate(prompt, 60, temperature=0)) and passes <= 61
+    assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)  # too long for the cache: plain greedy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graph_speculative_decoding_equals_eager():
+    """Self-speculative decoding with a CUDA-graphed verify pass (bf16 autocast) equals its eager self, with good
+    and scrambled drafts."""
+    model = mtp_model(block_size=48, device='cuda')
+    prompt = torch.randint(0, 97, (1, 9), device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        for scramble in (False, True):
+            if scramble:
+                for head in model.mtp_heads:
+                    torch.nn.init.normal_(head.proj.weight, std=1.0)
+            (graphed, passes), (eager, eager_passes) = (generate_speculative(model, prompt, 30, cuda_graph=graph)
+                                                        for graph in (True, False))
+            assert torch.equal(graphed, eager) and passes == eager_passes
+
+
 def test_quantization_round_trip_bounds():
     """Every weight comes back within half a quantization step: scale = max|row| / 127 (int8, per output channel)
     or max|group| / 7 (int4, per 128 inputs), on random 2-D and 3-D (expert) weights."""
-    from model import Dequantize, quantize_weight
     torch.manual_seed(0)
     for shape in ((96, 256), (4, 64, 384)):
         w = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 3     # rows of different ranges
@@ -83,7 +132,6 @@ def test_quantization_round_trip_bounds():
 def test_quantized_model_stays_close():
     """int8 and int4 weight-only quantization of attention and experts: the loss moves little, the bytes shrink,
     and int4 refuses an input size its groups do not divide."""
-    from model import quantize_model
     cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=128, n_experts=4)
     x = torch.randint(0, 97, (2, 16))
     losses, sizes = [], []
