@@ -1,16 +1,17 @@
 """
-Hand-written CUDA kernels for the hot spots of an Ava training step (kernels/README.md has the profile that
-picked them). Each op lives in two files: `<op>.cu` (the kernels, with a header comment on shapes and testing)
-and `<op>.py` (its pure-PyTorch `_ref` twin of the same signature, and the `torch.library` custom op with
-autograd, so torch.compile can trace through it).
+Hand-written CUDA kernels for the hot spots of an Ava training step (kernels/README.md says which
+and why). Each op lives in two files: `<op>.cu` (the kernels, with a header comment on shapes and
+testing) and `<op>.py` (its pure-PyTorch `_ref` twin of the same signature, and the `torch.library`
+custom op with autograd, so torch.compile can trace through it).
 
     from kernels import rms_norm
     y = rms_norm(x, weight, eps)        # CUDA kernel on a CUDA tensor once built, else rms_norm_ref
 
 The .cu files are JIT-built together into one library the first time a CUDA tensor reaches an op
-(`torch.utils.cpp_extension.load`, for this device's arch, into kernels/build/, ~1 min once, cached after).
-Without CUDA or nvcc every op runs its `_ref` twin, and one line says so. `kernels.enabled = False` forces
-the twins (bench.py --kernels=ref, and the tests that compare the two).
+(`torch.utils.cpp_extension.load`, for this device's arch, into kernels/build/; cached after the
+first build). Without CUDA or nvcc every op runs its `_ref` twin, and one line says so.
+`kernels.enabled = False` forces the twins (bench.py --kernels=ref, and the tests that compare the
+two).
 """
 
 import glob
@@ -20,13 +21,14 @@ import shutil
 import torch
 
 enabled = True           # False: always use the _ref twins (for comparisons)
-_status = None           # None: not tried yet; True: built and loaded; str: why the CUDA ops are unavailable
+_status = None           # None: not tried yet; True: built and loaded; str: why not
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build():
-    """Build and load the CUDA library if possible; returns True, or the reason it is unavailable (printed once).
-    Under torchrun, call it after init_process_group: rank 0 compiles while the others wait, then they load."""
+    """Build and load the CUDA library if possible; returns True, or the reason it is unavailable
+    (printed once). Under torchrun, call it after init_process_group: rank 0 compiles while the
+    others wait, then they load its build."""
     global _status
     if _status is not None:
         return _status
@@ -40,7 +42,7 @@ def build():
         return _status
     from torch.utils.cpp_extension import load
     major, minor = torch.cuda.get_device_capability()
-    os.environ['TORCH_CUDA_ARCH_LIST'] = f'{major}.{minor}'  # only this device's arch: one quick compile pass
+    os.environ['TORCH_CUDA_ARCH_LIST'] = f'{major}.{minor}'  # this device's arch: one compile pass
     build_dir = os.path.join(_HERE, 'build')
     os.makedirs(build_dir, exist_ok=True)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -48,10 +50,11 @@ def build():
     if not first:
         torch.distributed.barrier()  # wait for rank 0 to compile; then load its build
     try:
-        load(name='ava_kernels', sources=sorted(glob.glob(os.path.join(_HERE, '*.cu'))), build_directory=build_dir,
-             extra_cuda_cflags=['-O3', '-lineinfo'], is_python_module=False, verbose=False)
+        load(name='ava_kernels', sources=sorted(glob.glob(os.path.join(_HERE, '*.cu'))),
+             build_directory=build_dir, extra_cuda_cflags=['-O3', '-lineinfo'],
+             is_python_module=False, verbose=False)
         _status = True
-    except Exception as e:  # a failed build must not stop training: the twins compute the same function
+    except Exception as e:  # a failed build must not stop training: the twins compute the same
         _status = f"build failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         print(f"kernels: CUDA ops unavailable ({_status}); using the PyTorch _ref twins")
     if distributed and first:
@@ -73,7 +76,8 @@ def autocast_dtype(x):
 
 # the ops (they import the helpers above)
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
-from kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref  # noqa: E402
+from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_unpermute,  # noqa: E402
+                                 moe_unpermute_ref)
 from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rope import qkv_rope, qkv_rope_ref  # noqa: E402
 from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402

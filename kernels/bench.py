@@ -1,8 +1,9 @@
 """
-Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and forward+backward, at the
-shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512, V=32768, E=8, K=2, H=8). Times are the GPU time
-of the kernels each call launches (torch.profiler); bandwidth is the fewest bytes the op must move (each input read
-once, each output written once) over that time, next to a measured device-to-device copy ceiling.
+Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and
+forward+backward, at the shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512,
+V=32768, E=8, K=2, H=8). Times are the GPU time of the kernels each call launches (torch.profiler);
+bandwidth is the fewest bytes the op must move (each input read once, each output written once) over
+that time, next to a measured device-to-device copy ceiling.
 
     python kernels/bench.py                 # every op
     python kernels/bench.py --op=rms_norm   # one op
@@ -16,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk  # noqa: E402
+from kernels import (cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm,  # noqa: E402
+                     sinkhorn_topk)
 from model import sort_by_expert  # noqa: E402
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
@@ -39,9 +41,9 @@ def median_ms(fn, reps=30):
 
 
 def gpu_ms(fn, calls=10):
-    """Mean GPU time of the kernels one call launches (torch.profiler). Event timing around a single sub-millisecond
-    op measures Python's dispatch as much as the GPU; the kernels' own time is what bandwidth is about (bench.py
-    measures whole training steps, launch gaps included)."""
+    """Mean GPU time of the kernels one call launches (torch.profiler). Event timing around a single
+    sub-millisecond op measures Python's dispatch as much as the GPU; the kernels' own time is what
+    bandwidth is about (bench.py measures whole training steps, launch gaps included)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -60,38 +62,44 @@ def copy_ceiling_gbs():
 
 
 def routing():
-    """Index maps of a random top-K routing of N tokens (none dropped), laid out as MoE.forward lays them out."""
+    """Index maps of a random top-K routing of N tokens (none dropped), laid out as MoE.forward lays
+    them out."""
     expert = torch.rand(N, E, device='cuda').topk(K, dim=-1).indices            # (N, K)
-    _, row_src, assignment_row = sort_by_expert(expert, torch.ones_like(expert, dtype=torch.bool), E)
+    keep = torch.ones_like(expert, dtype=torch.bool)
+    _, row_src, assignment_row = sort_by_expert(expert, keep, E)
     return row_src, assignment_row
 
 
 def cases():
-    """name -> (op, ref, make_inputs() -> args, bytes forward, bytes backward): args[0] (and gates) get gradients
-    when the op has a backward; the op runs under bf16 autocast like the model."""
+    """name -> (op, ref, make_inputs() -> args, bytes forward, bytes backward): args[0] (and gates)
+    get gradients when the op has a backward; the op runs under bf16 autocast like the model."""
     row_src, assignment_row = routing()
     angles = torch.arange(T, device='cuda')[:, None] * torch.rand(C // H // 2, device='cuda')
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device='cuda', dtype=dtype)
+
+    bf16 = torch.bfloat16
     return {
         'rms_norm': (rms_norm, kernels.rms_norm_ref,
-                     lambda: [torch.randn(N, C, device='cuda'), torch.rand(C, device='cuda') + 0.5, 1e-6],
+                     lambda: [randn(N, C), torch.rand(C, device='cuda') + 0.5, 1e-6],
                      N * C * (4 + 2), N * C * (2 + 4 + 4)),
         'cross_entropy': (cross_entropy, kernels.cross_entropy_ref,
-                          lambda: [torch.randn(N, V, device='cuda', dtype=torch.bfloat16) * 3,
+                          lambda: [randn(N, V, dtype=bf16) * 3,
                                    torch.randint(V, (N,), device='cuda')],
                           N * V * 2, N * V * (2 + 2)),
         'moe_permute': (moe_permute, kernels.moe_permute_ref,
-                        lambda: [torch.randn(N, C, device='cuda', dtype=torch.bfloat16), row_src, assignment_row],
+                        lambda: [randn(N, C, dtype=bf16), row_src, assignment_row],
                         (N + M) * C * 2, (M + N) * C * 2),
         'moe_unpermute': (moe_unpermute, kernels.moe_unpermute_ref,
-                          lambda: [torch.randn(M, C, device='cuda', dtype=torch.bfloat16),
-                                   torch.rand(N, K, device='cuda'), row_src, assignment_row],
+                          lambda: [randn(M, C, dtype=bf16), torch.rand(N, K, device='cuda'),
+                                   row_src, assignment_row],
                           M * C * 2 + N * C * 4, N * C * 4 + M * C * (2 + 2)),
         'qkv_rope': (qkv_rope, kernels.qkv_rope_ref,
-                     lambda: [torch.randn(N // T, T, 3 * C, device='cuda', dtype=torch.bfloat16), angles.cos(),
-                              angles.sin(), H],
+                     lambda: [randn(N // T, T, 3 * C, dtype=bf16), angles.cos(), angles.sin(), H],
                      2 * 3 * N * C * 2, 2 * 3 * N * C * 2),
         'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
-                          lambda: [torch.randn(N, E, device='cuda'), 8, K, torch.zeros(E, device='cuda')],
+                          lambda: [randn(N, E), 8, K, torch.zeros(E, device='cuda')],
                           N * E * 4 + N * K * 8, 0),
     }
 
@@ -99,11 +107,11 @@ def cases():
 def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
     compiled = torch.compile(ref)
     sets = [make_inputs() for _ in range(3)]  # rotate inputs so no timing reads a warm L2
-    differentiable = (0, 1) if name == 'moe_unpermute' else (0,)  # ys and gates; else the first input
+    differentiable = (0, 1) if name == 'moe_unpermute' else (0,)  # ys and gates; else the input
     for args in sets:
         for i in differentiable:
             args[i].requires_grad_(bytes_bwd > 0)
-    row, upstream = [name], {}  # upstream gradients made once per input set, outside the timed calls
+    row, upstream = [name], {}  # upstream gradients: once per input set, outside the timed calls
     for fn in (op, ref, compiled):
         calls = iter(range(10**9))
 
@@ -119,7 +127,7 @@ def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
             if i not in upstream:
                 upstream[i] = [torch.randn_like(o) for o in outs]
             leaves = [a for a in sets[i] if isinstance(a, torch.Tensor) and a.requires_grad]
-            torch.autograd.grad(outs, leaves, upstream[i])  # not .backward(): no accumulation into .grad
+            torch.autograd.grad(outs, leaves, upstream[i])  # not .backward(): nothing into .grad
 
         kernels.enabled = fn is op
         row.append(gpu_ms(forward))
@@ -128,8 +136,8 @@ def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
     fwd_gbs = bytes_fwd / row[1] / 1e6
     bwd_gbs = bytes_bwd / (row[2] - row[1]) / 1e6 if bytes_bwd else float('nan')
     print(f"{name:14s} fwd {row[1]:7.3f} ms ({fwd_gbs:6.0f} GB/s, {fwd_gbs / ceiling:4.0%})  "
-          f"fwd+bwd {row[2]:7.3f} ms (bwd {bwd_gbs:6.0f} GB/s, {bwd_gbs / ceiling:4.0%}) | ref {row[3]:7.3f} / "
-          f"{row[4]:7.3f} ms | compiled ref {row[5]:7.3f} / {row[6]:7.3f} ms")
+          f"fwd+bwd {row[2]:7.3f} ms (bwd {bwd_gbs:6.0f} GB/s, {bwd_gbs / ceiling:4.0%}) | "
+          f"ref {row[3]:7.3f} / {row[4]:7.3f} ms | compiled ref {row[5]:7.3f} / {row[6]:7.3f} ms")
 
 
 def main():
@@ -137,7 +145,8 @@ def main():
     if not torch.cuda.is_available() or kernels.build() is not True:
         sys.exit("error: kernels/bench.py needs a CUDA device and the built kernels")
     ceiling = copy_ceiling_gbs()
-    print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:,.0f} GB/s (read + write)")
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:,.0f} GB/s "
+          "(read + write)")
     for name, case in cases().items():
         if only in (None, name):
             run(name, *case, ceiling)

@@ -1,5 +1,6 @@
-// Helpers shared by Ava's kernels: fp32/bf16 conversion, 8-element vector loads and stores, warp reductions,
-// and dtype dispatch. Every kernel computes in fp32 registers whatever the storage type.
+// Helpers shared by Ava's kernels: fp32/bf16 conversion, 8-element vector loads and stores, warp
+// reductions, and dtype dispatch. Every kernel computes in fp32 registers whatever the storage
+// type.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,7 +14,9 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float v) {
+    return __float2bfloat16(v);
+}
 
 // 8 consecutive elements <-> 8 floats, as 16-byte accesses (one for bf16, two for fp32).
 // The caller guarantees 16-byte alignment (see aligned16 below).
@@ -49,11 +52,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
     return v;
 }
 
-// True when every tensor's data starts on a 16-byte boundary: rows of a multiple of 8 elements then stay aligned.
+// True when every tensor's data starts on a 16-byte boundary: rows of a multiple of 8 elements then
+// stay aligned.
 inline bool aligned16(std::initializer_list<at::Tensor> tensors) {
     for (const auto& t : tensors)
         if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
@@ -76,9 +81,12 @@ inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream()
             using T = float;                                                                     \
             return __VA_ARGS__();                                                                \
         }                                                                                        \
-        TORCH_CHECK((dtype) == at::kBFloat16, "Ava kernels take float32 or bfloat16, got ", dtype); \
+        TORCH_CHECK((dtype) == at::kBFloat16, "Ava kernels take float32 or bfloat16, got ",      \
+                    dtype);                                                                      \
         using T = bf16;                                                                          \
         return __VA_ARGS__();                                                                    \
     }()
 
-template <typename T> inline T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+template <typename T> inline T* ptr(const at::Tensor& t) {
+    return reinterpret_cast<T*>(t.data_ptr());
+}

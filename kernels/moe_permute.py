@@ -1,11 +1,11 @@
-"""MoE permute (token rows -> expert-sorted rows) and unpermute + combine (expert rows -> each token's
-gate-weighted sum) as one gather kernel each way (moe_permute.cu), where eager PyTorch indexes, casts, multiplies
-by the gates and index_adds (with atomics) in separate passes.
+"""MoE permute (token rows -> expert-sorted rows) and unpermute + combine (expert rows -> each
+token's gate-weighted sum) as one gather kernel each way (moe_permute.cu), where eager PyTorch
+indexes, casts, multiplies by the gates and index_adds (with atomics) in separate passes.
 
-The layout comes from the argsort by expert, as two int32 maps that invert each other where both are >= 0
-(M = N*K rows, assignment a = t*K + k):
-    row_src (M,)            the assignment held by row r, or -1 for an unused row (a dropped assignment)
-    assignment_row (N, K)   the row that assignment (t, k) occupies, or -1 if it was dropped"""
+The layout comes from the argsort by expert, as two int32 maps that invert each other where both
+are >= 0 (M = N*K rows, assignment a = t*K + k):
+    row_src (M,)           the assignment held by row r, or -1 for an unused row (a dropped one)
+    assignment_row (N, K)  the row that assignment (t, k) occupies, or -1 if it was dropped"""
 
 import torch
 
@@ -13,22 +13,25 @@ import kernels
 
 
 def moe_permute_ref(x, row_src, assignment_row):
-    """x (N, C) -> xs (M, C): xs[r] = x[row_src[r] // K], zeros in unused rows; in the autocast dtype (else x's)."""
+    """x (N, C) -> xs (M, C): xs[r] = x[row_src[r] // K], zeros in unused rows; in the autocast
+    dtype (else x's)."""
     K = assignment_row.size(1)
-    used = row_src >= 0                                                       # (M,)
+    used = row_src >= 0                                                   # (M,)
     compute = torch.promote_types(x.dtype, torch.float32)
-    picked = x.to(compute)[torch.where(used, row_src, 0) // K]                # (M, C) row 0 stands in for unused
+    picked = x.to(compute)[torch.where(used, row_src, 0) // K]            # (M, C) row 0 for unused
     return torch.where(used[:, None], picked, 0).to(kernels.autocast_dtype(x))
 
 
 def moe_unpermute_ref(ys, gates, row_src, assignment_row):
-    """ys (M, C) expert outputs, gates (N, K) -> out (N, C) in gates' dtype: out[t] = sum over t's kept
-    assignments k of gates[t, k] * ys[assignment_row[t, k]]. Rows of ys that no assignment points to may hold
-    garbage (even NaN): masked out before any arithmetic, so they reach neither out nor the gradients."""
-    kept = assignment_row >= 0                                                # (N, K)
+    """ys (M, C) expert outputs, gates (N, K) -> out (N, C) in gates' dtype: out[t] = sum over t's
+    kept assignments k of gates[t, k] * ys[assignment_row[t, k]]. Rows of ys that no assignment
+    points to may hold garbage (even NaN): masked out before any arithmetic, so they reach neither
+    out nor the gradients."""
+    kept = assignment_row >= 0                                            # (N, K)
     compute = torch.promote_types(torch.promote_types(ys.dtype, gates.dtype), torch.float32)
-    picked = ys.to(compute)[torch.where(kept, assignment_row, 0)]             # (N, K, C) row 0 stands in for dropped
-    return (torch.where(kept[..., None], picked, 0) * gates.to(compute)[..., None]).sum(1).to(gates.dtype)
+    picked = ys.to(compute)[torch.where(kept, assignment_row, 0)]         # (N, K, C) 0 if dropped
+    weighted = torch.where(kept[..., None], picked, 0) * gates.to(compute)[..., None]
+    return weighted.sum(1).to(gates.dtype)
 
 
 def moe_permute(x, row_src, assignment_row):
@@ -50,7 +53,8 @@ def _moe_permute(x: torch.Tensor, row_src: torch.Tensor, assignment_row: torch.T
                  out_dtype: torch.dtype) -> torch.Tensor:
     """-> xs (M, C) in out_dtype."""
     xs = x.new_empty(row_src.size(0), x.size(1), dtype=out_dtype)
-    torch.ops.ava_cuda.moe_permute_fwd(x.contiguous(), row_src.contiguous(), assignment_row.size(1), xs)
+    torch.ops.ava_cuda.moe_permute_fwd(x.contiguous(), row_src.contiguous(), assignment_row.size(1),
+                                       xs)
     return xs
 
 
@@ -60,8 +64,10 @@ def _(x, row_src, assignment_row, out_dtype):
 
 
 @torch.library.custom_op('ava::moe_permute_backward', mutates_args=())
-def _moe_permute_backward(dxs: torch.Tensor, assignment_row: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    """dxs (M, C) -> dx (N, C) in x_dtype: dx[t] = sum of dxs over t's kept rows (a gather-sum, no atomics)."""
+def _moe_permute_backward(dxs: torch.Tensor, assignment_row: torch.Tensor,
+                          x_dtype: torch.dtype) -> torch.Tensor:
+    """dxs (M, C) -> dx (N, C) in x_dtype: dx[t] = sum of dxs over t's kept rows (a gather-sum, no
+    atomics)."""
     dx = dxs.new_empty(assignment_row.size(0), dxs.size(1), dtype=x_dtype)
     torch.ops.ava_cuda.moe_permute_bwd(dxs.contiguous(), assignment_row.contiguous(), dx)
     return dx
@@ -91,7 +97,8 @@ def _moe_unpermute(ys: torch.Tensor, gates: torch.Tensor, row_src: torch.Tensor,
                    assignment_row: torch.Tensor) -> torch.Tensor:
     """-> out (N, C) in gates' dtype. (row_src is for backward.)"""
     out = gates.new_empty(gates.size(0), ys.size(1))
-    torch.ops.ava_cuda.moe_unpermute_fwd(ys.contiguous(), gates.float().contiguous(), assignment_row.contiguous(), out)
+    torch.ops.ava_cuda.moe_unpermute_fwd(ys.contiguous(), gates.float().contiguous(),
+                                         assignment_row.contiguous(), out)
     return out
 
 
@@ -103,12 +110,13 @@ def _(ys, gates, row_src, assignment_row):
 @torch.library.custom_op('ava::moe_unpermute_backward', mutates_args=())
 def _moe_unpermute_backward(dout: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor,
                             row_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dys (M, C) in ys's dtype, dgates (N, K) fp32, in one pass over the rows (dgates of a dropped assignment,
-    which owns no row, stays 0)."""
+    """-> dys (M, C) in ys's dtype, dgates (N, K) fp32, in one pass over the rows (dgates of a
+    dropped assignment, which owns no row, stays 0)."""
     dys = ys.new_empty(ys.shape)
     dgates = torch.zeros(gates.shape, dtype=torch.float32, device=gates.device)
-    torch.ops.ava_cuda.moe_unpermute_bwd(dout.contiguous(), ys.contiguous(), gates.float().contiguous(),
-                                         row_src.contiguous(), dys, dgates)
+    torch.ops.ava_cuda.moe_unpermute_bwd(dout.contiguous(), ys.contiguous(),
+                                         gates.float().contiguous(), row_src.contiguous(), dys,
+                                         dgates)
     return dys, dgates
 
 

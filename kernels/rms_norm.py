@@ -1,6 +1,6 @@
-"""RMSNorm as one kernel each way (rms_norm.cu): reads the fp32 residual once and writes the normalised rows
-straight in the next matmul's dtype, where eager PyTorch makes separate square, mean, rsqrt, multiply and cast
-passes."""
+"""RMSNorm as one kernel each way (rms_norm.cu): reads the fp32 residual once and writes the
+normalised rows straight in the next matmul's dtype, where eager PyTorch makes separate square,
+mean, rsqrt, multiply and cast passes."""
 
 import torch
 
@@ -8,10 +8,11 @@ import kernels
 
 
 def rms_norm_ref(x, weight, eps):
-    """x (..., C) / sqrt(mean(x^2) + eps) * weight (C,), computed in fp32, returned in the autocast dtype
-    (else x's dtype)."""
+    """x (..., C) / sqrt(mean(x^2) + eps) * weight (C,), computed in fp32, returned in the autocast
+    dtype (else x's dtype)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(kernels.autocast_dtype(x))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(kernels.autocast_dtype(x))
 
 
 def rms_norm(x, weight, eps):
@@ -34,7 +35,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @_rms_norm.register_fake
 def _(x, weight, eps, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.numel() // x.size(-1), dtype=torch.float32)
+    rows = x.numel() // x.size(-1)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32)
 
 
 @torch.library.custom_op('ava::rms_norm_backward', mutates_args=())
@@ -42,11 +44,12 @@ def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dx like x, dweight (C,) fp32."""
     rows = x.reshape(-1, x.size(-1)).contiguous()                          # (N, C)
-    blocks = max(1, min(4 * torch.cuda.get_device_properties(x.device).multi_processor_count, (rows.size(0) + 7) // 8))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    blocks = max(1, min(4 * sms, (rows.size(0) + 7) // 8))
     dx = torch.empty_like(rows)
-    dw_partial = torch.empty(blocks, rows.size(1), dtype=torch.float32, device=x.device)  # one row per block
-    torch.ops.ava_cuda.rms_norm_bwd(dy.reshape(rows.shape).contiguous(), rows, weight.float().contiguous(), rstd, dx,
-                                    dw_partial)
+    dw_partial = rows.new_empty(blocks, rows.size(1), dtype=torch.float32)  # (blocks, C)
+    torch.ops.ava_cuda.rms_norm_bwd(dy.reshape(rows.shape).contiguous(), rows,
+                                    weight.float().contiguous(), rstd, dx, dw_partial)
     return dx.view(x.shape), dw_partial.sum(0)
 
 

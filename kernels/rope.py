@@ -1,6 +1,7 @@
-"""Attention's qkv split + RoPE as one kernel each way (rope.cu): reads the packed qkv once and writes q, k, v
-contiguous in (B, H, T, D), q and k rotated, where eager PyTorch makes separate float-cast, chunk, multiply, cat,
-cast and permute-copy passes. The backward applies the inverse rotation and packs the grads back into dqkv."""
+"""Attention's qkv split + RoPE as one kernel each way (rope.cu): reads the packed qkv once and
+writes q, k, v contiguous in (B, H, T, D), q and k rotated, where eager PyTorch makes separate
+float-cast, chunk, multiply, cat, cast and permute-copy passes. The backward applies the inverse
+rotation and packs the grads back into dqkv."""
 
 import torch
 
@@ -8,23 +9,27 @@ import kernels
 
 
 def _rotate(x, cos, sin):
-    """Rotate each channel pair (x1, x2) by its position's angle; x (B, H, T, D), cos and sin (T, D/2)."""
-    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # (B, H, T, D/2): 'half-split'
+    """Rotate each channel pair (x1, x2) by its position's angle; x (B, H, T, D), cos and sin
+    (T, D/2)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)  # (B, H, T, D/2) each: 'half-split' pairs
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 def qkv_rope_ref(qkv, cos, sin, n_head):
-    """qkv (B, T, 3C) -> q, k, v, each (B, H, T, D) in qkv's dtype, q and k rotated by RoPE in (at least) fp32.
-    cos, sin (T, D/2) hold the angles of these T positions, or (B, 1, T, D/2) per row (left-padded batches).
-    v is returned as a (non-contiguous) view of qkv."""
+    """qkv (B, T, 3C) -> q, k, v, each (B, H, T, D) in qkv's dtype, q and k rotated by RoPE in (at
+    least) fp32. cos, sin (T, D/2) hold the angles of these T positions, or (B, 1, T, D/2) per row
+    (left-padded batches). v is returned as a (non-contiguous) view of qkv."""
     B, T, C3 = qkv.shape
-    q, k, v = qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+    heads = qkv.view(B, T, 3, n_head, C3 // (3 * n_head))
+    q, k, v = heads.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
 def qkv_rope(qkv, cos, sin, n_head):
-    """qkv_rope_ref's function through the CUDA kernels when they are available (q, k, v then contiguous)."""
-    if kernels.use_cuda(qkv, cos, sin) and cos.dim() == 2:  # per-row positions (B, 1, T, D/2): the twin
+    """qkv_rope_ref's function through the CUDA kernels when they are available (q, k, v then
+    contiguous)."""
+    if kernels.use_cuda(qkv, cos, sin) and cos.dim() == 2:  # per-row (B, 1, T, D/2): the twin
         return torch.ops.ava.qkv_rope(qkv, cos, sin, n_head)
     return qkv_rope_ref(qkv, cos, sin, n_head)
 
@@ -40,7 +45,8 @@ def _qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> q, k, v, each (B, H, T, D) contiguous in qkv's dtype."""
     q, k, v = _empty_heads(qkv, n_head)
-    torch.ops.ava_cuda.qkv_rope_fwd(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), q, k, v)
+    torch.ops.ava_cuda.qkv_rope_fwd(qkv.contiguous(), cos.float().contiguous(),
+                                    sin.float().contiguous(), q, k, v)
     return q, k, v
 
 
@@ -55,8 +61,8 @@ def _qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos
     """dq, dk, dv (B, H, T, D) -> dqkv (B, T, 3C): dq and dk rotated back by -angle, dv copied."""
     B, H, T, D = dq.shape
     dqkv = dq.new_empty(B, T, 3 * H * D)
-    torch.ops.ava_cuda.qkv_rope_bwd(dq.contiguous(), dk.contiguous(), dv.contiguous(), cos.float().contiguous(),
-                                    sin.float().contiguous(), dqkv)
+    torch.ops.ava_cuda.qkv_rope_bwd(dq.contiguous(), dk.contiguous(), dv.contiguous(),
+                                    cos.float().contiguous(), sin.float().contiguous(), dqkv)
     return dqkv
 
 
