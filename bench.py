@@ -1,57 +1,84 @@
 """
-Training throughput of an Ava model on one GPU: tokens/s, MFU and peak memory, timed with CUDA events, and
-side by side with transformers' Mixtral at matched dimensions in the same process.
+Measurements of an Ava model, each against a peer in the same process: training throughput
+(tokens/s, MFU and peak memory, timed with CUDA events) side by side with transformers' Mixtral at
+matched dimensions; generation speed with and without the KV cache; the LR range test on real data.
 
-    python bench.py config/small.py                         # Ava with its CUDA kernels, eager
-    python bench.py config/small.py --compile=True          # ... under torch.compile
-    python bench.py config/small.py --kernels=ref           # ... with the kernels' PyTorch twins instead
-    python bench.py config/small.py --compare=hf            # + MixtralForCausalLM, and the ratio of the two
-    python bench.py config/small.py --profile=True          # + torch.profiler's table of the GPU time per kernel
-    python bench.py config/small.py --decode=True           # generation tokens/s, with and without the KV cache
+    python bench.py config/small.py                        # Ava with its CUDA kernels, eager
+    python bench.py config/small.py --compile=True         # ... under torch.compile
+    python bench.py config/small.py --kernels=ref          # ... with the kernels' PyTorch twins
+    python bench.py config/small.py --compare=hf           # + MixtralForCausalLM, and the ratio
+    python bench.py config/small.py --profile=True         # + torch.profiler's GPU time per kernel
+    python bench.py config/small.py --decode=True          # generation tokens/s, cache vs no cache
     python bench.py config/nano.py --decode=True --device=cpu --block_size=1024
+    python bench.py config/nano.py --lr_find=True          # LR range test (Smith 2017), CPU or GPU
 
-The model is built from the config file as train.py would build it, fed random tokens and trained for real:
-fused AdamW, bf16 autocast, gradient_accumulation_steps micro-steps of batch_size x block_size tokens per step.
-The step time is the median over timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus
-attention's 12*L*C*T per token (GPT.flops_per_token, the same formula for both models) over peak_tflops.
-With --decode=True it times model.generate instead (greedy, random weights, a 16-token prompt): new_tokens
-tokens for batch 1 and 32, with the KV cache (its step as a CUDA graph on a GPU, and eager), and recomputing
-the context every step; each against the last. The timed call includes the graph capture.
+Training throughput: the model is built from the config file as train.py builds it, fed random
+tokens and trained for real (zero.py's AdamW, stage 0; bf16 autocast), gradient_accumulation_steps
+micro-steps of batch_size x block_size tokens per step; the step time is the median over
+timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus attention's 12*L*C*T per
+token (GPT.flops_per_token, the same formula for both models) over peak_tflops. --decode=True times
+model.generate instead (greedy, random weights, a 16-token prompt) for batch 1 and 32.
+--lr_find=True trains on data_dir with an exponentially growing LR and suggests one
+(lr_find.png/.json in out_dir).
 """
 
+import json
+import math
+import os
 import statistics
-import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
+import numpy as np
 import torch
 
-import kernels
-import train
-from configurator import configure_or_exit
+import kernels as cuda_kernels
+from common import PEAK_TFLOPS, Batches, autocast, check, fail, load_data, pyplot, resolve_device
+from configurator import configure_or_exit, settings_of
 from model import GPT, ModelConfig
+from zero import ShardedAdamW
 
-settings = {k: v for k, v in vars(train).items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-settings.update(
-    vocab_size=32768,       # the data set decides it in train.py; 32768 is a typical BPE size
-    warmup_steps=5,         # untimed steps first (torch.compile compiles here)
-    timed_steps=20,         # the reported time is the median of these
-    kernels='cuda',         # 'cuda': the hand-written kernels; 'ref': their PyTorch twins
-    compare='',             # 'hf': also time transformers' MixtralForCausalLM with matched dimensions
-    hf_experts='grouped_mm',  # transformers' experts implementation: 'grouped_mm', 'batched_mm' or 'eager'
-    profile=False,          # print torch.profiler's table of GPU time per kernel (3 extra steps)
-    peak_tflops=989.0,      # dense bf16 peak of the GPU (H100 SXM); MFU's denominator
-    decode=False,           # time generation instead of training
-    new_tokens=512,         # tokens generated per row in --decode mode
-)
+# -----------------------------------------------------------------------------
+globals().update({f.name: f.default for f in fields(ModelConfig)})  # the model, as in train.py
+vocab_size = 32768          # the data set decides it in train.py; 32768 is a typical BPE size
+block_size = 128            # train.py's defaults, which config files override
+batch_size = 32
+gradient_accumulation_steps = 1
+compile = False             # torch.compile the model
+kernels = 'cuda'            # 'cuda': the hand-written kernels; 'ref': their PyTorch twins
+device = 'auto'
+seed = 1337
+peak_tflops = PEAK_TFLOPS   # one GPU's dense bf16 peak, MFU's denominator (as in train.py)
+warmup_steps = 5            # untimed steps first (torch.compile compiles here)
+timed_steps = 20            # the reported time is the median of these
+compare = ''                # 'hf': also time transformers' MixtralForCausalLM, matched dimensions
+hf_experts = 'grouped_mm'   # transformers' experts implementation: grouped_mm, batched_mm or eager
+profile = False             # print torch.profiler's table of GPU time per kernel (3 extra steps)
+decode = False              # time generation instead of training
+new_tokens = 512            # tokens generated per row in --decode mode
+lr_find = False             # the LR range test instead: ...
+lr_find_start = 1e-8        # ... from this LR
+lr_find_end = 1e-2          # ... to this one
+lr_find_iters = 100         # ... in this many steps, on data_dir's train split
+data_dir = 'data/shakespeare'
+out_dir = 'out/nano'        # where lr_find.png and lr_find.json go
+# -----------------------------------------------------------------------------
+# train.py's settings that config files set and no measurement here uses
+TRAINING_ONLY = ('init_from', 'reset_optimizer', 'eval_interval', 'eval_iters', 'log_interval',
+                 'keep_checkpoints', 'wandb_log', 'wandb_project', 'seq_len_start',
+                 'seq_len_warmup',
+                 'learning_rate', 'weight_decay', 'beta1', 'beta2', 'max_iters', 'warmup',
+                 'num_cycles', 'lr_decay_iters', 'min_lr', 'adaptive_lr', 'lr_check_interval',
+                 'plateau_patience', 'plateau_threshold', 'plateau_factor', 'max_lr', 'grad_clip',
+                 'grad_clip_start', 'explosion_threshold', 'max_bad_steps', 'dead_expert_window',
+                 'zero_stage', 'dist_timeout', 'debug_nan_at', 'debug_nan_steps')
 
 
 @torch.no_grad()
 def decode_bench(cfg, dev, new_tokens):
-    """tokens/s of greedy generation, batch 1 and 32: with the KV cache and the CUDA-graphed step (GPU only), with
-    the KV cache in eager mode, and recomputing the context every step (bf16 autocast on CUDA)."""
+    """tokens/s of greedy generation, batch 1 and 32: with the KV cache and the CUDA-graphed step
+    (GPU only), with the KV cache in eager mode, and recomputing the context every step."""
     model = GPT(cfg).to(dev).eval()
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=dev.startswith('cuda'))
     modes = {'cache + CUDA graph': dict(cuda_graph=True), 'cache, eager': dict(cuda_graph=False),
              'no cache': dict(use_cache=False)}
     if not dev.startswith('cuda'):
@@ -60,21 +87,25 @@ def decode_bench(cfg, dev, new_tokens):
         prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
         rates = {}
         for mode, options in modes.items():
-            with autocast:
+            with autocast(dev.split(':')[0]):
                 model.generate(prompt, 8, temperature=0, **options)  # warm-up
-                if dev.startswith('cuda'):
-                    torch.cuda.synchronize()
+                synchronize(dev)
                 start = time.perf_counter()
                 model.generate(prompt, new_tokens, temperature=0, **options)
-                if dev.startswith('cuda'):
-                    torch.cuda.synchronize()
+                synchronize(dev)
             rates[mode] = batch * new_tokens / (time.perf_counter() - start)
         print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
-            f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)" for mode, rate in rates.items()))
+            f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)"
+            for mode, rate in rates.items()))
+
+
+def synchronize(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
 
 
 def median_seconds(step, warmup, timed):
-    """Median seconds of step(i) over `timed` calls after `warmup` untimed ones, from CUDA events."""
+    """Median seconds of step(i) over `timed` calls after `warmup` untimed ones (CUDA events)."""
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
@@ -105,8 +136,8 @@ def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
 
 
 def router_seconds(model, tokens, warmup, timed):
-    """Seconds per step spent in the routers, timed alone: one router's forward and backward on `tokens` random
-    activations (its top-k or Sinkhorn, gates, stats and losses), times the number of MoE layers."""
+    """Seconds per step spent in the routers, timed alone: one router's forward and backward on
+    `tokens` random activations (top-k or Sinkhorn, gates, stats and losses), times the layers."""
     router = model.blocks[0].ffn.router
     x = torch.randn(tokens, model.config.n_embd, device='cuda', requires_grad=True)
 
@@ -118,7 +149,7 @@ def router_seconds(model, tokens, warmup, timed):
     return model.config.n_layer * median_seconds(step, warmup, timed)
 
 
-def report(name, seconds, tokens, flops_per_token, peak_tflops):
+def report(name, seconds, tokens, flops_per_token):
     tok_s = tokens / seconds
     mfu = flops_per_token * tok_s / (peak_tflops * 1e12)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -127,84 +158,150 @@ def report(name, seconds, tokens, flops_per_token, peak_tflops):
     return tok_s
 
 
-def build_hf(cfg, compile_model):
-    """transformers' Mixtral with Ava's dimensions: same C, L, H, E, K, V, tied embeddings, SDPA attention. Its
-    SwiGLU experts have 3 matrices to our 2, so the width is 2/3 of ours (rounded to a multiple of 64): equal
-    parameters. Returns the model and its training FLOPs per token by the same formula as Ava's."""
+def build_hf(cfg):
+    """transformers' Mixtral with Ava's dimensions: same C, L, H, E, K, V, tied embeddings, SDPA
+    attention. Its SwiGLU experts have 3 matrices to our 2, so the width is 2/3 of ours (rounded to
+    a multiple of 64): equal parameters. -> the model, its training FLOPs per token."""
     from transformers import MixtralConfig, MixtralForCausalLM
     width = round(2 * cfg.ffn_hidden / 3 / 64) * 64
     hf_config = MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=width, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.block_size, tie_word_embeddings=True,
-        output_router_logits=True, router_aux_loss_coef=cfg.aux_loss_coef, use_cache=False)
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=width,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.block_size,
+        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=cfg.aux_loss_coef,
+        use_cache=False)
     hf_config._attn_implementation = 'sdpa'
     model = MixtralForCausalLM(hf_config).cuda().train()
-    model.set_experts_implementation(settings['hf_experts'])
+    model.set_experts_implementation(hf_experts)
     print(f"hf: MixtralForCausalLM, expert width {width} (SwiGLU), experts implementation "
-          f"{model.config._experts_implementation!r}, attention {model.config._attn_implementation!r}")
+          f"{model.config._experts_implementation!r}, attention "
+          f"{model.config._attn_implementation!r}")
     total = sum(p.numel() for p in model.parameters())
     active = total - cfg.n_layer * (cfg.n_experts - cfg.top_k) * 3 * cfg.n_embd * width
     print(f"hf: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active")
-    loss_of = lambda x, y: model(input_ids=x, labels=x).loss  # noqa: E731 (transformers shifts the labels itself)
-    flops_per_token = 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    return (torch.compile(loss_of) if compile_model else loss_of), model, flops_per_token
+    return model, 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def main():
-    configure_or_exit(settings)
-    s = settings
-    if s['decode']:
-        cfg = ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig)})
-        if cfg.block_size < 16 + s['new_tokens']:
-            sys.exit(f"error: block_size={cfg.block_size} is shorter than 16 + new_tokens={s['new_tokens']}")
-        dev = ('cuda' if torch.cuda.is_available() else 'cpu') if s['device'] == 'auto' else s['device']
-        kernels.enabled = s['kernels'] == 'cuda'
-        torch.manual_seed(s['seed'])
-        print(f"{torch.cuda.get_device_name() if dev.startswith('cuda') else 'CPU'}, torch {torch.__version__}")
-        return decode_bench(cfg, dev, s['new_tokens'])
-    if not torch.cuda.is_available():
-        sys.exit("error: bench.py measures a GPU and found none (CUDA unavailable)")
-    if s['kernels'] not in ('cuda', 'ref') or s['compare'] not in ('', 'hf'):
-        sys.exit("error: --kernels must be 'cuda' or 'ref', --compare must be '' or 'hf'")
-    kernels.enabled = s['kernels'] == 'cuda'
-    if kernels.enabled and kernels.build() is not True:
-        sys.exit("error: the CUDA kernels did not build (see above); use --kernels=ref to time the PyTorch twins")
-    torch.manual_seed(s['seed'])
-    torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig)})
-    B, T, accumulation = s['batch_size'], s['block_size'], s['gradient_accumulation_steps']
+def throughput(cfg):
+    """Ava's training step timed, its routers alone, optionally its profile and Mixtral's step."""
+    B, T, accumulation = batch_size, block_size, gradient_accumulation_steps
     tokens = B * T * accumulation
     batches = [torch.randint(cfg.vocab_size, (B, T + 1), device='cuda') for _ in range(4)]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch {B} x {T} x {accumulation} micro-steps")
-
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch {B} x {T} x "
+          f"{accumulation} micro-steps")
     model = GPT(cfg).cuda()
-    print(f"ava: {model.num_params() / 1e6:.1f}M parameters, {model.num_params(active=True) / 1e6:.1f}M active, "
-          f"router {cfg.router}, kernels {s['kernels']}, compile {s['compile']}")
-    forward = torch.compile(model) if s['compile'] else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    loss_of = lambda x, y: forward(x, y)[1]  # noqa: E731
-    seconds, step = time_steps(loss_of, optimizer, batches, accumulation, s['warmup_steps'], s['timed_steps'])
-    ava = report('ava', seconds, tokens, model.flops_per_token(T), s['peak_tflops'])
+    print(f"ava: {model.num_params() / 1e6:.1f}M parameters, "
+          f"{model.num_params(active=True) / 1e6:.1f}M active, router {cfg.router}, kernels "
+          f"{kernels}, compile {compile}")
+    forward = torch.compile(model) if compile else model
+    optimizer = ShardedAdamW(model.parameters(), lr=1e-4)
+    seconds, step = time_steps(lambda x, y: forward(x, y)[1], optimizer, batches, accumulation,
+                               warmup_steps, timed_steps)
+    ava = report('ava', seconds, tokens, model.flops_per_token(T))
     if cfg.moe:
-        routing = router_seconds(model, B * T, s['warmup_steps'], s['timed_steps']) * accumulation
-        print(f"routers ({cfg.router}), timed alone: {routing * 1000:.1f} ms, {routing / seconds:.1%} of the step")
-    if s['profile']:
+        routing = router_seconds(model, B * T, warmup_steps, timed_steps) * accumulation
+        print(f"routers ({cfg.router}), timed alone: {routing * 1000:.1f} ms, "
+              f"{routing / seconds:.1%} of the step")
+    if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for i in range(3):
                 step(i)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=40, max_name_column_width=90))
+        print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=40,
+                                        max_name_column_width=90))
     del model, optimizer, forward, step
-
-    if s['compare'] == 'hf':
+    if compare == 'hf':
         torch.cuda.empty_cache()
-        loss_of, hf_model, hf_flops = build_hf(cfg, s['compile'])
-        optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, fused=True)
-        seconds, _ = time_steps(loss_of, optimizer, batches, accumulation, s['warmup_steps'], s['timed_steps'])
-        hf = report('hf', seconds, tokens, hf_flops, s['peak_tflops'])
+        hf_model, hf_flops = build_hf(cfg)
+        loss_of = lambda x, y: hf_model(input_ids=x, labels=x).loss  # noqa: E731 (it shifts labels)
+        seconds, _ = time_steps(torch.compile(loss_of) if compile else loss_of,
+                                ShardedAdamW(hf_model.parameters(), lr=1e-4), batches,
+                                accumulation, warmup_steps, timed_steps)
+        hf = report('hf', seconds, tokens, hf_flops)
         print(f"ava / hf: {ava / hf:.2f}x the tokens per second")
 
 
+def suggest_lr(lrs, losses):
+    """The LR range test's suggestion: where the smoothed loss falls fastest against log(lr),
+    looking only before the loss minimum (past it, training diverges)."""
+    lrs, losses = np.asarray(lrs), np.asarray(losses)
+    end = int(np.argmin(losses)) + 1
+    if end < 3:
+        return float(lrs[0])
+    slope = np.gradient(losses[:end], np.log(lrs[:end]))
+    return float(lrs[int(np.argmin(slope))])
+
+
+def lr_range_test(cfg, dev):
+    """Smith 2017: train on data_dir with an LR growing exponentially from lr_find_start to
+    lr_find_end, smooth the loss and suggest where it falls fastest (lr_find.png/.json)."""
+    meta, _ = load_data(data_dir)
+    batches = Batches(data_dir, meta['dtype'], batch_size, block_size, dev)
+    model = GPT(replace(cfg, vocab_size=meta['vocab_size'])).to(dev)
+    optimizer = ShardedAdamW(model.parameters(), betas=(0.9, 0.95))
+    rng = torch.Generator().manual_seed(seed)
+    lrs, smoothed, avg, best = [], [], 0.0, float('inf')
+    for i in range(lr_find_iters):
+        lrs.append(lr_find_start * (lr_find_end / lr_find_start) ** (i / (lr_find_iters - 1)))
+        optimizer.param_groups[0]['lr'] = lrs[-1]
+        with autocast(dev.split(':')[0]):
+            _, loss = model(*batches.get('train', rng))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_router_bias()
+        avg = 0.9 * avg + 0.1 * loss.item()
+        smoothed.append(avg / (1 - 0.9 ** (i + 1)))  # bias-corrected EMA
+        best = min(best, smoothed[-1])
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * best:
+            break  # diverged: the rest of the sweep says nothing
+    suggestion = suggest_lr(lrs, smoothed)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fig, ax = pyplot().subplots(figsize=(6, 4))
+        ax.plot(lrs, smoothed)
+        ax.axvline(suggestion, color='r', ls='--', label=f'suggested {suggestion:.1e}')
+        ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss')
+        ax.legend()
+        fig.savefig(os.path.join(out_dir, 'lr_find.png'), dpi=80)
+        with open(os.path.join(out_dir, 'lr_find.json'), 'w') as f:
+            json.dump(dict(lrs=lrs, smoothed_loss=smoothed, suggested_lr=suggestion), f)
+    except OSError as e:
+        fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
+    print(f"LR range test: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; steepest descent "
+          f"at lr={suggestion:.2e} (try --learning_rate={suggestion:.1e}); wrote lr_find.png/.json "
+          f"in {out_dir}")
+
+
 if __name__ == '__main__':
-    main()
+    configure_or_exit(globals(), ignored=TRAINING_ONLY)
+    check([(kernels in ('cuda', 'ref'), "--kernels must be 'cuda' or 'ref'"),
+           (compare in ('', 'hf'), "--compare must be '' or 'hf'"),
+           (0 < lr_find_start < lr_find_end and lr_find_iters >= 10,
+            "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
+           (min(warmup_steps, timed_steps, new_tokens) >= 1 and peak_tflops > 0,
+            "warmup_steps, timed_steps, new_tokens and peak_tflops must be > 0")])
+    settings = settings_of(globals())
+    try:
+        cfg = ModelConfig(**{f.name: settings[f.name] for f in fields(ModelConfig)})
+    except ValueError as e:
+        fail(e)
+    dev, device_type = resolve_device(device)
+    cuda_kernels.enabled = kernels == 'cuda'
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if lr_find:
+        lr_range_test(cfg, dev)
+    elif decode:
+        if cfg.block_size < 16 + new_tokens:
+            fail(f"block_size={cfg.block_size} is shorter than 16 + new_tokens={new_tokens}")
+        print(f"{torch.cuda.get_device_name() if device_type == 'cuda' else 'CPU'}, "
+              f"torch {torch.__version__}")
+        decode_bench(cfg, dev, new_tokens)
+    elif device_type != 'cuda':
+        fail("the training benchmark measures a GPU and found none (CUDA unavailable)")
+    elif cuda_kernels.enabled and cuda_kernels.build() is not True:
+        fail("the CUDA kernels did not build (see above); use --kernels=ref to time the twins")
+    else:
+        throughput(cfg)

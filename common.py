@@ -1,22 +1,31 @@
 """
-The plumbing every script shares: one-line errors, the device, checkpoint files, prepared data and plots.
-Scripts import this and model.py, never each other.
+The plumbing every script shares: one-line errors, the device, checkpoint files, prepared
+data, the run folder and its plots. Scripts import this and model.py, never each other.
 """
 
+import glob
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
+import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 
 from model import GPT, ModelConfig
 
-PEAK_TFLOPS = 989.0  # dense bf16 peak of one H100/H200 SXM: the denominator of MFU in train.py and bench.py
+PEAK_TFLOPS = 989.0  # dense bf16 peak of one H100/H200 SXM: MFU's denominator (train, bench)
 
+
+# ---- errors and the device ----
 
 def fail(message):
     """Bad input ends the run with one line that says what to fix, never a traceback."""
@@ -36,9 +45,9 @@ def check(checks):
 
 
 def resolve_device(device):
-    """'auto' -> 'cuda' when there is a GPU, else 'cpu'; a CUDA device asked for on a machine without one is
-    a one-line error. Returns (device, device type)."""
-    if device != 'auto' and device != 'cpu' and not device.startswith('cuda'):
+    """'auto' -> 'cuda' when there is a GPU, else 'cpu'; a CUDA device asked for on a machine
+    without one is a one-line error. -> (device, device type)."""
+    if device not in ('auto', 'cpu') and not device.startswith('cuda'):
         fail(f"device must be auto, cpu or cuda[:N], not {device!r}")
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if dev.startswith('cuda') and not torch.cuda.is_available():
@@ -47,13 +56,12 @@ def resolve_device(device):
 
 
 def autocast(device_type, bf16=None):
-    """bf16 autocast on CUDA (the default), nothing on the CPU (fp32 is faster there)."""
-    if bf16 is None:
-        bf16 = device_type == 'cuda'
+    """bf16 autocast, by default on CUDA only (on the CPU fp32 is faster)."""
+    bf16 = device_type == 'cuda' if bf16 is None else bf16
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-# ---- files ----
+# ---- files and checkpoints ----
 
 def write_atomic(path, save):
     """save(tmp) then rename: a crash while writing never leaves a half-written file at path."""
@@ -75,7 +83,7 @@ def save_atomic(obj, path):
 
 
 def link_or_copy(src, dst):
-    """dst becomes the same file as src (a hard link when the file system allows, else a copy), atomically."""
+    """dst becomes the same file as src (a hard link where the file system allows, else a copy)."""
     try:
         write_atomic(dst, lambda tmp: os.link(src, tmp))
     except OSError:
@@ -83,10 +91,10 @@ def link_or_copy(src, dst):
 
 
 def load_torch(path, what='a checkpoint from train.py'):
-    """torch.load with weights_only=True (a pickle carrying code is refused), onto the CPU; a missing or broken
-    file is one line."""
+    """torch.load onto the CPU with weights_only=True (a pickle carrying code is refused); a missing
+    or broken file is one line."""
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them: one line is enough
+        with warnings.catch_warnings():  # torch warns about odd pickles before refusing them
             warnings.simplefilter('ignore')
             return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -96,32 +104,184 @@ def load_torch(path, what='a checkpoint from train.py'):
 
 
 def load_checkpoint(path):
-    """A checkpoint written by train.py, its ModelConfig, and a GPT (on the CPU) holding its weights."""
+    """A checkpoint written by train.py -> (it, its ModelConfig, a GPT on the CPU holding it)."""
     if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; train one first (python train.py config/nano.py) or check --out_dir")
+        fail(f"no checkpoint at {path}; train one first (python train.py config/nano.py) or check "
+             "--out_dir")
     ckpt = load_torch(path)
     try:
         config = ModelConfig(**ckpt['model_config'])
         model = GPT(config)
         model.load_state_dict(ckpt['model'])
     except Exception as e:
-        fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from train.py?")
+        fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from "
+             "train.py?")
     return ckpt, config, model
 
 
+def gather_rng(batch_rng, dev):
+    """Every rank's random streams (a collective under torchrun), so each continues its own."""
+    mine = dict(batch=batch_rng.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(dev) if dev.startswith('cuda') else torch.empty(0))
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def save_checkpoint(out_dir, reason, model, optimizer, keep, **state):
+    """ckpt_<iter>.pt, written atomically by rank 0: the weights, the optimizer (stage 0; from
+    stage 1 each rank first writes its own shard, ckpt_<iter>.rank<r>.pt) and `state` (iter_num,
+    config,
+    monitors, RNG streams ...). Then ckpt.pt, and best.pt after a new best, point at it; only the
+    newest `keep` ckpt_<iter>.pt stay. Every rank calls it. -> the path."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(out_dir, f"ckpt_{state['iter_num']:06d}.pt")
+    with optimizer.full_params():  # (collective at stage 3) a CPU copy of the full weights
+        weights = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+    sharded = optimizer.stage > 0
+    if sharded:  # every shard is on disk before rank 0's checkpoint refers to it
+        save_atomic(optimizer.state_dict(), path[:-3] + f'.rank{rank}.pt')
+        if dist.is_initialized():
+            dist.barrier()
+    if rank == 0:
+        zero = dict(stage=optimizer.stage, world_size=optimizer.world_size) if sharded else None
+        save_atomic(dict(model=weights, optimizer=None if sharded else optimizer.state_dict(),
+                         zero=zero, reason=reason, **state), path)
+        try:
+            link_or_copy(path, os.path.join(out_dir, 'ckpt.pt'))
+            if reason == 'best':
+                link_or_copy(path, os.path.join(out_dir, 'best.pt'))
+        except OSError as e:
+            fail(f"could not point ckpt.pt at {path} ({e.strerror}); {path} itself is complete")
+        history = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r'ckpt_\d+\.pt', f))
+        for old in history[:-keep]:  # with its optimizer shards, if any
+            for f in [old] + glob.glob(os.path.join(out_dir, old[:-3] + '.rank*.pt')):
+                os.remove(os.path.join(out_dir, f))
+    if dist.is_initialized():
+        dist.barrier()  # no rank runs ahead of a checkpoint
+    return path
+
+
+def load_optimizer(optimizer, ckpt, out_dir):
+    """ckpt's optimizer state: the whole state (stage 0), which every stage takes its slice of; or
+    one shard file per rank of the run that saved it, read as they are (same layout) or re-cut."""
+    if ckpt['optimizer'] is not None:
+        return optimizer.load_state_dict(ckpt['optimizer'])
+    stage, world_size = ckpt['zero']['stage'], ckpt['zero']['world_size']
+    if (stage == 3) != (optimizer.stage == 3):
+        fail(f"the checkpoint's optimizer state is cut for zero_stage={stage}: resume with "
+             f"--zero_stage={stage} (any number of processes) or --reset_optimizer=True")
+    prefix = os.path.join(out_dir, f"ckpt_{ckpt['iter_num']:06d}")
+    files = [f'{prefix}.rank{r}.pt' for r in range(world_size)]
+    try:
+        if (stage, world_size) == (optimizer.stage, optimizer.world_size):
+            optimizer.load_state_dict(load_torch(files[optimizer.rank], 'an optimizer shard'))
+        else:
+            optimizer.load_shards([load_torch(f, 'an optimizer shard') for f in files])
+    except (ValueError, RuntimeError, KeyError) as e:
+        fail(f"cannot load the optimizer shards {files[0]} ... ({type(e).__name__}: "
+             f"{first_line(e)})")
+
+
+def restore(ckpt, model, optimizer, monitors, batch_rng, seed, dev, out_dir, optimizer_too=True):
+    """Put a run back where ckpt left it: weights and random streams; the optimizer and the
+    monitors ({name: object with load_state_dict}) unless optimizer_too is False.
+    -> (iter_num, best_val_loss)."""
+    with optimizer.full_params():
+        model.load_state_dict(ckpt['model'])
+    rank, world_size, it = optimizer.rank, optimizer.world_size, ckpt['iter_num']
+    if len(ckpt['rng']) == world_size:  # each rank continues its own random streams
+        batch_rng.set_state(ckpt['rng'][rank]['batch'])
+        torch.set_rng_state(ckpt['rng'][rank]['torch'])
+        if dev.startswith('cuda') and len(ckpt['rng'][rank]['cuda']):
+            torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'], dev)
+    else:  # another world size: new streams, distinct from the ones already used
+        print(f"resuming {len(ckpt['rng'])} ranks' run on {world_size}: data streams re-seeded")
+        batch_rng.manual_seed(seed + rank + 1000 * it)
+        torch.manual_seed(seed + rank + 1000 * it)
+    if optimizer_too:
+        load_optimizer(optimizer, ckpt, out_dir)
+        for name, monitor in monitors.items():
+            monitor.load_state_dict(ckpt['monitors'][name])
+    return it, ckpt['best_val_loss']
+
+
+# ---- prepared data ----
+
 def load_data(data_dir, splits=('train', 'val')):
-    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap}). Opening a memmap is
-    cheap; readers that sample for a long time open a fresh one now and then (see train.py's get_batch)."""
+    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap})."""
     try:
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
-        tokens = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
-                  for split in splits}
+        tokens = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'],
+                                   mode='r') for split in splits}
     except (OSError, KeyError, ValueError, TypeError) as e:
         fail(f"no usable prepared data in {data_dir!r} ({type(e).__name__}: {first_line(e)}); "
              "run `python data/prepare.py`")
     return meta, tokens
 
+
+class Batches:
+    """Random windows of a prepared split (train.bin / val.bin: flat token arrays, np.memmap)."""
+
+    def __init__(self, data_dir, dtype, batch_size, block_size, device):
+        self.data_dir, self.dtype, self.device = data_dir, dtype, device
+        self.batch_size, self.block_size = batch_size, block_size
+
+    def get(self, split, generator, seq_len=None, rows=None):
+        """rows windows of seq_len+1 tokens -> inputs x, next-token targets y: (rows, seq_len)."""
+        seq_len, rows = seq_len or self.block_size, rows or self.batch_size
+        # a new memmap per batch: a long-lived one slowly grows memory (stackoverflow q/45132940)
+        data = np.memmap(os.path.join(self.data_dir, f'{split}.bin'), dtype=self.dtype, mode='r')
+        ix = torch.randint(len(data) - seq_len - 1, (rows,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
+        if self.device.startswith('cuda'):  # pinned memory: the copy to the GPU runs asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# ---- the run folder ----
+
+def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
+    """config.yaml and metadata.json for this run; on resume, metrics.jsonl cut back to the
+    checkpoint's iteration (a last line left half-written by a kill is dropped). -> its records."""
+    with open(os.path.join(out_dir, 'config.yaml'), 'w') as f:
+        yaml.safe_dump({**settings, 'model': asdict(model_config)}, f, sort_keys=False)
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                cwd=here).stdout.strip() or None
+    except OSError:
+        commit = None
+    with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
+        json.dump(dict(git_commit=commit, torch=torch.__version__, start_iter=iter_num,
+                       start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), **metadata), f, indent=2)
+    path, records = os.path.join(out_dir, 'metrics.jsonl'), []
+    if settings['init_from'] == 'resume' and os.path.exists(path):
+        for line in open(path):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    records = [r for r in records if r['iter'] <= iter_num]  # drop what came after the checkpoint
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return records
+
+
+def log_record(records, path, wandb, record):
+    """One metrics record: kept for the plots, appended to metrics.jsonl, mirrored to wandb."""
+    records.append(record)
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb:
+        wandb.log(record, step=record['iter'])
+
+
+# ---- plots ----
 
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no display needed)."""
@@ -129,3 +289,51 @@ def pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def training_figure(records):
+    """A run's curves from its metrics records: the evaluated cross-entropy, and apart from it the
+    training objective (cross-entropy + router and MTP losses), learning rate, gradient norm."""
+    plt = pyplot()
+    steps = [r for r in records if 'loss' in r]
+    evals = [r for r in records if 'val_loss' in r]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for split in ('train', 'val'):
+        axes[0].plot([r['iter'] for r in evals], [r[f'{split}_loss'] for r in evals], 'o-',
+                     label=split)
+    axes[0].legend()
+    curves = [('loss', 'training objective (CE + router + MTP losses)', 'linear'),
+              ('lr', 'learning rate', 'log'),
+              ('grad_norm', 'gradient norm (before clipping)', 'log')]
+    for ax, (key, title, scale) in zip(axes[1:], curves):
+        ax.plot([r['iter'] for r in steps], [r[key] for r in steps], lw=0.8)
+        ax.set(title=title, yscale=scale)
+    axes[0].set(title='cross-entropy (nats), evaluated')
+    for ax in axes:
+        ax.set(xlabel='iteration')
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(records, folder):
+    """training.png (training_figure) and expert_load.png (each layer's experts' load over time)."""
+    plt = pyplot()
+    fig = training_figure(records)
+    fig.savefig(os.path.join(folder, 'training.png'), dpi=80)
+    plt.close(fig)
+    steps = [r for r in records if r.get('load')]
+    if not steps:
+        return
+    loads = np.array([np.ravel(r['load']) for r in steps])  # (time, L*E)
+    L, E = np.shape(steps[-1]['load'])
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.25 * L * E)))
+    extent = (steps[0]['iter'], max(steps[-1]['iter'], steps[0]['iter'] + 1), L * E - 0.5, -0.5)
+    image = ax.imshow(loads.T * E, aspect='auto', cmap='coolwarm', vmin=0, vmax=2,
+                      interpolation='nearest', extent=extent)
+    ax.set_yticks(range(0, L * E, E), [f'layer {i}' for i in range(L)])
+    ax.set(title='expert load / even share (1 = balanced); rows: experts of each layer',
+           xlabel='iteration')
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, 'expert_load.png'), dpi=80)
+    plt.close(fig)

@@ -3,10 +3,12 @@ Poor man's configurator, after nanoGPT: a script keeps its settings as plain mod
 
     python train.py config/nano.py --max_iters=200 --router='softmax'
 
-overrides them, first from the config file(s) (plain Python assignments), then from --key=value arguments.
+overrides them, first from the config file(s) (plain Python assignments), then from --key=value
+arguments.
 Why not argparse: the defaults stay readable at the top of the script, with a comment on each line.
 
-Unlike nanoGPT's exec-into-globals, every key is checked: a name the script does not define, or a value of
+Unlike nanoGPT's exec-into-globals, every key is checked: a name the script does not define, or a
+value of
 the wrong type, is a one-line error that names the key, instead of a silent new global.
 """
 
@@ -26,31 +28,35 @@ def _coerce(key, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ValueError(f"--{key} expects {type(default).__name__} (default {default!r}), got {value!r}")
+        raise ValueError(f"--{key} expects {type(default).__name__} (default {default!r}), got "
+                         f"{value!r}")
     return value
 
 
 def settings_of(namespace):
     """The settings of a script: its public globals that hold an int, float, bool or str."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
 def configure(settings, argv, ignored=()):
-    """Apply config files and --key=value overrides in argv to the dict settings (a script's globals()),
-    for the keys that already hold an int, float, bool or str. Keys in `ignored` are accepted and dropped
+    """Apply config files and --key=value overrides in argv to the dict settings (a script's
+    globals()), for the keys that already hold an int, float, bool or str. Keys in `ignored` are
+    accepted and dropped
     (bench.py reads train.py's config files but not their data or schedule settings).
     Returns the overridden {key: value}."""
     keys = set(settings_of(settings))
     overrides = {}
     for arg in argv:
-        if not arg.startswith('--'):  # a config file: run it in its own namespace, then check what it set
+        if not arg.startswith('--'):  # a config file: run in its own namespace, check what it set
             try:
                 source = open(arg).read()
             except OSError as e:
                 raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
             namespace = {}
             exec(compile(source, arg, 'exec'), namespace)
-            pairs = [(k, v) for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)]
+            pairs = [(k, v) for k, v in namespace.items()
+                     if not k.startswith('_') and not isinstance(v, types.ModuleType)]
         else:
             key, sep, text = arg[2:].partition('=')
             if not sep:
@@ -65,7 +71,8 @@ def configure(settings, argv, ignored=()):
                 continue
             if key not in keys:
                 close = difflib.get_close_matches(key, keys, n=3)
-                hint = f"did you mean {' or '.join(close)}?" if close else "the settings are the globals of the script"
+                hint = (f"did you mean {' or '.join(close)}?" if close
+                        else "the settings are the globals of the script")
                 raise ValueError(f"unknown config key {key!r} (from {arg}); {hint}")
             overrides[key] = settings[key] = _coerce(key, value, settings[key])
     return overrides

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from train import (DeadExpertTracker, GradNormMonitor, PlateauLR, as_iters, clip_at, memory_level, scheduled_lr,
-                   seq_len_at, suggest_lr)
+from bench import suggest_lr
+from train import (DeadExpertTracker, GradNormMonitor, PlateauLR, as_iters, clip_at, memory_action, memory_level,
+                   model_flops_utilisation, scheduled_lr, seq_len_at)
 
 
 def test_warmup_cosine_and_restarts():
@@ -86,6 +87,39 @@ def test_dead_expert_warning_after_a_sustained_window():
 
 def test_memory_levels():
     assert [memory_level(f) for f in (0.5, 0.76, 0.82, 0.87, 0.95)] == [0, 1, 2, 3, 4]
+
+
+def test_each_memory_level_has_its_own_behaviour():
+    """MEMORY_LEVELS names four behaviours: note, empty the cache, warn, stop. Each level adds its own."""
+    actions = [memory_action(f) for f in (0.5, 0.76, 0.82, 0.87, 0.95)]
+    assert actions[0] == (None, False, False)
+    assert actions[1][0] and actions[1][1:] == (False, False)                 # a note only
+    assert actions[2][1] and not actions[2][2] and 'warning' not in actions[2][0]  # the cache is emptied
+    assert actions[3][0].startswith('warning') and actions[3][1:] == (True, False)  # and a warning
+    assert actions[4][2]                                                      # the run stops
+    assert len({a[0] for a in actions[1:4]}) == 3  # three different lines (the stop has its own message)
+
+
+def test_plateau_lr_observes_a_window_and_checkpoints_it():
+    """observe() keeps the last `window` losses and norms; check() is update() on their mean; the window
+    is part of the state, so a resumed run checks what an uninterrupted one would."""
+    plateau = PlateauLR(patience=100, threshold=0.01, boost=1.15, window=3)
+    for loss in (9.0, 5.0, 4.0, 3.0):
+        plateau.observe(loss, 1.0)
+    assert plateau.losses == [5.0, 4.0, 3.0] and plateau.norms == [1.0] * 3
+    twin, by_hand = (PlateauLR(patience=100, threshold=0.01, boost=1.15, window=3) for _ in range(2))
+    twin.load_state_dict(plateau.state_dict())
+    assert plateau.check(50) is None and plateau.losses == [] and plateau.norms == []
+    assert twin.check(50) is None and twin.state_dict() == plateau.state_dict()
+    assert by_hand.update(50, 4.0, [1.0] * 3) is None and by_hand.smoothed == plateau.smoothed == pytest.approx(4.0)
+
+
+def test_mfu_divides_by_every_gpu_that_shares_the_tokens():
+    """1e9 FLOPs per token, 131,072 tokens per iteration in 0.5 s = 2.62e14 FLOP/s: 26.5% of one 989 TFLOP/s
+    GPU; the same iteration spread over 8 GPUs is 8x their peak's denominator, 3.3%."""
+    one = model_flops_utilisation(1e9, 131072, 0.5, 1, 989.0)
+    assert one == pytest.approx(1e9 * 131072 / 0.5 / 989e12) and one == pytest.approx(0.265, abs=1e-3)
+    assert model_flops_utilisation(1e9, 131072, 0.5, 8, 989.0) == pytest.approx(one / 8)
 
 
 def test_lr_finder_suggests_the_steepest_descent():

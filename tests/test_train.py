@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from common import training_figure
 from configurator import configure
 from data.prepare import main as prepare
 
@@ -122,6 +123,17 @@ def test_run_folder_metrics_plots_and_features(data_dir, tmp_path):
     assert best['best_val_loss'] == min(r['val_loss'] for r in evals)
 
 
+def test_the_loss_plot_keeps_the_training_objective_apart_from_the_evaluated_cross_entropy():
+    """The step records' loss is the training objective (cross-entropy + router + MTP losses): it gets a
+    panel of its own, not one beside the evaluated cross-entropy as if they measured the same thing."""
+    records = [dict(iter=0, train_loss=5.0, val_loss=5.1), dict(iter=5, loss=9.0, lr=1e-3, grad_norm=1.0),
+               dict(iter=10, loss=8.0, lr=1e-3, grad_norm=1.0), dict(iter=10, train_loss=4.0, val_loss=4.2)]
+    panels = [[list(line.get_ydata()) for line in ax.lines] for ax in training_figure(records).axes]
+    evaluated = [p for p in panels if [5.1, 4.2] in p]
+    assert len(evaluated) == 1 and [5.0, 4.0] in evaluated[0] and [9.0, 8.0] not in evaluated[0]
+    assert any([9.0, 8.0] in p for p in panels)
+
+
 def test_resume_after_a_clean_stop_is_bit_exact(reference, tmp_path):
     args, final = reference
     for extra in (['--max_iters=20', '--lr_decay_iters=40'], ['--init_from=resume']):
@@ -187,7 +199,7 @@ def test_nan_steps_are_skipped_and_repeated_ones_reload_the_checkpoint(data_dir,
 
 
 def test_lr_finder_writes_a_plot_and_no_checkpoint(data_dir, tmp_path):
-    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--lr_find=True',
+    result = run('bench.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--lr_find=True',
                  '--lr_find_iters=30', '--lr_find_start=1e-6', '--lr_find_end=1.0')
     assert result.returncode == 0, result.stderr
     found = json.loads((tmp_path / 'lr_find.json').read_text())

@@ -122,12 +122,13 @@ def count_collectives():
 def lockstep(make, stage, steps, rank, ws, split, accum=1, lr=LR, B=12):
     """Train a ShardedAdamW model and a torch.optim.AdamW reference side by side. The reference sees the whole
     batch; the sharded model sees the whole batch too (identical gradients on every rank, split=False) or this
-    rank's 1/ws of it (data parallel, split=True). With identical gradients the clip uses the reference's norm,
-    so that bitwise parity is about the optimizer alone. Returns both, and per step the collectives of each phase."""
+    rank's 1/ws of it (data parallel, split=True). The reference clips with the sharded optimizer's norm, so
+    that bitwise parity is about the optimizer alone (the two norms are compared separately). Returns both,
+    and per step the collectives of each phase."""
     base, vocab = make()
     model, ref = copy.deepcopy(base), copy.deepcopy(base)
     opt = ShardedAdamW(groups(model, tied_twice=True), lr=lr, betas=BETAS, eps=EPS, stage=stage,
-                       model=model if stage == 3 else None)
+                       max_grad_norm=MAX_NORM, model=model if stage == 3 else None)
     ref_opt = torch.optim.AdamW(groups(ref), lr=lr, betas=BETAS, eps=EPS, foreach=False)
     record = []
     for it in range(steps):
@@ -141,34 +142,31 @@ def lockstep(make, stage, steps, rank, ws, split, accum=1, lr=LR, B=12):
             (loss_of(model, idx, targets) / accum).backward()
             phases['micro' if micro < accum - 1 else 'final_backward'] += LOG[mark:]
         mark = len(LOG)
-        opt.reduce_gradients()
+        norm = opt.reduce_gradients()
         phases['reduce'], phases['grads_left'] = LOG[mark:], [p for p in model.parameters() if p.grad is not None]
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float('inf'))
-        mark = len(LOG)
-        norm = opt.grad_norm()
-        phases['norm_comm'] = LOG[mark:]
-        torch.nn.utils.clip_grads_with_norm_(ref.parameters(), MAX_NORM, ref_norm)
-        opt.clip_grads_(MAX_NORM, norm if split else ref_norm)
+        torch.nn.utils.clip_grads_with_norm_(ref.parameters(), MAX_NORM, torch.tensor(norm))
         ref_opt.step()
         ref_opt.zero_grad()
         mark = len(LOG)
-        opt.step()
+        assert opt.step() == norm  # the step goes on from the reduce, and clips by the same norm
         phases['step'] = LOG[mark:]
         opt.zero_grad()
         record.append(dict(phases, norm=norm, ref_norm=ref_norm.item()))
     return model, opt, ref, ref_opt, record
 
 
-def volume(phases):
-    """Elements moved by one step's collectives, the scalar norm all-reduce aside."""
-    return sum(n for k in ('micro', 'final_backward', 'reduce', 'step') for _, n in phases[k])
+def volume(phases, opt):
+    """Elements moved by one step's collectives, the all-reduce of the per-parameter norms aside."""
+    return sum(n for k in ('micro', 'final_backward', 'reduce', 'step') for name, n in phases[k]
+               if (name, n) != ('all_reduce', opt.n_params))
 
 
 def check_optimizer(rank, ws):
     """Parity with identical gradients (bitwise where averaging ws equal floats is exact: ws 1, 2, 4),
     data-parallel parity, state sizes, padding, collectives and clipping, for every stage."""
     exact = ws in (1, 2, 4)
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         model, opt, ref, _, record = lockstep(toy, stage, 6, rank, ws, split=False, accum=2)
         got, want = weights(model, opt), weights(ref)
         if exact:
@@ -179,40 +177,44 @@ def check_optimizer(rank, ws):
             assert abs(r['norm'] - r['ref_norm']) <= 1e-6 * r['ref_norm'], (stage, r['norm'], r['ref_norm'])
         assert record[0]['ref_norm'] > MAX_NORM  # the clip acted
 
-        # state: 2 * ceil(n / ws) per unit, n counting the tied weight once; stages 1/2 have one unit of all P
+        # state: 2 * ceil(n / ws) per unit (stage 0: 2 n), n counting the tied weight once; stages 0-2 have one
+        # unit of all P
         P = sum(p.numel() for p in ref.parameters())  # parameters() lists the tied weight once
+        shards = 1 if stage == 0 else ws
         assert sum(u.n for u in opt.units) == P
         assert sum(u.exp_avg.numel() + u.exp_avg_sq.numel() for u in opt.units) == sum(
-            2 * math.ceil(u.n / ws) for u in opt.units)
+            2 * math.ceil(u.n / shards) for u in opt.units)
         if stage < 3:
-            assert opt.units[0].exp_avg.numel() + opt.units[0].exp_avg_sq.numel() == 2 * math.ceil(P / ws)
+            assert opt.units[0].exp_avg.numel() + opt.units[0].exp_avg_sq.numel() == 2 * math.ceil(P / shards)
             n = opt.units[0].n
             assert not opt.units[0].full[n:].any()  # the padding stays zero
-        if ws in (3, 4):
+        if ws in (3, 4) and stage > 0:
             assert any(u.n % ws for u in opt.units)  # odd sizes: some rank's slice ends in padding
         pads = [u.full.numel() for u in opt.units]
 
         for r in record:
-            assert (stage == 1) == bool(r['grads_left'])  # stages 2/3 keep no full gradient
+            assert (stage < 2) == bool(r['grads_left'])  # stages 2/3 keep no full gradient
             if stage < 3:
                 assert r['micro'] == [] and r['final_backward'] == []  # nothing moves during backward
             else:  # stage 3 gathers parameters every micro-step, and reduce-scatters each block's gradient
                 assert {name for name, _ in r['micro']} == ({'all_gather_single', 'reduce_scatter_single'}
                                                             if ws > 1 else set())
             if ws > 1:
-                assert r['norm_comm'] == [('all_reduce', 1)]
-                if stage < 3:
-                    assert r['reduce'] == [('reduce_scatter_single', pads[0])]  # not an all-reduce
+                if stage == 0:  # the whole gradient averaged; the norm needs no more communication
+                    assert r['reduce'] == [('all_reduce', pads[0])] and r['step'] == []
+                elif stage < 3:  # a reduce-scatter, not an all-reduce; then one number per parameter
+                    assert r['reduce'] == [('reduce_scatter_single', pads[0]), ('all_reduce', opt.n_params)]
                     assert r['step'] == [('all_gather_single', pads[0])]
                 else:
-                    assert r['reduce'] == [] and r['step'] == []
+                    assert r['reduce'] == [('all_reduce', opt.n_params)] and r['step'] == []
 
         # data parallel: each rank 1/ws of the batch, against one process on all of it
         model, opt, ref, _, record = lockstep(toy, stage, 5, rank, ws, split=True)
         assert max_diff(weights(model, opt), weights(ref)) <= 1e-6
-        if ws > 1:  # per step: 2 Psi for stages 1/2; stage 3: gather fwd + gather bwd + reduce-scatter per block
-            want = 2 * pads[0] if stage < 3 else 3 * sum(pads[:-1]) + 2 * pads[-1]
-            assert volume(record[-1]) == want
+        if ws > 1:  # per step: stage 0 one all-reduce of Psi (2 Psi on the wire); 2 Psi for stages 1/2;
+            # stage 3: gather forward + gather backward + reduce-scatter per block
+            want = [pads[0], 2 * pads[0], 2 * pads[0], 3 * sum(pads[:-1]) + 2 * pads[-1]][stage]
+            assert volume(record[-1], opt) == want
 
 
 def check_checkpoints(rank, ws, tmp):
@@ -248,7 +250,8 @@ def check_checkpoints(rank, ws, tmp):
 def restored(stage, ckpt):
     """A fresh toy model and ShardedAdamW at this world size, with ckpt's weights and (if there) full state."""
     model, _ = toy()
-    opt = ShardedAdamW(groups(model), lr=LR, betas=BETAS, eps=EPS, stage=stage, model=model if stage == 3 else None)
+    opt = ShardedAdamW(groups(model), lr=LR, betas=BETAS, eps=EPS, stage=stage, max_grad_norm=MAX_NORM,
+                       model=model if stage == 3 else None)
     with opt.full_params():
         model.load_state_dict(ckpt['model'])
     if 'optimizer' in ckpt:
@@ -261,8 +264,6 @@ def resume_steps(model, opt, rank, ws, first=3, last=6):
     for it in range(first, last):
         idx, targets = batch(it, 0, model.wte.num_embeddings)
         loss_of(model, idx.chunk(ws)[rank], targets.chunk(ws)[rank]).backward()
-        opt.reduce_gradients()
-        opt.clip_grads_(MAX_NORM, opt.grad_norm())
         opt.step()
         opt.zero_grad()
 
@@ -278,13 +279,44 @@ def check_gpt(rank, ws):
     assert all(torch.equal(got[k], want[k]) for k in want)
     model, opt, ref, _, record = lockstep(tiny_gpt, 3, 3, rank, ws, split=True, lr=1e-3, B=8)
     assert max_diff(weights(model, opt), weights(ref)) <= 1e-6
-    ratio = volume(record[-1]) / (2 * sum(u.full.numel() for u in opt.units))  # against stages 1/2's 2 Psi
+    ratio = volume(record[-1], opt) / (2 * sum(u.full.numel() for u in opt.units))  # against stages 1/2's 2 Psi
     assert 1.45 < ratio <= 1.5, ratio  # paper: 1.5x; our non-block unit is gathered once, not twice
     idx, targets = batch(9, 0, 64, 4)
     model.eval(), ref.eval()
     with torch.no_grad():  # evaluation: gathered block by block, and nothing stays gathered afterwards
         assert abs(model(idx, targets)[1].item() - ref(idx, targets)[1].item()) <= 1e-6
     assert all(u.full.untyped_storage().nbytes() == 0 for u in opt.units)
+
+
+def check_router_bias(rank, ws):
+    """router='bias' under data parallelism: each rank routes its own micro-batches, and train.py's
+    balance_routers() sums every rank's and every micro-step's expert counts, so that all ranks move
+    their biases alike, once per step, by the step the global counts call for (a twin model that
+    sees every rank's data counts them here)."""
+    from train import balance_routers
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_embd=32, n_head=2, n_experts=4, top_k=2,
+                      router='bias', bias_update_rate=0.01)
+    model = GPT(cfg)
+    model.blocks[0].ffn.router.bias.copy_(torch.tensor([0.02, -0.01, 0.0, 0.01]))  # a step in progress
+    twin = copy.deepcopy(model)
+    for micro in range(2):
+        for r in range(ws):
+            idx, targets = batch(r, micro, 64, B=4)
+            twin(idx, targets)
+            if r == rank:
+                model(idx, targets)
+    want = []
+    for router in (block.ffn.router for block in twin.blocks):
+        load = router.counts / router.counts.sum()
+        want.append(router.bias + 0.01 * torch.sign(0.25 - load))
+    balance_routers(model, distributed=ws > 1)
+    got = torch.stack([block.ffn.router.bias for block in model.blocks])  # (L, E)
+    assert torch.equal(got, torch.stack(want)), (got, want)
+    everyone = [torch.zeros_like(got) for _ in range(ws)]
+    dist.all_gather(everyone, got)
+    assert all(torch.equal(b, got) for b in everyone)
+    assert all(not router.counts.any() for router in (b.ffn.router for b in model.blocks))
 
 
 def worker(rank, ws, port, task, tmp):
@@ -297,6 +329,7 @@ def worker(rank, ws, port, task, tmp):
         if task == 'all':
             check_checkpoints(rank, ws, tmp)
             check_gpt(rank, ws)
+            check_router_bias(rank, ws)
         dist.barrier()  # let every rank finish its last collective before gloo tears the connections down
     finally:
         dist.destroy_process_group()
@@ -322,6 +355,39 @@ def test_world_size_1_every_stage():
     got, want = twin.state_dict()['state'], ref_opt.state_dict()['state']
     assert got.keys() == want.keys()
     assert all(torch.equal(got[i][k], want[i][k]) for i in want for k in ('step', 'exp_avg', 'exp_avg_sq'))
+
+
+def test_the_gradient_norm_is_clip_grad_norms_bit_for_bit():
+    """At world size 1 every stage's norm is torch.nn.utils.clip_grad_norm_(model.parameters())'s: each
+    parameter's norm, then the norm of those, summed in the model's order (not the param groups')."""
+    torch.set_num_threads(1)
+    for stage in (0, 1, 2, 3):
+        model, vocab = tiny_gpt()
+        ref = copy.deepcopy(model)
+        opt = ShardedAdamW(groups(model), stage=stage, model=model)
+        for m in (model, ref):
+            loss_of(m, *batch(0, 0, vocab)).backward()
+        assert opt.reduce_gradients() == torch.nn.utils.clip_grad_norm_(ref.parameters(), float('inf')).item()
+
+
+def test_stage_0_is_used_like_torch_adamw():
+    """A plain parameter list, torch's defaults, zero_grad, and state_dict/load_state_dict in torch's format:
+    three steps, a save, a load into torch.optim.AdamW, two more steps on each: bitwise equal."""
+    torch.set_num_threads(1)
+    base, vocab = toy()
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    opt, ref_opt = ShardedAdamW(model.parameters()), torch.optim.AdamW(ref.parameters(), foreach=False)
+    for it in range(5):
+        if it == 3:  # swap: torch continues from our state, we continue from torch's
+            ours, theirs = opt.state_dict(), ref_opt.state_dict()
+            ref_opt.load_state_dict(ours)
+            opt.load_state_dict(theirs)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            loss_of(m, *batch(it, 0, vocab)).backward()
+            o.step()
+            o.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights(model).values(), weights(ref).values()))
 
 
 def test_world_sizes_2_and_4_and_resharding(tmp_path):
