@@ -13,9 +13,11 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import asdict
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 import yaml
@@ -241,6 +243,50 @@ class Batches:
         if self.device.startswith('cuda'):  # pinned memory: the copy to the GPU runs asynchronously
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# ---- the tokenizer ----
+
+# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before
+# BPE. It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it
+# spelled out.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+def bytes_to_unicode():
+    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible
+    character so that its vocabulary is plain strings: printable bytes map to themselves, the rest
+    to code points from 256 up."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:  # control bytes, space, etc. borrow the code points 256, 257, ...
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def load_tokenizer(path):
+    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids (tiktoken
+    encodes several times faster). `tokenizers` applies merges in the order it learned them;
+    tiktoken merges the pair whose joined bytes have the lowest id. The trainer gives each new token
+    the next id, so the two orders agree; data/prepare.py checks that on val text, the tests on
+    tricky strings."""
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
+    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    return tiktoken.Encoding(Path(path).parent.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
+
+
+def load_run_tokenizer(folder):
+    """The tokenizer a run folder keeps next to its checkpoint (train.py copies it there)."""
+    try:
+        return load_tokenizer(os.path.join(folder, 'tokenizer.json'))
+    except OSError as e:
+        fail(f"no tokenizer next to the checkpoint ({e.strerror}); copy the data set's "
+             f"tokenizer.json into {folder}")
 
 
 # ---- the run folder ----

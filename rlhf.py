@@ -55,10 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (check, fail, load_checkpoint, load_data, load_torch, pyplot, resolve_device,
-                    save_atomic)
+from common import (check, fail, load_checkpoint, load_data, load_run_tokenizer, load_torch, pyplot,
+                    resolve_device, save_atomic)
 from configurator import configure_or_exit, settings_of
-from data.prepare import load_tokenizer
 from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------
@@ -190,11 +189,7 @@ class LineTask:
 
 def load_task(data_dir, vocab_size, dev):
     """The LineTask of the pretrained model: its tokenizer (init_dir/tokenizer.json), its data."""
-    try:
-        enc = load_tokenizer(os.path.join(init_dir, 'tokenizer.json'))
-    except OSError as e:
-        fail(f"no tokenizer next to the checkpoint ({e.strerror}); "
-             f"copy the data set's tokenizer.json into {init_dir}")
+    enc = load_run_tokenizer(init_dir)
     _, tokens = load_data(data_dir)
     check([(len(enc.encode_ordinary('\n')) == 1, "the tokenizer has no single line-break token")])
     task = LineTask(enc, tokens, vocab_size, dev)

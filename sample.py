@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import kernels
-from common import autocast, check, fail, load_checkpoint, load_data, resolve_device
+from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
+                    resolve_device)
 from configurator import configure_or_exit
-from data.prepare import load_tokenizer
 from model import Attention, CUDAGraphed, KVCache, MoE
 
 # -----------------------------------------------------------------------------
@@ -370,11 +370,7 @@ if __name__ == '__main__':
         except ValueError as e:
             fail(e)
     model.eval().to(dev)
-    try:
-        enc = load_tokenizer(os.path.join(out_dir, 'tokenizer.json'))
-    except OSError as e:
-        fail(f"no tokenizer next to the checkpoint ({e}); "
-             f"copy the data set's tokenizer.json into {out_dir}")
+    enc = load_run_tokenizer(out_dir)
     folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
     val_tokens = load_val_tokens(folder, model.config.vocab_size, eval_tokens) if eval else None
     prompts = read_prompts(start)

@@ -45,47 +45,16 @@ from itertools import groupby, takewhile
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
-# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before
-# BPE. It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it
-# spelled out.
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from common import GPT2_PAT, load_tokenizer  # noqa: E402
+
 EOT = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "content", "messages", "conversations")  # in order of preference
 SPEAKERS = {"human": "user", "gpt": "assistant"}  # ShareGPT's: every chat format reads alike
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 SHAREGPT_JSON = "ShareGPT_V3_unfiltered_cleaned_split.json"
-
-
-def bytes_to_unicode():
-    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible
-    character so that its vocabulary is plain strings: printable bytes map to themselves, the rest
-    to code points from 256 up."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:  # control bytes, space, etc. borrow the code points 256, 257, ...
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def load_tokenizer(path):
-    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids (tiktoken
-    encodes several times faster). `tokenizers` applies merges in the order it learned them;
-    tiktoken merges the pair whose joined bytes have the lowest id. The trainer gives each new token
-    the next id, so the two orders agree; write_dataset checks that on val text, the tests on
-    tricky strings."""
-    spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
-    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
-    return tiktoken.Encoding(Path(path).parent.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
 
 
 @contextmanager
