@@ -5,7 +5,8 @@ experts, multi-token prediction heads, a KV cache and generate(); no training lo
 
 Shape legend used in comments:
   B batch, T time (sequence), C channels (n_embd), H heads, D head dim (C // H), V vocab,
-  N = B*T tokens, E experts, K experts per token (top_k), F expert hidden size, S cached positions.
+  N = B*T tokens, E experts, K experts per token (top_k), F expert hidden size, S cached positions,
+  I rows of an expert's input projection (F for GELU, 2F for SwiGLU's gate and up).
 """
 
 import math
@@ -32,6 +33,8 @@ class ModelConfig:
     n_experts: int = 4
     top_k: int = 2
     ffn_hidden: int = 0          # F, hidden size of one expert; 0 means 4 * n_embd
+    expert_act: str = 'gelu'     # 'gelu' (2 matrices of C x F per expert) or 'swiglu' (3: the
+                                 # gated Llama/Mixtral FFN; ~2/3 of GELU's F for equal parameters)
     router: str = 'sinkhorn'     # 'sinkhorn' (balanced by construction), 'softmax' (aux loss and
                                  # capacity) or 'bias' (aux-loss-free: a per-expert selection bias)
     sinkhorn_iters: int = 8      # a fixed count: no data-dependent loop, no host sync
@@ -55,6 +58,8 @@ class ModelConfig:
             ((C // H) % 2 == 0, "head size n_embd/n_head must be even for RoPE"),
             (router in ('softmax', 'sinkhorn', 'bias'),
              f"router must be 'softmax', 'sinkhorn' or 'bias', not {router!r}"),
+            (self.expert_act in ('gelu', 'swiglu'),
+             f"expert_act must be 'gelu' or 'swiglu', not {self.expert_act!r}"),
             (1 <= K <= E, f"top_k={K} must be between 1 and n_experts={E}"),
             (router == 'softmax' or self.capacity_factor == 0, "capacity_factor applies to the "
              "softmax router only: the others balance without dropping"),
@@ -179,17 +184,29 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-class MLP(nn.Module):
-    """Dense GELU feed-forward C -> hidden -> C; the dense baseline for MoE comparisons."""
+def ffn_activation(h, act):
+    """The hidden layer of an expert or dense FFN from its first projection h: 'gelu' h (..., F) ->
+    gelu(h); 'swiglu' h (..., 2F), rows [gate; up] of one matrix (one matmul, one grouped GEMM)
+    -> silu(gate) * up (..., F) (Shazeer 2020)."""
+    if act == 'swiglu':
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
 
-    def __init__(self, n_embd, hidden):
+
+class MLP(nn.Module):
+    """Dense feed-forward C -> hidden -> C (GELU or SwiGLU, as the experts); the dense baseline for
+    MoE comparisons. SwiGLU's fc holds [gate; up]: (2 * hidden, C)."""
+
+    def __init__(self, n_embd, hidden, act='gelu'):
         super().__init__()
-        self.fc = nn.Linear(n_embd, hidden, bias=False)
+        self.act = act
+        self.fc = nn.Linear(n_embd, 2 * hidden if act == 'swiglu' else hidden, bias=False)
         self.proj = nn.Linear(hidden, n_embd, bias=False)
 
     def forward(self, x):
         """-> (y, zero router loss), as MoE returns: a Block treats both FFNs alike."""
-        y = self.proj(F.gelu(self.fc(x)))
+        y = self.proj(ffn_activation(self.fc(x), self.act))
         return y, y.new_zeros(())
 
 
@@ -307,17 +324,21 @@ def sort_by_expert(expert_idx, keep, n_experts):
 
 
 class MoE(nn.Module):
-    """Router + E GELU experts (C -> F -> C), run without a Python loop over experts: sort the N*K
+    """Router + E experts (C -> F -> C), run without a Python loop over experts: sort the N*K
     assignments by expert (permute), two grouped matmuls, then add each result back to its token
-    weighted by its gate (unpermute + combine)."""
+    weighted by its gate (unpermute + combine). GELU experts: w_out gelu(w_in x); SwiGLU experts:
+    w_in holds W1 (gate, rows :F) over W3 (up, rows F:), and an expert is W2 (silu(W1 x) * W3 x)
+    with W2 = w_out: the same two grouped matmuls, the first one twice as wide."""
 
     def __init__(self, config):
         super().__init__()
         E, C, Fh = config.n_experts, config.n_embd, config.ffn_hidden
+        self.act = config.expert_act
+        rows = 2 * Fh if self.act == 'swiglu' else Fh  # I
         self.router = Router(config)
         # stored (out, in) like nn.Linear weights; their transposes are the column-major operands
         # grouped_mm wants. Init as GPT._init_weights: N(0, 0.02), output projection 0.02/sqrt(2L)
-        self.w_in = nn.Parameter(torch.randn(E, Fh, C) * 0.02)                       # (E, F, C)
+        self.w_in = nn.Parameter(torch.randn(E, rows, C) * 0.02)                     # (E, I, C)
         self.w_out = nn.Parameter(torch.randn(E, C, Fh) * 0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, x):
@@ -326,9 +347,10 @@ class MoE(nn.Module):
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = sort_by_expert(expert_idx, keep, self.w_in.size(0))
         dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast
-        w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, F)
+        w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, I)
         w_out = self.w_out.to(dtype).transpose(1, 2)                         # (E, F, C)
-        h = F.gelu(grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets))  # (M, F)
+        h = grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets)  # (M, I)
+        h = ffn_activation(h, self.act)                                      # (M, F)
         y = grouped_mm(h, w_out, offsets)                                    # (M, C)
         # out[t] = sum over t's kept assignments of gate * expert output (kernels/moe_permute.py)
         out = moe_unpermute(y, gates, row_src, assignment_row)               # (N, C) gates' fp32
@@ -343,7 +365,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.norm2 = RMSNorm(config.n_embd)
         dense_width = config.top_k * config.ffn_hidden  # the MoE's active width
-        self.ffn = MoE(config) if config.moe else MLP(config.n_embd, dense_width)
+        self.ffn = MoE(config) if config.moe else MLP(config.n_embd, dense_width, config.expert_act)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -399,10 +421,13 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.proj.weight, mean=0.0, std=out_std)
 
     def num_params(self, active=False):
-        """Parameters in the model; with active=True those one token uses (K of the E experts)."""
+        """Parameters in the model; with active=True those one token uses (K of the E experts, each
+        2 C F for GELU, 3 C F for SwiGLU)."""
         total, cfg = sum(p.numel() for p in self.parameters()), self.config
         if active and cfg.moe:
-            total -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * 2 * cfg.n_embd * cfg.ffn_hidden
+            matrices = 3 if cfg.expert_act == 'swiglu' else 2
+            expert = matrices * cfg.n_embd * cfg.ffn_hidden
+            total -= cfg.n_layer * (cfg.n_experts - cfg.top_k) * expert
         return total
 
     def flops_per_token(self, seq_len):

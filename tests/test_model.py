@@ -321,23 +321,32 @@ def test_capacity_drops_exactly_the_overflow():
 
 
 def expert_loop_reference(moe, x):
-    """The slow, obvious MoE: for every token, for each of its kept experts, gate * expert(token), in float64."""
+    """The slow, obvious MoE: for every token, for each of its kept experts, gate * expert(token), in float64.
+    A GELU expert is w_out gelu(w_in x); a SwiGLU one W2 (silu(W1 x) * W3 x), W1 = w_in[:F], W3 = w_in[F:]."""
     expert_idx, gates, keep, _ = moe.router(x)
     out = torch.zeros_like(x, dtype=torch.float64)
+    Fh = moe.w_out.size(2)
     for n in range(x.size(0)):
         for k in range(expert_idx.size(1)):
             if keep[n, k]:
-                e = expert_idx[n, k]
-                hidden = F.gelu(x[n].double() @ moe.w_in[e].double().t())
+                e, token = expert_idx[n, k], x[n].double()
+                if moe.act == 'swiglu':
+                    w1, w3 = moe.w_in[e, :Fh].double(), moe.w_in[e, Fh:].double()
+                    hidden = F.silu(token @ w1.t()) * (token @ w3.t())
+                else:
+                    hidden = F.gelu(token @ moe.w_in[e].double().t())
                 out[n] += gates[n, k].double() * (hidden @ moe.w_out[e].double().t())
     return out
 
 
-@pytest.mark.parametrize('router,capacity', [('sinkhorn', 0.0), ('softmax', 0.0), ('softmax', 1.0)])
-def test_grouped_experts_equal_per_expert_loop(router, capacity):
+@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'), ('softmax', 0.0, 'gelu'),
+                                                 ('softmax', 1.0, 'gelu'), ('sinkhorn', 0.0, 'swiglu'),
+                                                 ('softmax', 1.0, 'swiglu')])
+def test_grouped_experts_equal_per_expert_loop(router, capacity, act):
     """Forward and backward of the sorted, grouped-matmul path equal a per-token loop (float64)."""
     torch.manual_seed(0)
-    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=4, top_k=2, ffn_hidden=48)
+    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=4, top_k=2, ffn_hidden=48,
+                      expert_act=act)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -353,25 +362,78 @@ def test_grouped_experts_equal_per_expert_loop(router, capacity):
     params = [x, moe.w_in, moe.w_out, moe.router.weight]
     grads = torch.autograd.grad(out, params, grad)
     grads_ref = torch.autograd.grad(reference, params, grad.double())
+    # SwiGLU's hidden layer multiplies two projections: its gradients are ~3x GELU's here, and so is
+    # fp32's rounding of the entries that cancel to near zero
+    atol = 1e-5 if act == 'swiglu' else 1e-6
     for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-4, atol=atol)
 
 
-def test_dense_twin_has_the_moe_active_parameter_count():
+@pytest.mark.parametrize('act,matrices', [('gelu', 2), ('swiglu', 3)])
+def test_dense_twin_has_the_moe_active_parameter_count(act, matrices):
     """moe=False swaps every MoE for a dense FFN of width top_k*F: parameters = the MoE's active ones minus
     the routers (n_layer * E * C), which the dense model does not need."""
-    cfg = tiny_config(n_experts=8, top_k=2)
-    moe, dense = GPT(cfg), GPT(tiny_config(n_experts=8, top_k=2, moe=False))
+    cfg = tiny_config(n_experts=8, top_k=2, expert_act=act)
+    moe, dense = GPT(cfg), GPT(tiny_config(n_experts=8, top_k=2, moe=False, expert_act=act))
     router_params = cfg.n_layer * cfg.n_experts * cfg.n_embd
     assert dense.num_params() == moe.num_params(active=True) - router_params
-    expert = 2 * cfg.n_embd * cfg.ffn_hidden
+    expert = matrices * cfg.n_embd * cfg.ffn_hidden
     assert moe.num_params() - moe.num_params(active=True) == cfg.n_layer * (8 - 2) * expert
+
+
+def test_swiglu_parameters_by_hand():
+    """SwiGLU experts: w_in (E, 2F, C) = [W1; W3], w_out (E, C, F) = W2, under the GELU model's state_dict keys.
+    Counted by hand: embeddings V*C, norm_f C; per layer 2 norms 2C, attention 4C^2, router E*C, experts 3*E*C*F;
+    a token uses K of the E experts, and the FLOPs follow the active count."""
+    cfg = tiny_config(expert_act='swiglu', ffn_hidden=40, n_experts=4, top_k=2)
+    C, V, L, E, K, Fh, T = cfg.n_embd, cfg.vocab_size, cfg.n_layer, 4, 2, 40, 16
+    model, gelu = GPT(cfg), GPT(tiny_config(ffn_hidden=40))
+    assert model.blocks[0].ffn.w_in.shape == (E, 2 * Fh, C) and model.blocks[0].ffn.w_out.shape == (E, C, Fh)
+    assert list(model.state_dict()) == list(gelu.state_dict())
+    total = V * C + C + L * (2 * C + 4 * C * C + E * C + 3 * E * C * Fh)
+    active = V * C + C + L * (2 * C + 4 * C * C + E * C + 3 * K * C * Fh)
+    assert model.num_params() == total and model.num_params(active=True) == active
+    assert model.flops_per_token(T) == 6 * active + 12 * L * C * T
+
+
+def test_dense_swiglu_equals_the_formula():
+    """The dense twin's SwiGLU: fc (2*K*F, C) holds [W1; W3], proj (C, K*F) is W2, and y = W2 (silu(W1 x) * W3 x),
+    here in float64 from the weights' rows; the router loss is zero."""
+    torch.manual_seed(0)
+    cfg = tiny_config(moe=False, expert_act='swiglu', ffn_hidden=24)
+    mlp = GPT(cfg).blocks[0].ffn
+    width = cfg.top_k * 24
+    assert mlp.fc.weight.shape == (2 * width, 32) and mlp.proj.weight.shape == (32, width)
+    x = torch.randn(3, 5, 32)
+    y, loss = mlp(x)
+    w1, w3, w2 = mlp.fc.weight[:width].double(), mlp.fc.weight[width:].double(), mlp.proj.weight.double()
+    expected = (F.silu(x.double() @ w1.t()) * (x.double() @ w3.t())) @ w2.t()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-7)
+    assert loss.item() == 0
+
+
+@pytest.mark.parametrize('moe', [True, False])
+def test_swiglu_gpt_trains(moe):
+    """A SwiGLU GPT (experts or the dense twin) fits a tiny repeated batch: the loss falls under AdamW."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(expert_act='swiglu', ffn_hidden=48, moe=moe)).train()
+    idx, targets = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 @pytest.mark.parametrize('bad,message', [
     (dict(top_k=5), 'top_k'), (dict(router='expert_choice'), 'router'), (dict(n_head=3), 'divisible'),
     (dict(router='sinkhorn', capacity_factor=1.25), 'softmax router only'),
     (dict(n_future_tokens=0), 'n_future_tokens'), (dict(mtp_weight=-0.1), 'mtp_weight'),
+    (dict(expert_act='relu'), "expert_act must be 'gelu' or 'swiglu', not 'relu'"),
 ])
 def test_config_rejects_impossible_combinations(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -465,11 +527,13 @@ def test_mtp_off_leaves_the_model_unchanged():
     assert torch.equal(off.eval()(idx)[0], on.eval()(idx)[0])
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('router,capacity', [('sinkhorn', 0.0), ('softmax', 1.25)])
-def test_grouped_experts_cuda_bf16(router, capacity):
+@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'), ('softmax', 1.25, 'gelu'),
+                                                 ('sinkhorn', 0.0, 'swiglu'), ('softmax', 1.25, 'swiglu')])
+def test_grouped_experts_cuda_bf16(router, capacity, act):
     """The CUDA path (grouped GEMM in bf16 under autocast) against the float64 loop: bf16-level agreement."""
     torch.manual_seed(0)
-    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=8, top_k=2, n_embd=64, ffn_hidden=128)
+    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=8, top_k=2, n_embd=64, ffn_hidden=128,
+                      expert_act=act)
     moe = MoE(cfg).cuda().train()
     x = torch.randn(4, 100, 64, device='cuda', requires_grad=True)
     with torch.autocast('cuda', dtype=torch.bfloat16):
