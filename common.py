@@ -5,6 +5,7 @@ data, the run folder and its plots. Scripts import this and model.py, never each
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -119,6 +120,63 @@ def load_checkpoint(path):
         fail(f"cannot load {path} ({type(e).__name__}: {first_line(e)}); is it a checkpoint from "
              "train.py?")
     return ckpt, config, model
+
+
+# ---- safetensors, without the package ----
+
+# safetensors' dtype names. The format is little-endian, as every machine torch runs on is.
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file, written atomically: 8 bytes (little-endian u64) of
+    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
+    {str: str}} padded with spaces to 8 bytes, then each tensor's raw bytes in header order. Ava
+    writes it itself: weights then need neither pickle nor a dependency (transformers reads it)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {'__metadata__': dict(metadata or {})}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer does
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(len(text).to_bytes(8, 'little'))
+            f.write(text)
+            for raw in blobs:
+                f.write(raw)
+    write_atomic(os.fspath(path), write)
+
+
+def load_safetensors(path):
+    """A .safetensors file -> ({name: tensor on the CPU}, metadata dict). A malformed file raises
+    ValueError."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], 'little')
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if len(data) < 8 + n or not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+    metadata, body, tensors = header.pop('__metadata__', {}), memoryview(data)[8 + n:], {}
+    for name, spec in header.items():
+        dtype = SAFETENSORS_DTYPES.get(spec.get('dtype'))
+        begin, end = spec.get('data_offsets', (0, -1))
+        size = math.prod(spec.get('shape', ())) * (dtype.itemsize if dtype else 0)
+        if dtype is None or end - begin != size or not 0 <= begin <= end <= len(body):
+            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or offsets: {spec}")
+        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8) if size else None
+        tensors[name] = (raw.view(dtype) if size else torch.empty(0, dtype=dtype)).view(
+            spec['shape'])
+    return tensors, metadata
 
 
 def gather_rng(batch_rng, dev):

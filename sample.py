@@ -5,17 +5,21 @@ Sample from a trained Ava model, and evaluate it.
     python sample.py --out_dir=out/nano --start="ROMEO:" --num_samples=3 --temperature=0.8
     python sample.py --out_dir=out/nano --start=FILE:prompts.txt --repetition_penalty=1.2
     python sample.py --out_dir=out/nano --eval=True  # perplexity on val.bin, metrics of the samples
+    python sample.py --out_dir=out/nano --export=hf:out/nano-hf  # a transformers Mixtral folder
 
 Many prompts (one per line of a FILE:, with \\n standing for a newline) run as one batch,
 left-padded; each gets num_samples continuations. A continuation ends at the end-of-text token, at a
 stop string, or after max_new_tokens. Beside model.generate, this file holds what only sampling
-uses: repetition penalties, self-speculative decoding and weight-only quantization.
+uses: repetition penalties, self-speculative decoding and weight-only quantization; and the export
+of a SwiGLU model to a folder that transformers loads as Mixtral, with no Ava code.
 """
 
+import inspect
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -27,9 +31,9 @@ from torch.nn.utils import parametrize
 
 import kernels
 from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
-                    resolve_device)
+                    resolve_device, save_safetensors)
 from configurator import configure_or_exit
-from model import Attention, CUDAGraphed, KVCache, MoE
+from model import Attention, CUDAGraphed, KVCache, MoE, rope_tables
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -57,6 +61,7 @@ eval = False
 data_dir = ''            # the prepared data set; '' = the one the checkpoint was trained on
 eval_tokens = 0          # score the first this many val tokens; 0 = all
 report = ''              # where the JSON report goes; '' = out_dir/eval.json
+export = ''              # 'hf:FOLDER': write the model as a transformers Mixtral folder, then exit
 # -----------------------------------------------------------------------------
 
 
@@ -254,6 +259,105 @@ def mean_entropy(model, rows):
     return torch.cat(values).mean().item() if values else float('nan')
 
 
+# ---- export to Hugging Face transformers ----
+
+def mixtral_weights(model):
+    """Ava's weights under the names of Mixtral's original checkpoints, in fp32. The experts go
+    out one by one as block_sparse_moe.experts.{j}.w1 (gate), w3 (up), w2 (down): the layout vLLM,
+    llama.cpp's converter and transformers 4.x read, and that transformers 5.x fuses on loading
+    (its conversion mapping: w1 and w3 -> gate_up_proj, w2 -> down_proj). No Q/K permutation:
+    Ava's RoPE rotates the half-split pairs (x[:D/2], x[D/2:]), transformers' rotate_half layout.
+    The embedding goes out once; tie_word_embeddings makes it the lm_head too."""
+    Fh = model.config.ffn_hidden
+    weights = {'model.embed_tokens.weight': model.wte.weight,
+               'model.norm.weight': model.norm_f.weight}
+    for i, block in enumerate(model.blocks):
+        layer, moe = f'model.layers.{i}.', block.ffn
+        q, k, v = block.attn.qkv.weight.chunk(3)  # packed [q; k; v], heads in order within each
+        weights.update({layer + 'input_layernorm.weight': block.norm1.weight,
+                        layer + 'self_attn.q_proj.weight': q,
+                        layer + 'self_attn.k_proj.weight': k,
+                        layer + 'self_attn.v_proj.weight': v,
+                        layer + 'self_attn.o_proj.weight': block.attn.proj.weight,
+                        layer + 'post_attention_layernorm.weight': block.norm2.weight,
+                        layer + 'block_sparse_moe.gate.weight': moe.router.weight})
+        for j in range(moe.w_in.size(0)):  # w_in (E, 2F, C): rows [W1 (gate); W3 (up)]
+            expert = f'{layer}block_sparse_moe.experts.{j}.'
+            weights.update({expert + 'w1.weight': moe.w_in[j, :Fh],
+                            expert + 'w3.weight': moe.w_in[j, Fh:],
+                            expert + 'w2.weight': moe.w_out[j]})
+    return {name: w.detach().float().contiguous() for name, w in weights.items()}
+
+
+def mixtral_files(config, eps, eos, eos_id):
+    """config.json, generation_config.json and tokenizer_config.json for a Mixtral folder. Ava has
+    no BOS: documents are separated by the end-of-text token, so it stands for both, and pads."""
+    C, H = config.n_embd, config.n_head
+    theta = inspect.signature(rope_tables).parameters['base'].default  # the base trunk() uses
+    hf_config = dict(
+        architectures=['MixtralForCausalLM'], model_type='mixtral', vocab_size=config.vocab_size,
+        hidden_size=C, intermediate_size=config.ffn_hidden, num_hidden_layers=config.n_layer,
+        num_attention_heads=H, num_key_value_heads=H, head_dim=C // H, hidden_act='silu',
+        max_position_embeddings=config.block_size, rms_norm_eps=eps, rope_theta=theta,
+        rope_parameters=dict(rope_type='default', rope_theta=theta),  # 5.x's form of rope_theta
+        sliding_window=None, attention_dropout=0.0, num_local_experts=config.n_experts,
+        num_experts_per_tok=config.top_k, router_jitter_noise=0.0, output_router_logits=False,
+        tie_word_embeddings=True, torch_dtype='float32', bos_token_id=eos_id, eos_token_id=eos_id,
+        use_cache=True)
+    generation = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    # the class named, or AutoTokenizer picks Mixtral's own (Mistral's) and ignores tokenizer.json;
+    # no clean-up of spaces, so that decoding gives Ava's text byte for byte
+    tokenizer = dict(tokenizer_class='PreTrainedTokenizerFast', bos_token=eos, eos_token=eos,
+                     pad_token=eos, add_bos_token=False, add_eos_token=False,
+                     clean_up_tokenization_spaces=False, model_max_length=config.block_size,
+                     padding_side='left')
+    return {'config.json': hf_config, 'generation_config.json': generation,
+            'tokenizer_config.json': tokenizer}
+
+
+def export_hf(model, run_dir, folder):
+    """Write model (SwiGLU experts, softmax or Sinkhorn router) and its run's tokenizer as a folder
+    that transformers' AutoModelForCausalLM and AutoTokenizer load as Mixtral: config.json,
+    model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json. At inference
+    both of those routers are plain top-k of softmax(logits) renormalised over the K chosen,
+    Mixtral's rule (the Sinkhorn bias only balances training). The folder appears whole or not at
+    all: it is written beside itself under a temporary name, then renamed."""
+    cfg = model.config
+    check([(cfg.moe, "a dense model (moe=False) cannot be expressed in Mixtral: it needs MoE "
+            "layers"),
+           (cfg.expert_act == 'swiglu',
+            "Mixtral experts are SwiGLU: train with --expert_act=swiglu"),
+           (cfg.router != 'bias', "router='bias' cannot be expressed in Mixtral: its routing adds "
+            "a learned bias"),
+           (not os.path.exists(folder) or os.path.isdir(folder) and not os.listdir(folder),
+            f"{folder} exists and is not an empty folder; export into a new one")])
+    enc = load_run_tokenizer(run_dir)
+    eos = enc.decode([enc.eot_token])
+    files = mixtral_files(cfg, model.norm_f.eps, eos, enc.eot_token)
+    weights, target = mixtral_weights(model), os.path.abspath(folder)
+    tmp = os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp{os.getpid()}')
+    try:
+        os.makedirs(tmp)
+        save_safetensors(weights, os.path.join(tmp, 'model.safetensors'),
+                         metadata={'format': 'pt'})  # transformers checks the format
+        shutil.copyfile(os.path.join(run_dir, 'tokenizer.json'),
+                        os.path.join(tmp, 'tokenizer.json'))
+        for file, content in files.items():
+            with open(os.path.join(tmp, file), 'w') as f:
+                json.dump(content, f, indent=2)
+        os.replace(tmp, target)  # onto nothing, or onto an empty folder
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot write {folder} ({e.strerror or e}); nothing was written")
+    if model.mtp_heads:
+        print(f"note: the {len(model.mtp_heads)} multi-token-prediction heads are not exported "
+              "(Mixtral has none); the next-token model is")
+    n_params = sum(w.numel() for w in weights.values())
+    print(f"wrote {folder}: MixtralForCausalLM ({n_params / 1e6:.2f}M parameters, "
+          f"{cfg.n_layer} layers, {cfg.n_experts} experts, top-{cfg.top_k}), "
+          f"{', '.join(sorted(os.listdir(folder)))}")
+
+
 # ---- the script's steps ----
 
 def load_val_tokens(folder, vocab_size, n_tokens):
@@ -355,7 +459,9 @@ if __name__ == '__main__':
            (quantize in ('', 'int8', 'int4'),
             f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
            (dtype in ('auto', 'float32', 'bfloat16'),
-            f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")])
+            f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}"),
+           (export == '' or export.startswith('hf:') and len(export) > 3,
+            f"export must be 'hf:FOLDER' (a transformers folder), got {export!r}")])
     dev, device_type = resolve_device(device)
     torch.manual_seed(seed)
     bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
@@ -363,6 +469,9 @@ if __name__ == '__main__':
 
     # load: the checkpoint (quantized if asked), its tokenizer, the evaluation data, the prompts
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    if export:  # instead of sampling
+        export_hf(model, out_dir, export[3:])
+        sys.exit(0)
     model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     if quantize:
         try:
