@@ -571,7 +571,8 @@ def test_cuda_graph_decoding_equals_eager():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('autocast,tol', [(False, 1e-4), (True, 2e-2)])
-@pytest.mark.parametrize('router', [dict(router='sinkhorn'), dict(router='softmax', capacity_factor=1.25)])
+@pytest.mark.parametrize('router', [dict(router='sinkhorn'), dict(router='softmax', capacity_factor=1.25),
+                                    dict(router='sinkhorn', expert_act='swiglu')])
 def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
     """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32: to rounding;
     bf16: the tolerance of bf16 activations)."""
@@ -592,3 +593,22 @@ def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
     kernels.enabled = True
     for fast, ref in zip(*results):
         assert ((fast - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('act', ['gelu', 'swiglu'])
+def test_compiled_moe_equals_eager_cuda(act):
+    """torch.compile of an MoE layer (bf16 autocast: the grouped GEMM, the permute kernels, the activation
+    between them) gives eager's output and gradients, to bf16 rounding."""
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(n_experts=8, n_embd=64, ffn_hidden=128, expert_act=act)).cuda().train()
+    x = torch.randn(4, 100, 64, device='cuda')
+    results = []
+    for fn in (moe, torch.compile(moe, fullgraph=True)):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out, _ = fn(x_in)
+        grads = torch.autograd.grad(out.float().square().sum(), [x_in, moe.w_in, moe.w_out])
+        results.append([out.float()] + list(grads))
+    for got, want in zip(*results):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
