@@ -160,10 +160,12 @@ def report(name, seconds, tokens, flops_per_token):
 
 def build_hf(cfg):
     """transformers' Mixtral with Ava's dimensions: same C, L, H, E, K, V, tied embeddings, SDPA
-    attention. Its SwiGLU experts have 3 matrices to our 2, so the width is 2/3 of ours (rounded to
-    a multiple of 64): equal parameters. -> the model, its training FLOPs per token."""
+    attention. Its experts are SwiGLU: against our GELU experts (2 matrices to its 3) the width is
+    2/3 of ours, rounded to a multiple of 64, for equal parameters; against SwiGLU experts it is
+    ours. -> the model, its training FLOPs per token."""
     from transformers import MixtralConfig, MixtralForCausalLM
-    width = round(2 * cfg.ffn_hidden / 3 / 64) * 64
+    swiglu = cfg.expert_act == 'swiglu'
+    width = cfg.ffn_hidden if swiglu else round(2 * cfg.ffn_hidden / 3 / 64) * 64
     hf_config = MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=width,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
