@@ -42,8 +42,8 @@ def settings_of(namespace):
 def configure(settings, argv, ignored=()):
     """Apply config files and --key=value overrides in argv to the dict settings (a script's
     globals()), for the keys that already hold an int, float, bool or str. Keys in `ignored` are
-    accepted and dropped
-    (bench.py reads train.py's config files but not their data or schedule settings).
+    accepted and dropped (bench.py reads train.py's config files but not their data or schedule
+    settings). A config file that does not parse, or raises, is a ValueError naming the file.
     Returns the overridden {key: value}."""
     keys = set(settings_of(settings))
     overrides = {}
@@ -54,7 +54,12 @@ def configure(settings, argv, ignored=()):
             except OSError as e:
                 raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
             namespace = {}
-            exec(compile(source, arg, 'exec'), namespace)
+            try:
+                exec(compile(source, arg, 'exec'), namespace)
+            except SyntaxError as e:
+                raise ValueError(f"config file {arg} line {e.lineno}: {e.msg}") from None
+            except Exception as e:  # the file ran and raised: name it, not the configurator
+                raise ValueError(f"config file {arg} raised {type(e).__name__}: {e}") from None
             pairs = [(k, v) for k, v in namespace.items()
                      if not k.startswith('_') and not isinstance(v, types.ModuleType)]
         else:

@@ -394,6 +394,8 @@ if __name__ == '__main__':
         if len(split_tokens) <= block_size + 1:
             fail(f"{split}.bin has {len(split_tokens)} tokens, too few for block_size="
                  f"{block_size}; lower block_size or add data")
+    if not os.path.isfile(os.path.join(data_dir, 'tokenizer.json')):  # sample.py will need it
+        fail(f"{data_dir} has no tokenizer.json; prepare it again with python data/prepare.py")
     batches = Batches(data_dir, meta['dtype'], batch_size, block_size, dev)
 
     # model: from scratch, or all of it (weights, optimizer, RNG, monitors) from a checkpoint

@@ -255,6 +255,11 @@ def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir
         (truncated / f).write_bytes((open(os.path.join(data_dir, f), 'rb').read()))
     with open(truncated / 'train.bin', 'r+b') as f:
         f.truncate(12345)  # not a whole number of uint16 tokens
+    untokenized = tmp_path / 'untokenized'  # a prepared folder that lost its tokenizer.json
+    untokenized.mkdir()
+    for f in os.listdir(data_dir):
+        if f != 'tokenizer.json':
+            (untokenized / f).write_bytes(open(os.path.join(data_dir, f), 'rb').read())
     empty = tmp_path / 'empty'
     empty.mkdir()
     (tmp_path / 'a_file').write_text('not a folder')
@@ -272,6 +277,7 @@ def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir
         (train('--device=tpu'), 'device'),
         (train(f'--data_dir={tmp_path}/nowhere'), 'data/prepare.py'),
         (train(f'--data_dir={truncated}'), 'no usable prepared data'),
+        (train(f'--data_dir={untokenized}', f'--out_dir={tmp_path / "fresh"}'), 'no tokenizer.json'),
         (run('data/prepare.py', f'--input={empty}'), 'matches no'),
         (train(f'--out_dir={run_dir}'), 'already holds a run'),
         (train(f'--out_dir={tmp_path / "a_file"}'), 'cannot write to out_dir'),
@@ -312,6 +318,11 @@ def test_configure_checks_keys_and_types(tmp_path):
     config_file.write_text("typo_key = 1\n")
     with pytest.raises(ValueError, match='typo_key'):
         configure(dict(settings), [str(config_file)])
+    for text, words in (("max_iters = (\n", 'line'), ("max_iters = 1 / 0\n", 'ZeroDivisionError')):
+        config_file.write_text(text)  # a syntax error, or a file that raises: one line naming the file
+        with pytest.raises(ValueError, match=words) as error:
+            configure(dict(settings), [str(config_file)])
+        assert str(config_file) in str(error.value) and '\n' not in str(error.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
