@@ -365,11 +365,12 @@ def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
                        start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), **metadata), f, indent=2)
     path, records = os.path.join(out_dir, 'metrics.jsonl'), []
     if settings['init_from'] == 'resume' and os.path.exists(path):
-        for line in open(path):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
     records = [r for r in records if r['iter'] <= iter_num]  # drop what came after the checkpoint
     with open(path, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)

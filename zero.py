@@ -178,9 +178,8 @@ class ShardedAdamW:
         # per unit: (parameter number, start, end) of each parameter's part of this rank's slice,
         # numbered in the model's order (else the groups'), for the gradient norm
         number = {id(p): i for i, p in enumerate(model.parameters() if model else order)}
-        self.parts = [[(number[id(p)], max(o - u.lo, 0), min(o + k - u.lo, u.s))
-                       for p, k, o in zip(u.params, u.numels, self._offsets(u))
-                       if min(o + k - u.lo, u.s) > max(o - u.lo, 0)] for u in self.units]
+        self.parts = [[(number[id(p)], start, end) for p, start, end in self._parts(u)]
+                      for u in self.units]
         self.n_params = len(number)
         device = order[0].device
         self.fused = device.type == 'cuda'
@@ -188,21 +187,26 @@ class ShardedAdamW:
                       for runs in self.runs]
 
     @staticmethod
-    def _offsets(unit):
-        """Where each of the unit's parameters starts in its flat buffer."""
-        return [sum(unit.numels[:i]) for i in range(len(unit.numels))]
-
-    def _runs(self, unit):
-        runs, offset = [], 0
+    def _parts(unit):
+        """(parameter, start, end) for each of the unit's parameters that meets this rank's slice,
+        in slice coordinates."""
+        parts, offset = [], 0
         for p, k in zip(unit.params, unit.numels):
             start, end = max(offset - unit.lo, 0), min(offset + k - unit.lo, unit.s)
-            g = self.group_of[id(p)]
             if start < end:
-                if runs and runs[-1][0] == g and runs[-1][2] == start:
-                    runs[-1] = (g, runs[-1][1], end)
-                else:
-                    runs.append((g, start, end))
+                parts.append((p, start, end))
             offset += k
+        return parts
+
+    def _runs(self, unit):
+        """_parts merged while they belong to one param group: one AdamW call per run."""
+        runs = []
+        for p, start, end in self._parts(unit):
+            g = self.group_of[id(p)]
+            if runs and runs[-1][0] == g and runs[-1][2] == start:
+                runs[-1] = (g, runs[-1][1], end)
+            else:
+                runs.append((g, start, end))
         return runs
 
     # ---- stage 3: gather / free / reduce around each block ----

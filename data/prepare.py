@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from common import GPT2_PAT, load_tokenizer  # noqa: E402
+from common import load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
@@ -345,7 +345,8 @@ def train_tokenizer(docs, vocab_size):
     last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only needed here
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT2_PAT
+    # use_regex: GPT-2's split, the one common.GPT2_PAT spells out for tiktoken
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
