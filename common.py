@@ -3,6 +3,8 @@ The plumbing every script shares: one-line errors, the device, checkpoint files,
 data, the run folder and its plots. Scripts import this and model.py, never each other.
 """
 
+import errno
+import fcntl
 import glob
 import json
 import math
@@ -30,9 +32,24 @@ PEAK_TFLOPS = 989.0  # dense bf16 peak of one H100/H200 SXM: MFU's denominator (
 
 # ---- errors and the device ----
 
-def fail(message):
-    """Bad input ends the run with one line that says what to fix, never a traceback."""
-    sys.exit(f"error: {message}")
+def fail(message, code=1):
+    """Bad input ends the run with one line that says what to fix, never a traceback. Under
+    torchrun every rank checks the same input, so only rank 0 prints the line; every rank also
+    writes it to the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so that torchrun's failure
+    summary ends with it instead of a pointer to its documentation."""
+    line = f"error: {message}"
+    if os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        try:
+            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
+                json.dump(dict(message=line, timestamp=int(time.time())), f)
+        except OSError:
+            pass
+    if os.environ.get('RANK', '0') != '0':
+        sys.exit(code)
+    if code == 1:  # Python prints the line; a caller in the same process reads it from SystemExit
+        sys.exit(line)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def first_line(error):
@@ -77,12 +94,34 @@ def write_atomic(path, save):
         raise
 
 
-def save_atomic(obj, path):
-    """torch.save through write_atomic; a failed write (disk full, permissions) is one line."""
+def save_atomic(obj, path, previous=None):
+    """torch.save through write_atomic; a failed write (disk full, permissions) is one line that
+    says whether the disk is full and what survives: `previous` (the file a reader falls back on,
+    such as ckpt.pt) or path itself, when they exist."""
+    written = []
+
+    def save(tmp):
+        try:
+            torch.save(obj, tmp)
+        except BaseException:
+            written.append(os.path.getsize(tmp) if os.path.exists(tmp) else 0)
+            raise
     try:
-        write_atomic(path, lambda tmp: torch.save(obj, tmp))
+        write_atomic(path, save)
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when the disk fills up
-        fail(f"could not write {path} ({first_line(e)}); the previous checkpoint is intact")
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        # torch's error does not say why; a disk with no more room than the failed write took
+        # (now deleted) is full
+        code = getattr(e, 'errno', None)
+        full = code == errno.ENOSPC if code else free <= sum(written) + 2**24
+        why = (f"the disk is full: {free / 2**20:.1f} MiB free in {folder}; free some space or "
+               "choose another folder" if full else first_line(e))
+        if previous and os.path.exists(previous):
+            kept = f"the previous checkpoint {previous} is intact"
+        else:
+            kept = f"the previous {path} is intact" if os.path.exists(path) else "nothing was saved"
+        fail(f"could not write {path} ({why}); {kept}")
 
 
 def link_or_copy(src, dst):
@@ -208,7 +247,8 @@ def save_checkpoint(out_dir, reason, model, optimizer, keep, **state):
     if rank == 0:
         zero = dict(stage=optimizer.stage, world_size=optimizer.world_size) if sharded else None
         save_atomic(dict(model=weights, optimizer=None if sharded else optimizer.state_dict(),
-                         zero=zero, reason=reason, **state), path)
+                         zero=zero, reason=reason, **state), path,
+                    previous=os.path.join(out_dir, 'ckpt.pt'))
         try:
             link_or_copy(path, os.path.join(out_dir, 'ckpt.pt'))
             if reason == 'best':
@@ -271,16 +311,40 @@ def restore(ckpt, model, optimizer, monitors, batch_rng, seed, dev, out_dir, opt
 # ---- prepared data ----
 
 def load_data(data_dir, splits=('train', 'val')):
-    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap})."""
+    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap}). What
+    is wrong with it (the folder, meta.json, a split's file) is named in one line."""
+    where, again = f"no usable prepared data in {data_dir!r}", "run `python data/prepare.py`"
+    if not os.path.isdir(data_dir):
+        fail(f"{where} (no such folder); {again} or fix --data_dir")
     try:
         with open(os.path.join(data_dir, 'meta.json')) as f:
             meta = json.load(f)
-        tokens = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'],
-                                   mode='r') for split in splits}
+        dtype = np.dtype(meta['dtype'])
+        check([(np.issubdtype(dtype, np.integer) and isinstance(meta['vocab_size'], int)
+                and meta['vocab_size'] > 0, f"{where}: meta.json has no integer dtype and "
+                f"vocab_size > 0; {again}")])
     except (OSError, KeyError, ValueError, TypeError) as e:
-        fail(f"no usable prepared data in {data_dir!r} ({type(e).__name__}: {first_line(e)}); "
-             "run `python data/prepare.py`")
+        fail(f"{where}: meta.json is missing or broken ({type(e).__name__}: {first_line(e)}); "
+             f"{again}")
+    tokens = {}
+    for split in splits:
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        check([(size >= 0, f"{where}: {split}.bin is missing; {again}"),
+               (size > 0 and size % dtype.itemsize == 0, f"{where}: {split}.bin has {size} bytes, "
+                f"not a whole number of {dtype} tokens (empty or cut off); {again}")])
+        tokens[split] = np.memmap(path, dtype=dtype, mode='r')
     return meta, tokens
+
+
+def trained_data_dir(ckpt):
+    """The data set a checkpoint was trained on, as its config names it: train.py stores an absolute
+    path, so sample.py and rlhf.py find it from any folder; a relative one is read from the current
+    folder, else from the repository root (where the README runs every command)."""
+    path = (ckpt.get('config') or {}).get('data_dir', '')
+    if path and not os.path.isabs(path) and not os.path.isdir(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    return path
 
 
 class Batches:
@@ -338,50 +402,102 @@ def load_tokenizer(path):
                              special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
 
 
-def load_run_tokenizer(folder):
-    """The tokenizer a run folder keeps next to its checkpoint (train.py copies it there)."""
+def load_run_tokenizer(folder, vocab_size=None, fix=None):
+    """The tokenizer.json of a run folder (train.py copies the data set's next to the checkpoint)
+    or of a data set, checked against vocab_size (the model's or meta.json's). A missing, broken or
+    mismatched file is one line; fix says what to do about it."""
+    path = os.path.join(folder, 'tokenizer.json')
+    fix = fix or f"copy the data set's tokenizer.json into {folder}"
     try:
-        return load_tokenizer(os.path.join(folder, 'tokenizer.json'))
+        enc = load_tokenizer(path)
     except OSError as e:
-        fail(f"no tokenizer next to the checkpoint ({e.strerror}); copy the data set's "
-             f"tokenizer.json into {folder}")
+        fail(f"no tokenizer.json in {folder} ({e.strerror}); {fix}")
+    except Exception as e:  # any other: not the JSON a BPE from data/prepare.py writes
+        fail(f"{path} is not a tokenizer from data/prepare.py ({type(e).__name__}: "
+             f"{first_line(e)}); {fix}")
+    if vocab_size is not None and enc.n_vocab != vocab_size:
+        fail(f"{path} has {enc.n_vocab} tokens where {vocab_size} are expected (another data "
+             f"set's?); {fix}")
+    return enc
 
 
 # ---- the run folder ----
 
+def lock_run_folder(out_dir):
+    """Hold out_dir/train.lock for the life of this process, so that two trainings never write
+    into one run folder. It is an flock, which the OS drops when its process ends however it ends
+    (kill -9 included): a lock left by a dead run never blocks. The file names the pid that holds
+    it. -> the open file (closing it releases the lock)."""
+    f = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f"another training (pid {f.read().strip() or '?'}) is writing to {out_dir}; wait "
+             "for it to end, or choose another --out_dir")
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, up to a line that is cut off or not a record (a kill while
+    writing), which is dropped with the rest after it, and a note."""
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get('iter'), int):
+            print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
+                  "killed run?): the metrics from there on are dropped")
+            return [json.loads(line) for line in lines[:n]]
+    return [json.loads(line) for line in lines]
+
+
 def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
-    """config.yaml and metadata.json for this run; on resume, metrics.jsonl cut back to the
-    checkpoint's iteration (a last line left half-written by a kill is dropped). -> its records."""
-    with open(os.path.join(out_dir, 'config.yaml'), 'w') as f:
-        yaml.safe_dump({**settings, 'model': asdict(model_config)}, f, sort_keys=False)
+    """config.yaml (the settings and the model that run) and metadata.json for this run; on
+    resume, metrics.jsonl cut back to the checkpoint's iteration (see read_metrics). Each file is
+    written whole or not at all. -> the records kept."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    records = []
+    if settings['init_from'] == 'resume' and os.path.exists(path):
+        records = [r for r in read_metrics(path) if r['iter'] <= iter_num]  # to the checkpoint
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                                 cwd=here).stdout.strip() or None
     except OSError:
         commit = None
-    with open(os.path.join(out_dir, 'metadata.json'), 'w') as f:
-        json.dump(dict(git_commit=commit, torch=torch.__version__, start_iter=iter_num,
-                       start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), **metadata), f, indent=2)
-    path, records = os.path.join(out_dir, 'metrics.jsonl'), []
-    if settings['init_from'] == 'resume' and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    records = [r for r in records if r['iter'] <= iter_num]  # drop what came after the checkpoint
-    with open(path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
+    files = {
+        'config.yaml': yaml.safe_dump({**settings, 'model': asdict(model_config)},
+                                      sort_keys=False),
+        'metadata.json': json.dumps(dict(git_commit=commit, torch=torch.__version__,
+                                         start_iter=iter_num,
+                                         start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                                         **metadata), indent=2),
+        'metrics.jsonl': ''.join(json.dumps(r) + '\n' for r in records)}
+    for name, text in files.items():
+        try:
+            write_atomic(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
+        except OSError as e:
+            fail(f"cannot write {name} in out_dir={out_dir} ({e.strerror}); free some space or "
+                 "choose another --out_dir")
     return records
 
 
 def log_record(records, path, wandb, record):
     """One metrics record: kept for the plots, appended to metrics.jsonl, mirrored to wandb."""
     records.append(record)
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot append to {path} ({e.strerror}); free some space, then --init_from=resume "
+             "continues from the last checkpoint, if one was saved")
     if wandb:
         wandb.log(record, step=record['iter'])
 
@@ -420,12 +536,20 @@ def training_figure(records):
     return fig
 
 
+def save_figure(fig, path):
+    """fig as a PNG at path, written atomically; plots are not worth ending a run for, so a failed
+    write (a full disk) is a note."""
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'))
+    except OSError as e:
+        print(f"note: could not write {path} ({e.strerror}); training goes on")
+    pyplot().close(fig)
+
+
 def plot_run(records, folder):
     """training.png (training_figure) and expert_load.png (each layer's experts' load over time)."""
     plt = pyplot()
-    fig = training_figure(records)
-    fig.savefig(os.path.join(folder, 'training.png'), dpi=80)
-    plt.close(fig)
+    save_figure(training_figure(records), os.path.join(folder, 'training.png'))
     steps = [r for r in records if r.get('load')]
     if not steps:
         return
@@ -440,5 +564,4 @@ def plot_run(records, folder):
            xlabel='iteration')
     fig.colorbar(image)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, 'expert_load.png'), dpi=80)
-    plt.close(fig)
+    save_figure(fig, os.path.join(folder, 'expert_load.png'))

@@ -14,7 +14,9 @@ the wrong type, is a one-line error that names the key, instead of a silent new 
 
 import ast
 import difflib
+import os
 import sys
+import traceback
 import types
 
 
@@ -51,15 +53,21 @@ def configure(settings, argv, ignored=()):
         if not arg.startswith('--'):  # a config file: run in its own namespace, check what it set
             try:
                 source = open(arg).read()
-            except OSError as e:
-                raise ValueError(f"cannot read config file {arg}: {e.strerror}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                why = getattr(e, 'strerror', None) or f"not UTF-8 text ({e.reason})"
+                raise ValueError(f"cannot read config file {arg}: {why}") from None
             namespace = {}
             try:
                 exec(compile(source, arg, 'exec'), namespace)
             except SyntaxError as e:
                 raise ValueError(f"config file {arg} line {e.lineno}: {e.msg}") from None
-            except Exception as e:  # the file ran and raised: name it, not the configurator
-                raise ValueError(f"config file {arg} raised {type(e).__name__}: {e}") from None
+            except Exception as e:  # the file ran and raised: name it and its line
+                frames = traceback.extract_tb(e.__traceback__)
+                line = next((f" line {f.lineno}" for f in reversed(frames) if f.filename == arg),
+                            '')
+                first = str(e).partition('\n')[0]
+                raise ValueError(f"config file {arg}{line} raised {type(e).__name__}: "
+                                 f"{first}") from None
             pairs = [(k, v) for k, v in namespace.items()
                      if not k.startswith('_') and not isinstance(v, types.ModuleType)]
         else:
@@ -84,12 +92,14 @@ def configure(settings, argv, ignored=()):
 
 
 def configure_or_exit(settings, argv=None, ignored=()):
-    """configure(), with bad input reported as one line on stderr and exit code 2."""
+    """configure(), with bad input reported as one line by common.fail (exit code 2), and the
+    overrides echoed once: under torchrun by rank 0 only."""
+    from common import fail  # common imports torch: configure() itself stays free of it
     try:
         overrides = configure(settings, sys.argv[1:] if argv is None else argv, ignored)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for key, value in overrides.items():
-        print(f"config: {key} = {value!r}")
+        fail(e, code=2)
+    if os.environ.get('RANK', '0') == '0':
+        for key, value in overrides.items():
+            print(f"config: {key} = {value!r}")
     return overrides

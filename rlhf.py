@@ -41,6 +41,7 @@ V vocab, C channels.
 
 import copy
 import glob
+import hashlib
 import json
 import math
 import os
@@ -56,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (check, fail, load_checkpoint, load_data, load_run_tokenizer, load_torch, pyplot,
-                    resolve_device, save_atomic)
+                    resolve_device, save_atomic, trained_data_dir)
 from configurator import configure_or_exit, settings_of
 from model import GPT, ModelConfig
 
@@ -189,7 +190,7 @@ class LineTask:
 
 def load_task(data_dir, vocab_size, dev):
     """The LineTask of the pretrained model: its tokenizer (init_dir/tokenizer.json), its data."""
-    enc = load_run_tokenizer(init_dir)
+    enc = load_run_tokenizer(init_dir, vocab_size)
     _, tokens = load_data(data_dir)
     check([(len(enc.encode_ordinary('\n')) == 1, "the tokenizer has no single line-break token")])
     task = LineTask(enc, tokens, vocab_size, dev)
@@ -372,7 +373,8 @@ def train_judge(task, gpt):
         judge.head.weight /= raw.std()
         judge.head.bias.sub_(raw.mean()).div_(raw.std())
     state = dict(model=judge.state_dict(), model_config=asdict(gpt.config),
-                 train=judge_accuracy(judge, task, pairs), val=held_out)
+                 train=judge_accuracy(judge, task, pairs), val=held_out,
+                 tokenizer=tokenizer_digest())
     save_atomic(state, path)
     print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; "
           f"train accuracy {state['train']['accuracy']:.3f}")
@@ -386,14 +388,24 @@ def load_from_judge_mode(name, what):
     return path, load_torch(path, f'the {what} from rlhf.py --mode=judge')
 
 
+def tokenizer_digest():
+    """The SHA-1 of init_dir/tokenizer.json: a judge scores token ids, so it fits only the
+    pretrained models of that tokenizer."""
+    return hashlib.sha1(open(os.path.join(init_dir, 'tokenizer.json'), 'rb').read()).hexdigest()
+
+
 def load_judge(dev):
-    """The judge that --mode=judge wrote to out_dir, frozen."""
+    """The judge that --mode=judge wrote to out_dir, frozen; one made with another tokenizer than
+    init_dir's is refused."""
     path, saved = load_from_judge_mode('judge.pt', 'judge')
     try:
         judge = HeadedGPT(GPT(ModelConfig(**saved['model_config'])))
         judge.load_state_dict(saved['model'])
     except Exception as e:
         fail(f"cannot load {path} ({type(e).__name__}); is it a judge from rlhf.py --mode=judge?")
+    check([(saved.get('tokenizer', tokenizer_digest()) == tokenizer_digest(),
+            f"{path} was trained on another tokenizer than {init_dir}/tokenizer.json; run "
+            "--mode=judge again with this --init_dir (or another --out_dir)")])
     return judge.eval().requires_grad_(False).to(dev)
 
 
@@ -744,7 +756,7 @@ def main():
     check([(prompt_len + response_len <= cfg.block_size,
             f"prompt_len + response_len = {prompt_len + response_len} exceeds the model's "
             f"block_size {cfg.block_size}")])
-    data_dir = ckpt.get('config', {}).get('data_dir', '')
+    data_dir = trained_data_dir(ckpt)
     task = load_task(data_dir, cfg.vocab_size, dev)
     os.makedirs(out_dir, exist_ok=True)
     if mode == 'judge':

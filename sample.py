@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 import kernels
 from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
-                    resolve_device, save_safetensors)
+                    resolve_device, save_safetensors, trained_data_dir)
 from configurator import configure_or_exit
 from model import Attention, CUDAGraphed, KVCache, MoE, rope_tables
 
@@ -382,8 +382,11 @@ def read_prompts(start):
     try:
         with open(start[5:], encoding='utf-8') as f:
             prompts = [line.rstrip('\n').replace('\\n', '\n') for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}")
+    except OSError as e:
+        fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        fail(f"cannot read the prompt file {start[5:]}: not UTF-8 text (byte "
+             f"{e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8")
     if not prompts:
         fail(f"the prompt file {start[5:]} has no prompts (one per line)")
     return prompts
@@ -454,14 +457,19 @@ if __name__ == '__main__':
             f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
            (no_repeat_ngram_size >= 0,
             f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
-           (num_samples >= 1 and max_new_tokens >= 1,
-            "num_samples and max_new_tokens must be >= 1"),
+           (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
+           (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+           (not speculative or num_samples == 1,
+            "--speculative=True decodes one prompt once: pass --num_samples=1"),
            (quantize in ('', 'int8', 'int4'),
             f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
            (dtype in ('auto', 'float32', 'bfloat16'),
             f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}"),
            (export == '' or export.startswith('hf:') and len(export) > 3,
             f"export must be 'hf:FOLDER' (a transformers folder), got {export!r}")])
+    check([(os.path.isdir(os.path.dirname(os.path.abspath(path))),
+            f"--{key}={path}: the folder {os.path.dirname(path)} does not exist; create it first")
+           for key, path in (('out', out), ('report', report)) if path])
     dev, device_type = resolve_device(device)
     torch.manual_seed(seed)
     bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
@@ -479,10 +487,17 @@ if __name__ == '__main__':
         except ValueError as e:
             fail(e)
     model.eval().to(dev)
-    enc = load_run_tokenizer(out_dir)
-    folder = data_dir or ckpt.get('config', {}).get('data_dir', '')
+    vocab = model.config.vocab_size
+    check([(top_k <= vocab, f"top_k={top_k} is above the model's vocabulary of {vocab} tokens; "
+            "use 0 (all) or fewer"),
+           (not speculative or model.mtp_heads, f"--speculative=True drafts with the multi-token "
+            f"heads, and {out_dir}/ckpt.pt has none: train with --n_future_tokens=2 or more")])
+    enc = load_run_tokenizer(out_dir, vocab)
+    folder = data_dir or trained_data_dir(ckpt)
     val_tokens = load_val_tokens(folder, model.config.vocab_size, eval_tokens) if eval else None
     prompts = read_prompts(start)
+    check([(not speculative or len(prompts) == 1,
+            f"--speculative=True decodes one prompt; {start} holds {len(prompts)}")])
     encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
                for _ in range(num_samples)]
     longest, context = max(map(len, encoded)), model.config.block_size
@@ -496,9 +511,6 @@ if __name__ == '__main__':
 
     # generate
     if speculative:
-        if len(encoded) != 1 or not model.mtp_heads:
-            fail("--speculative=True needs one prompt, --num_samples=1 and a model trained with "
-                 "n_future_tokens > 1")
         timings = time_speculative(model, x, max_new_tokens, precision, device_type == 'cuda')
         (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
         print(prompts[0] + enc.decode(spec[0, longest:].tolist()))

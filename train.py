@@ -11,6 +11,7 @@ drive with made-up numbers.
     torchrun --standalone --nproc_per_node=2 train.py config/nano.py --gradient_accumulation_steps=2
 """
 
+import filecmp
 import math
 import os
 import shutil
@@ -25,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from common import (PEAK_TFLOPS, Batches, autocast, check, fail, gather_rng, load_checkpoint,
-                    load_data, log_record, plot_run, resolve_device, restore, save_checkpoint,
-                    start_run_folder)
+from common import (PEAK_TFLOPS, Batches, autocast, check, fail, first_line, gather_rng,
+                    load_checkpoint, load_data, load_run_tokenizer, lock_run_folder, log_record,
+                    plot_run, resolve_device, restore, save_checkpoint, start_run_folder,
+                    trained_data_dir, write_atomic)
 from configurator import configure_or_exit, settings_of
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
@@ -108,6 +110,9 @@ def validity_checks(s):
         (s['num_cycles'] >= 1, "num_cycles must be >= 1"),
         (min(s['batch_size'], s['block_size'], s['gradient_accumulation_steps']) >= 1,
          "batch_size, block_size and gradient_accumulation_steps must be >= 1"),
+        (min(s['n_layer'], s['n_head'], s['n_embd'], s['n_experts'], s['sinkhorn_iters']) >= 1,
+         "n_layer, n_head, n_embd, n_experts and sinkhorn_iters must be >= 1"),
+        (0 <= s['dropout'] < 1, f"dropout must be in [0, 1), got {s['dropout']}"),
         (min(s['eval_interval'], s['eval_iters'], s['log_interval'], s['keep_checkpoints']) >= 1,
          "eval_interval, eval_iters, log_interval and keep_checkpoints must be >= 1"),
         (0 <= s['seq_len_start'] <= s['block_size'],
@@ -127,6 +132,60 @@ def validity_checks(s):
         (not (s['compile'] and s['zero_stage'] == 3), "zero_stage=3 gathers parameters with hooks "
          "that torch.compile does not support; use --compile=False"),
     ]
+
+
+# model settings a resumed run may change: they weigh losses or regularise, the weights still fit
+ADJUSTABLE_ON_RESUME = ('dropout', 'router_jitter', 'capacity_factor', 'aux_loss_coef',
+                        'z_loss_coef', 'mtp_weight')
+CPU_FLOPS = 35e9  # fp32 FLOP/s per core that training reaches on a CPU (nano: ~0.85 s/it, 2 cores)
+
+
+def resumed_model_config(saved, overrides):
+    """The ModelConfig a resumed run trains: the checkpoint's (saved, a dict) with the model
+    settings given explicitly (overrides: from the command line or a config file) applied where
+    ADJUSTABLE_ON_RESUME allows, each named in a note. Any other that differs from the checkpoint
+    cannot run on its weights: a one-line error."""
+    asked = {k: v for k, v in overrides.items()
+             if k in saved and k not in ('vocab_size', 'block_size')}
+    try:
+        config = ModelConfig(**{**saved, **asked})
+    except ValueError as e:
+        fail(e)
+    changed = {k: v for k, v in asdict(config).items() if v != saved[k]}
+    fixed = [k for k in changed if k not in ADJUSTABLE_ON_RESUME]
+    check([(not fixed, "resume trains the checkpoint's model: " + ", ".join(
+        f"{k}={changed[k]!r} contradicts its {k}={saved[k]!r}" for k in fixed) +
+        "; drop the override, or train from scratch into another --out_dir")])
+    if changed:
+        print("note: resuming with " + ", ".join(f"{k}={v!r} (the checkpoint had {saved[k]!r})"
+                                                 for k, v in changed.items()))
+    return config
+
+
+def cpu_time_warning(config, tokens_per_iter):
+    """A one-line warning when one iteration of this model would take over a minute on this CPU,
+    from its FLOPs (the model is built on the meta device: no memory, no time); else None."""
+    with torch.device('meta'):
+        flops = GPT(config).flops_per_token(config.block_size) * tokens_per_iter
+    threads = torch.get_num_threads()
+    seconds = flops / (CPU_FLOPS * threads)
+    if seconds > 60:
+        return (f"warning: {flops:.1e} FLOPs per iteration, ~{seconds / 60:.0f} min each on this "
+                f"CPU ({threads} thread{'s' * (threads > 1)}); config/nano.py is sized for a CPU")
+    return None
+
+
+def on_stop_signal(signum, frame):
+    """SIGTERM / SIGINT (Ctrl-C). After the first step the loop finishes its iteration, saves an
+    emergency checkpoint and exits non-zero. Before it (setup, the first evaluation, which on a CPU
+    can take minutes) there is nothing new to save, so the run stops at once; so it does at a
+    second signal."""
+    stop_signal.append(signum)
+    if first_iter is None or iter_num == first_iter or len(stop_signal) > 1:
+        ckpt = os.path.join(out_dir, 'ckpt.pt')
+        kept = f"; {ckpt} is as it was" if os.path.exists(ckpt) else ""
+        fail(f"stopped by {signal.Signals(signum).name} before the first step: nothing new to "
+             f"save{kept}", code=128 + signum)
 
 
 # ---- schedules ----
@@ -351,7 +410,10 @@ def routing_record(stats, mean_load):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
-    configure_or_exit(globals())
+    stop_signal, first_iter = [], None  # signals received; the iteration training started at
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
+    overrides = configure_or_exit(globals())
     settings = settings_of(globals())
     check(validity_checks(settings))
     model_settings = {f.name: settings[f.name] for f in fields(ModelConfig)
@@ -367,15 +429,15 @@ if __name__ == '__main__':
     precision = autocast(device_type)
     ddp = 'RANK' in os.environ
     rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    check([(gradient_accumulation_steps % world_size == 0,
+            f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+            f"{world_size} processes")])
     if ddp:
         if device_type == 'cuda':
             dev = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
                                 timeout=timedelta(seconds=dist_timeout))
-        if gradient_accumulation_steps % world_size:
-            fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
-                 f"the {world_size} processes")
         if rank != 0:  # one log is enough: the other ranks print only errors (stderr)
             sys.stdout = open(os.devnull, 'w')
     accumulation = gradient_accumulation_steps // world_size  # micro-steps per rank per iteration
@@ -391,8 +453,8 @@ if __name__ == '__main__':
         if len(split_tokens) <= block_size + 1:
             fail(f"{split}.bin has {len(split_tokens)} tokens, too few for block_size="
                  f"{block_size}; lower block_size or add data")
-    if not os.path.isfile(os.path.join(data_dir, 'tokenizer.json')):  # sample.py will need it
-        fail(f"{data_dir} has no tokenizer.json; prepare it again with python data/prepare.py")
+    load_run_tokenizer(data_dir, meta['vocab_size'],  # sample.py will need it
+                       fix="prepare the data again with python data/prepare.py")
     batches = Batches(data_dir, meta['dtype'], batch_size, block_size, dev)
 
     # model: from scratch, or all of it (weights, optimizer, RNG, monitors) from a checkpoint
@@ -401,16 +463,32 @@ if __name__ == '__main__':
         fail(f"{out_dir} already holds a run: continue it with --init_from=resume, or pick another "
              "--out_dir")
     if init_from == 'resume':
-        checkpoint, model_config, model = load_checkpoint(ckpt_path)
-        print(f"resuming from {ckpt_path} at iteration {checkpoint['iter_num']} (model settings "
-              "from the checkpoint)")
-        check([(model_config.vocab_size == meta['vocab_size'], f"the checkpoint's vocab_size "
-                f"{model_config.vocab_size} != {meta['vocab_size']} of {data_dir}"),
-               (model_config.block_size >= block_size, f"block_size={block_size} is longer than "
-                f"the checkpoint's block_size={model_config.block_size}")])
+        checkpoint, saved_config, model = load_checkpoint(ckpt_path)
+        it, trained_on = checkpoint['iter_num'], trained_data_dir(checkpoint)
+        print(f"resuming from {ckpt_path} at iteration {it} (model settings from the checkpoint)")
+        run_tokenizer = os.path.join(out_dir, 'tokenizer.json')
+        check([(saved_config.vocab_size == meta['vocab_size'], f"the checkpoint's vocab_size "
+                f"{saved_config.vocab_size} != {meta['vocab_size']} of {data_dir}; resume with "
+                f"the data it trained on (--data_dir={trained_on})"),
+               (not os.path.exists(run_tokenizer) or filecmp.cmp(
+                   run_tokenizer, os.path.join(data_dir, 'tokenizer.json'), shallow=False),
+                f"{data_dir}/tokenizer.json is not the tokenizer this run trained with "
+                f"({run_tokenizer}); resume with its data (--data_dir={trained_on})"),
+               (saved_config.block_size >= block_size, f"block_size={block_size} is longer than "
+                f"the checkpoint's block_size={saved_config.block_size}"),
+               (max_iters > it, f"max_iters={max_iters} but the checkpoint is at iteration {it}: "
+                "nothing to train; resume with a larger --max_iters")])
+        model_config = resumed_model_config(asdict(saved_config), overrides)
+        if model_config != saved_config:
+            model = GPT(model_config)  # restore() puts the checkpoint's weights into it
+        settings.update({k: getattr(model_config, k) for k in model_settings})  # what runs
     else:
         model_config = ModelConfig(vocab_size=meta['vocab_size'], block_size=block_size,
                                    **model_settings)
+        warning = device_type == 'cpu' and cpu_time_warning(
+            model_config, gradient_accumulation_steps * batch_size * block_size)
+        if warning:
+            print(warning)
         model = GPT(model_config)
     model.to(dev)
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, "
@@ -448,18 +526,23 @@ if __name__ == '__main__':
         iter_num, best_val_loss = restore(checkpoint, model, optimizer, monitors, batch_rng, seed,
                                           dev, out_dir, optimizer_too=not reset_optimizer)
         checkpoint = None  # free the memory
+    first_iter = iter_num  # from here on a signal stops the run after an iteration, saved
+
+    # the run folder: one training at a time (the lock), the data set's tokenizer for sample.py,
+    # and an absolute data_dir in config.yaml and the checkpoints, so they are found from anywhere
     try:
+        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:
+            lock = lock_run_folder(out_dir)  # held until this process ends
+            source, kept = (os.path.join(d, 'tokenizer.json') for d in (data_dir, out_dir))
+            if not os.path.exists(kept) or not filecmp.cmp(source, kept, shallow=False):
+                write_atomic(kept, lambda tmp: shutil.copyfile(source, tmp))
         os.makedirs(os.path.join(out_dir, 'plots'), exist_ok=True)
-        if rank == 0:  # sample.py reads the tokenizer from the run folder
-            shutil.copy(os.path.join(data_dir, 'tokenizer.json'), out_dir)
     except OSError as e:
         fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
+    settings['data_dir'] = os.path.abspath(data_dir)
     train_model = torch.compile(model) if compile else model
 
-    # SIGTERM / SIGINT (Ctrl-C): finish the current iteration, save, exit non-zero
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
     metrics_path, records, wandb = os.path.join(out_dir, 'metrics.jsonl'), [], None
     if rank == 0:
         name = torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu'
@@ -608,6 +691,13 @@ if __name__ == '__main__':
     except torch.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)  # frees the partial gradients; weights are untouched
         emergency = (f"CUDA out of memory at iteration {iter_num} (try a smaller batch_size)", 3)
+    except RuntimeError as e:  # under torchrun: a collective whose peer process is gone
+        if not ddp:
+            raise
+        kept = (f"resume from {ckpt_path} with --init_from=resume" if os.path.exists(ckpt_path)
+                else "no checkpoint was saved")
+        fail(f"another process of this torchrun run failed at iteration {iter_num} "
+             f"({first_line(e).rpartition('] ')[2].partition('. ')[0]}); {kept}")
     if emergency:
         path = save_checkpoint(out_dir, 'emergency', model, optimizer, keep_checkpoints,
                                iter_num=iter_num, best_val_loss=best_val_loss, config=settings,

