@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels import cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk
+from kernels import (cross_entropy, moe_permute, moe_sort, moe_unpermute, qkv_rope, rms_norm,
+                     sinkhorn_topk)
 
 
 @dataclass
@@ -224,9 +225,12 @@ class Router(nn.Module):
       only chooses, the gates stay unbiased, no aux loss pulls against the LM loss. b is on logits,
       not (as in DeepSeek-V3) on probabilities, where an expert every token rates near 0 wins them
       all at once when its bias crosses over; on logits the tokens cross one by one.
-    Training forwards only count the assignments per expert (buffer `counts`); update_bias() moves
-    each b by the rate toward balance. Its caller sums the counts over data-parallel ranks and
-    updates once per optimizer step, so every micro-step and every rank routes a token alike.
+    The gates are softmax(logits) renormalised over the chosen K, which is softmax over those K
+    logits alone: the (N, E) probabilities are only built where the aux loss or the stats read them.
+    With a moving bias, training forwards count the assignments per expert (buffer `counts`);
+    update_bias() moves each b by the rate toward balance. Its caller sums the counts over
+    data-parallel ranks and updates once per optimizer step, so every micro-step and every rank
+    routes a token alike.
     """
 
     def __init__(self, config):
@@ -240,8 +244,8 @@ class Router(nn.Module):
             self.register_buffer('bias', torch.zeros(config.n_experts), persistent=saved)  # (E,)
         if self.rate > 0:  # (E,) training assignments per expert since the last update_bias()
             self.register_buffer('counts', torch.zeros(config.n_experts), persistent=False)
-        self.stats = {}  # the last training forward's, detached: see GPT.router_stats
-        self.watch_load = False  # record the load in eval mode too (GPT.watch_routing)
+        self.stats = {}     # the last recorded forward's, detached: see GPT.router_stats
+        self.watch = None   # record stats: None in training forwards, True always, False never
 
     def forward(self, x):
         """x (N, C) -> expert_idx (N, K), gates (N, K), keep (N, K) bool (False: dropped), loss."""
@@ -250,41 +254,36 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is sensitive
-        probs = logits.softmax(dim=-1)                           # (N, E)
-        if cfg.router == 'sinkhorn' and self.training:
-            with torch.no_grad():  # kernels/sinkhorn.py
-                expert_idx = sinkhorn_topk(logits.detach(), cfg.sinkhorn_iters, K, self.bias)
+        choice = logits.detach()
+        if cfg.router == 'sinkhorn' and self.training:  # kernels/sinkhorn.py
+            expert_idx = sinkhorn_topk(choice, cfg.sinkhorn_iters, K, self.bias)
         elif cfg.router == 'bias':
-            expert_idx = (logits.detach() + self.bias).topk(K, dim=-1).indices
+            expert_idx = (choice + self.bias).topk(K, dim=-1).indices
         else:
-            expert_idx = probs.topk(K, dim=-1).indices           # (N, K)
-        gates = probs.gather(1, expert_idx)
-        gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen
+            expert_idx = choice.topk(K, dim=-1).indices          # (N, K): softmax keeps the order
+        gates = logits.gather(1, expert_idx).softmax(dim=-1)     # (N, K) sum to 1 over the chosen
         keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
-        if not self.training:  # inference: no dropping, no losses; the load only when watched
-            if self.watch_load:
-                self.stats = dict(load=F.one_hot(expert_idx, E).float().mean(dim=(0, 1)))  # (E,)
+        record = self.training if self.watch is None else self.watch
+        if not self.training:  # inference: no dropping, no losses
+            if record:
+                self.stats = dict(load=expert_counts(expert_idx, E) / (N * K))  # (E,)
             return expert_idx, gates, keep, logits.new_zeros(())
-        assigned = F.one_hot(expert_idx, E).float()              # (N, K, E)
-        per_expert = assigned.sum(dim=(0, 1))                    # (E,)
+        if cfg.capacity_factor > 0:
+            keep = capacity_keep(expert_idx, E, math.ceil(cfg.capacity_factor * N * K / E))
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if not (record or self.rate > 0 or cfg.router == 'softmax'):  # nothing reads the load
+            return expert_idx, gates, keep, cfg.z_loss_coef * z_loss
+        per_expert = expert_counts(expert_idx, E)                # (E,) chosen, before dropping
         if self.rate > 0:
             self.counts += per_expert
-        load = per_expert / (N * K)                              # (E,) fraction of assignments
-        if cfg.capacity_factor > 0:
-            capacity = math.ceil(cfg.capacity_factor * N * K / E)
-            # each assignment's rank in its expert's queue: all first choices (in token order), then
-            # the seconds. A scan along the last dim: CUDA scans dim 0 of (K*N, E) with E threads
-            queue = assigned.permute(2, 1, 0).reshape(E, K * N)  # (E, K*N) choice-major order
-            rank = (queue.cumsum(dim=1) - 1) * queue             # (E, K*N) place in the queue
-            keep = (rank.sum(dim=0) < capacity).view(K, N).t()   # (N, K)
+        load, probs = per_expert / (N * K), logits.softmax(dim=-1)  # (E,) share, (N, E)
         aux_loss = logits.new_zeros(())
         if cfg.router == 'softmax':
             aux_loss = E * (load * probs.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(dim=-1).mean()
-        self.stats = dict(load=load.detach(), dropped=1 - keep.float().mean().detach(),
-                          entropy=entropy.detach(), aux_loss=aux_loss.detach(),
-                          z_loss=z_loss.detach())
+        if record:
+            entropy = -(probs * torch.log(probs.clamp_min(1e-9))).sum(dim=-1).mean()
+            self.stats = dict(load=load, dropped=1 - keep.float().mean(), entropy=entropy.detach(),
+                              aux_loss=aux_loss.detach(), z_loss=z_loss.detach())
         return expert_idx, gates, keep, cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
 
     @torch.no_grad()
@@ -305,22 +304,23 @@ def grouped_mm(x, w, offsets):
     return F.grouped_mm(x, w, offs=offsets)
 
 
-def sort_by_expert(expert_idx, keep, n_experts):
-    """The expert-sorted rows of the M = N*K assignments (t, k) of expert_idx (N, K); dropped ones
-    (keep False) get the sentinel expert E and sort last, outside every block. -> offsets (E,), each
-    expert's end row; row_src (M,), the assignment t*K + k a row holds (-1: unused); assignment_row
-    (N, K), the row an assignment holds (-1: dropped); all int32, computed without a host sync, so
-    the CPU can queue the next layers meanwhile."""
+def expert_counts(expert_idx, n_experts):
+    """expert_idx (N, K) -> (E,) float: how many of the N*K assignments chose each expert (a
+    scatter-add: no one-hot, no host sync)."""
+    flat = expert_idx.flatten()                                            # (M,)
+    ones = torch.ones_like(flat, dtype=torch.float32)
+    return ones.new_zeros(n_experts).scatter_add_(0, flat, ones)
+
+
+def capacity_keep(expert_idx, n_experts, capacity):
+    """Which assignments fit: an expert takes at most `capacity`, all first choices (in token
+    order) before the seconds. -> keep (N, K) bool."""
     (N, K), E = expert_idx.shape, n_experts
-    flat_expert = torch.where(keep, expert_idx, E).flatten()              # (M,)
-    order = flat_expert.argsort(stable=True)                               # (M,) assignment per row
-    counts = torch.zeros(E + 1, dtype=torch.long, device=expert_idx.device).scatter_add_(
-        0, flat_expert, torch.ones_like(flat_expert))                      # (E+1,) dropped last
-    offsets = counts[:E].cumsum(0).to(torch.int32)                         # (E,)
-    rows = torch.arange(N * K, device=expert_idx.device)
-    row_src = torch.where(rows < offsets[-1], order, -1).int()             # (M,)
-    assignment_row = torch.empty_like(order).scatter_(0, order, rows)      # (M,) inverse of order
-    return offsets, row_src, torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)
+    # each assignment's place in its expert's queue: a scan along the last dim of (E, K*N), which
+    # CUDA runs faster than down dim 0 of (K*N, E) with E threads
+    queue = F.one_hot(expert_idx, E).permute(2, 1, 0).reshape(E, K * N)   # (E, K*N) choice-major
+    rank = (queue.cumsum(dim=1) - 1) * queue                               # (E, K*N)
+    return (rank.sum(dim=0) < capacity).view(K, N).t()                     # (N, K)
 
 
 class MoE(nn.Module):
@@ -345,7 +345,7 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.view(-1, C)                                                    # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
-        offsets, row_src, assignment_row = sort_by_expert(expert_idx, keep, self.w_in.size(0))
+        offsets, row_src, assignment_row = moe_sort(expert_idx, keep, self.w_in.size(0))
         dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast
         w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, I)
         w_out = self.w_out.to(dtype).transpose(1, 2)                         # (E, F, C)
@@ -446,10 +446,11 @@ class GPT(nn.Module):
         return [router.stats for router in self.routers()]
 
     def watch_routing(self, on=True):
-        """Record the load in eval mode too (RLHF trains in eval mode and logs it): router_stats()
-        then holds {'load'} after an eval forward. Off by default, so decoding skips it."""
+        """Record the routing statistics in every forward (on=True: eval mode too, where RLHF
+        trains and router_stats() then holds {'load'}), or in none (False: a training step that
+        logs nothing skips them), or None: training forwards only, the default."""
         for router in self.routers():
-            router.watch_load = on
+            router.watch = on
 
     def expert_counts(self):
         """The (E,) assignment counts of the routers whose bias moves; a data-parallel caller sums

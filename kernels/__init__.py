@@ -76,8 +76,8 @@ def autocast_dtype(x):
 
 # the ops (they import the helpers above)
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
-from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_unpermute,  # noqa: E402
-                                 moe_unpermute_ref)
+from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,  # noqa
+                                 moe_unpermute, moe_unpermute_ref)
 from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rope import qkv_rope, qkv_rope_ref  # noqa: E402
 from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402

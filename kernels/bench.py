@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from kernels import (cross_entropy, moe_permute, moe_unpermute, qkv_rope, rms_norm,  # noqa: E402
-                     sinkhorn_topk)
-from model import sort_by_expert  # noqa: E402
+from kernels import (cross_entropy, moe_permute, moe_sort, moe_unpermute, qkv_rope,  # noqa: E402
+                     rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -66,7 +65,7 @@ def routing():
     them out."""
     expert = torch.rand(N, E, device='cuda').topk(K, dim=-1).indices            # (N, K)
     keep = torch.ones_like(expert, dtype=torch.bool)
-    _, row_src, assignment_row = sort_by_expert(expert, keep, E)
+    _, row_src, assignment_row = kernels.moe_sort_ref(expert, keep, E)
     return row_src, assignment_row
 
 
@@ -101,6 +100,10 @@ def cases():
         'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
                           lambda: [randn(N, E), 8, K, torch.zeros(E, device='cuda')],
                           N * E * 4 + N * K * 8, 0),
+        'moe_sort': (moe_sort, kernels.moe_sort_ref,
+                     lambda: [torch.rand(N, E, device='cuda').topk(K, dim=-1).indices,
+                              torch.ones(N, K, dtype=torch.bool, device='cuda'), E],
+                     2 * M * 9 + M * 8, 0),
     }
 
 

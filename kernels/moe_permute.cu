@@ -23,11 +23,24 @@
 //   unpermute fwd  U*C*s_ys read + N*C*4 written
 //   unpermute bwd  U*C*(4 + s_ys) read + M*C*s_ys written
 // 16-byte accesses when C % 8 == 0 and pointers are 16-byte aligned, else a scalar path.
+// The layout itself comes from moe_sort: a stable counting sort of the M assignments by expert
+// (expert_idx (N, K) int64, keep (N, K) bool; dropped ones sort last, as expert E) into offsets
+// (E,) int32 (each expert's end row), row_src and assignment_row, in two launches where torch
+// makes ~12 (argsort alone is several):
+//   count_experts: block b histograms its chunk of assignments in shared memory -> counts[b]
+//   place_rows:    block b's first row per expert = all blocks' counts of lower experts + lower
+//                  blocks' counts of the same expert; then tiles of 1024 assignments in order,
+//                  each one's rank among its tile's equals from a warp match and per-warp counts
+// Deterministic and stable (token order within an expert), as argsort(stable=True); no atomics
+// on global memory. Traffic: 2 reads of the M indices (9 bytes each) and 8 bytes written per
+// assignment, plus G*(E+1) counts read by each of the G blocks.
 // Test: pytest tests/test_kernels_moe_permute.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=moe_permute (and --op=moe_unpermute)
 #include "common.cuh"
 
 constexpr int kThreads = 256;
+constexpr int kSortThreads = 1024, kSortWarps = kSortThreads / 32;  // moe_sort's blocks
+constexpr int kMaxSortExperts = 256;
 
 // Sum over the `group` lanes that share a row (group: a power of two <= 32). Every lane of the warp
 // must call it.
@@ -232,6 +245,128 @@ void moe_unpermute_bwd(const at::Tensor& dout, const at::Tensor& ys, const at::T
     gather_rows(dout, row_src, gates.size(1), gates, ys, dys, dgates);
 }
 
+// The expert an assignment sorts under: its own, E when dropped, -1 past the end.
+__device__ __forceinline__ int sort_key(const int64_t* expert_idx, const bool* keep, long long a,
+                                        long long M, int E) {
+    if (a >= M) return -1;
+    return keep[a] ? (int)expert_idx[a] : E;
+}
+
+// counts[b][e] = assignments of expert e (E: dropped) in block b's chunk [b * chunk, ...).
+__global__ void __launch_bounds__(kSortThreads) count_experts_kernel(
+        const int64_t* __restrict__ expert_idx, const bool* __restrict__ keep,
+        int* __restrict__ counts, long long M, int E, long long chunk) {
+    __shared__ int hist[kMaxSortExperts + 1];
+    for (int e = threadIdx.x; e <= E; e += kSortThreads) hist[e] = 0;
+    __syncthreads();
+    const long long begin = blockIdx.x * chunk, end = min(begin + chunk, M);
+    for (long long a = begin + threadIdx.x; a < end; a += kSortThreads)
+        atomicAdd(&hist[sort_key(expert_idx, keep, a, M, E)], 1);  // shared memory: integers
+    __syncthreads();
+    for (int e = threadIdx.x; e <= E; e += kSortThreads)
+        counts[blockIdx.x * (E + 1) + e] = hist[e];
+}
+
+// Writes every assignment's row: row_src[row] = a (or -1 for a dropped one, whose row lies past
+// offsets[E - 1]) and assignment_row[a] = row (or -1); block 0 also writes offsets.
+__global__ void __launch_bounds__(kSortThreads) place_rows_kernel(
+        const int64_t* __restrict__ expert_idx, const bool* __restrict__ keep,
+        const int* __restrict__ counts, int* __restrict__ offsets, int* __restrict__ row_src,
+        int* __restrict__ assignment_row, long long M, int E, long long chunk) {
+    __shared__ int next_row[kMaxSortExperts + 1];            // this block's next free row per key
+    __shared__ int warp_counts[kSortWarps][kMaxSortExperts + 1];  // then prefixes over warps
+    __shared__ int tile_counts[kMaxSortExperts + 1];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int e = threadIdx.x; e <= E; e += kSortThreads) {
+        int before = 0, total = 0;                           // same expert in lower blocks; all
+        for (int b = 0; b < gridDim.x; b++) {
+            const int c = counts[b * (E + 1) + e];
+            before += b < blockIdx.x ? c : 0;
+            total += c;
+        }
+        next_row[e] = before;
+        tile_counts[e] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {                                  // totals -> each key's first row
+        int start = 0;
+        for (int e = 0; e <= E; e++) {
+            const int total = tile_counts[e];
+            next_row[e] += start;
+            start += total;
+            if (blockIdx.x == 0 && e < E) offsets[e] = start;
+        }
+    }
+    const long long begin = blockIdx.x * chunk, end = min(begin + chunk, M);
+    const unsigned lower_lanes = (1u << lane) - 1;
+    for (long long tile = begin; tile < end; tile += kSortThreads) {
+        for (int i = threadIdx.x; i < kSortWarps * (E + 1); i += kSortThreads)
+            warp_counts[i / (E + 1)][i % (E + 1)] = 0;
+        __syncthreads();
+        const long long a = tile + threadIdx.x;
+        const int key = sort_key(expert_idx, keep, a < end ? a : M, M, E);
+        const unsigned same = __match_any_sync(0xffffffff, key);  // lanes with this key
+        const int rank_in_warp = __popc(same & lower_lanes);
+        if (key >= 0 && rank_in_warp == 0) warp_counts[warp][key] = __popc(same);
+        __syncthreads();
+        for (int e = threadIdx.x; e <= E; e += kSortThreads) {  // exclusive scan over warps
+            int run = 0;
+            for (int w = 0; w < kSortWarps; w++) {
+                const int c = warp_counts[w][e];
+                warp_counts[w][e] = run;
+                run += c;
+            }
+            tile_counts[e] = run;
+        }
+        __syncthreads();
+        if (key >= 0) {
+            const int row = next_row[key] + warp_counts[warp][key] + rank_in_warp;
+            const bool kept = key < E;
+            row_src[row] = kept ? (int)a : -1;
+            assignment_row[a] = kept ? row : -1;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e <= E; e += kSortThreads) next_row[e] += tile_counts[e];
+        // the next tile's zeroing waits at its first __syncthreads for these updates' readers
+    }
+}
+
+void moe_sort(const at::Tensor& expert_idx, const at::Tensor& keep, at::Tensor& offsets,
+              at::Tensor& row_src, at::Tensor& assignment_row) {
+    TORCH_CHECK(expert_idx.is_cuda() && expert_idx.dim() == 2 && expert_idx.is_contiguous() &&
+                    expert_idx.scalar_type() == at::kLong,
+                "expert_idx must be a contiguous (N, K) int64 CUDA tensor");
+    TORCH_CHECK(keep.device() == expert_idx.device() && keep.sizes() == expert_idx.sizes() &&
+                    keep.is_contiguous() && keep.scalar_type() == at::kBool,
+                "keep must be a contiguous bool tensor shaped like expert_idx");
+    check_index(offsets, "offsets");
+    check_index(row_src, "row_src");
+    check_index(assignment_row, "assignment_row");
+    const int64_t M = expert_idx.numel(), E = offsets.numel();
+    TORCH_CHECK(row_src.numel() == M && assignment_row.numel() == M, "moe_sort: shape mismatch");
+    TORCH_CHECK(1 <= E && E <= kMaxSortExperts, "moe_sort supports 1 to ", kMaxSortExperts,
+                " experts, got ", E);
+    TORCH_CHECK(M < INT_MAX, "moe_sort: too many assignments: ", M);
+    const at::cuda::OptionalCUDAGuard guard(expert_idx.device());
+    if (M == 0) {
+        offsets.zero_();
+        return;
+    }
+    // chunks of whole tiles, about two blocks per SM, so each block's scan over counts is short
+    const int64_t tiles = (M + kSortThreads - 1) / kSortThreads;
+    const int64_t tiles_per_block = (tiles + 2 * num_sms() - 1) / (2 * num_sms());
+    const int64_t chunk = tiles_per_block * kSortThreads;
+    const int grid = (int)((M + chunk - 1) / chunk);
+    at::Tensor counts = at::empty({grid, E + 1}, offsets.options());
+    count_experts_kernel<<<grid, kSortThreads, 0, stream()>>>(
+        ptr<int64_t>(expert_idx), ptr<bool>(keep), ptr<int>(counts), M, (int)E, chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    place_rows_kernel<<<grid, kSortThreads, 0, stream()>>>(
+        ptr<int64_t>(expert_idx), ptr<bool>(keep), ptr<int>(counts), ptr<int>(offsets),
+        ptr<int>(row_src), ptr<int>(assignment_row), M, (int)E, chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
     m.def("moe_permute_fwd(Tensor x, Tensor row_src, int K, Tensor(a!) xs) -> ()",
           &moe_permute_fwd);
@@ -241,4 +376,6 @@ TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
           &moe_unpermute_fwd);
     m.def("moe_unpermute_bwd(Tensor dout, Tensor ys, Tensor gates, Tensor row_src, Tensor(a!) dys, "
           "Tensor(b!) dgates) -> ()", &moe_unpermute_bwd);
+    m.def("moe_sort(Tensor expert_idx, Tensor keep, Tensor(a!) offsets, Tensor(b!) row_src, "
+          "Tensor(c!) assignment_row) -> ()", &moe_sort);
 }

@@ -5,11 +5,37 @@ indexes, casts, multiplies by the gates and index_adds (with atomics) in separat
 The layout comes from the argsort by expert, as two int32 maps that invert each other where both
 are >= 0 (M = N*K rows, assignment a = t*K + k):
     row_src (M,)           the assignment held by row r, or -1 for an unused row (a dropped one)
-    assignment_row (N, K)  the row that assignment (t, k) occupies, or -1 if it was dropped"""
+    assignment_row (N, K)  the row that assignment (t, k) occupies, or -1 if it was dropped
+moe_sort builds them (and each expert's end row, offsets) in two launches."""
 
 import torch
 
 import kernels
+
+
+def moe_sort_ref(expert_idx, keep, n_experts):
+    """The expert-sorted rows of the M = N*K assignments (t, k) of expert_idx (N, K) int64;
+    dropped ones (keep False) get the sentinel expert E and sort last, outside every block; within
+    an expert, assignments keep their order. -> offsets (E,), each expert's end row; row_src (M,);
+    assignment_row (N, K); all int32, computed without a host sync, so the CPU can queue the next
+    layers meanwhile."""
+    (N, K), E = expert_idx.shape, n_experts
+    flat_expert = torch.where(keep, expert_idx, E).flatten()              # (M,)
+    order = flat_expert.argsort(stable=True)                               # (M,) assignment per row
+    counts = torch.zeros(E + 1, dtype=torch.long, device=expert_idx.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))                      # (E+1,) dropped last
+    offsets = counts[:E].cumsum(0).to(torch.int32)                         # (E,)
+    rows = torch.arange(N * K, device=expert_idx.device)
+    row_src = torch.where(rows < offsets[-1], order, -1).int()             # (M,)
+    assignment_row = torch.empty_like(order).scatter_(0, order, rows)      # (M,) inverse of order
+    return offsets, row_src, torch.where(keep.flatten(), assignment_row, -1).int().view(N, K)
+
+
+def moe_sort(expert_idx, keep, n_experts):
+    """moe_sort_ref's function through the CUDA kernels when they are available (E <= 256)."""
+    if kernels.use_cuda(expert_idx, keep) and n_experts <= 256:
+        return torch.ops.ava.moe_sort(expert_idx, keep, n_experts)
+    return moe_sort_ref(expert_idx, keep, n_experts)
 
 
 def moe_permute_ref(x, row_src, assignment_row):
@@ -46,6 +72,25 @@ def moe_unpermute(ys, gates, row_src, assignment_row):
     if kernels.use_cuda(ys, gates, row_src, assignment_row):
         return torch.ops.ava.moe_unpermute(ys, gates, row_src, assignment_row)
     return moe_unpermute_ref(ys, gates, row_src, assignment_row)
+
+
+@torch.library.custom_op('ava::moe_sort', mutates_args=())
+def _moe_sort(expert_idx: torch.Tensor, keep: torch.Tensor,
+              n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> offsets (E,), row_src (M,), assignment_row (N, K), int32. Indices: no autograd."""
+    offsets = expert_idx.new_empty(n_experts, dtype=torch.int32)
+    row_src = expert_idx.new_empty(expert_idx.numel(), dtype=torch.int32)
+    assignment_row = expert_idx.new_empty(expert_idx.shape, dtype=torch.int32)
+    torch.ops.ava_cuda.moe_sort(expert_idx.contiguous(), keep.contiguous(), offsets, row_src,
+                                assignment_row)
+    return offsets, row_src, assignment_row
+
+
+@_moe_sort.register_fake
+def _(expert_idx, keep, n_experts):
+    return (expert_idx.new_empty(n_experts, dtype=torch.int32),
+            expert_idx.new_empty(expert_idx.numel(), dtype=torch.int32),
+            expert_idx.new_empty(expert_idx.shape, dtype=torch.int32))
 
 
 @torch.library.custom_op('ava::moe_permute', mutates_args=())

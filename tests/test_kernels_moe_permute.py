@@ -1,11 +1,11 @@
-"""MoE permute / unpermute: the _ref twins against slow Python loops (CPU), and the CUDA kernels against the twins
-in float64, forward and backward (CUDA only)."""
+"""MoE sort, permute and unpermute: the _ref twins against slow Python loops (CPU), and the CUDA kernels against the
+twins (the sort exactly, the others in float64, forward and backward; CUDA only)."""
 
 import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
+from kernels.moe_permute import moe_permute, moe_permute_ref, moe_sort, moe_sort_ref, moe_unpermute, moe_unpermute_ref
 
 
 def make_layout(N, K, E, drop, shuffle, seed=0):
@@ -157,3 +157,63 @@ def test_cuda_compile():
         results.append((out, x.grad, gates.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def sort_loop(expert_idx, keep, E):
+    """The layout by hand: rows go to expert 0's kept assignments in order, then expert 1's, ..., then the dropped."""
+    flat_expert, flat_keep = expert_idx.flatten().tolist(), keep.flatten().tolist()
+    order = [a for e in range(E) for a, (x, k) in enumerate(zip(flat_expert, flat_keep)) if k and x == e]
+    n_kept = len(order)
+    order += [a for a, k in enumerate(flat_keep) if not k]
+    offsets = [sum(1 for x, k in zip(flat_expert, flat_keep) if k and x <= e) for e in range(E)]
+    row_src = [a if r < n_kept else -1 for r, a in enumerate(order)]
+    assignment_row = [-1] * len(order)
+    for r, a in enumerate(order[:n_kept]):
+        assignment_row[a] = r
+    return offsets, row_src, assignment_row
+
+
+def random_routing(N, K, E, drop, seed=0, device='cpu'):
+    """expert_idx (N, K): K distinct experts per token, skewed toward low ids; keep (N, K) with drops."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(N, E, generator=gen) + torch.linspace(1, 0, E) * 0.5
+    keep = torch.rand(N, K, generator=gen) >= drop
+    return scores.topk(K, dim=-1).indices.to(device), keep.to(device)
+
+
+# (N, K, E, drop): one token, odd sizes, E = 1, many experts, everything dropped, no tokens
+SORT_CASES = [(1, 1, 4, 0.0), (37, 3, 5, 0.3), (64, 1, 1, 0.0), (200, 2, 8, 0.1), (50, 4, 64, 0.2),
+              (20, 2, 4, 1.0), (0, 2, 8, 0.0)]
+
+
+@pytest.mark.parametrize('N,K,E,drop', SORT_CASES)
+def test_sort_ref_matches_loop(N, K, E, drop):
+    expert_idx, keep = random_routing(N, K, E, drop)
+    offsets, row_src, assignment_row = moe_sort_ref(expert_idx, keep, E)
+    assert all(t.dtype == torch.int32 for t in (offsets, row_src, assignment_row))
+    assert offsets.shape == (E,) and row_src.shape == (N * K,) and assignment_row.shape == (N, K)
+    want = sort_loop(expert_idx, keep, E)
+    assert (offsets.tolist(), row_src.tolist(), assignment_row.flatten().tolist()) == want
+
+
+@cuda
+@pytest.mark.parametrize('N,K,E,drop', SORT_CASES + [(300_000, 2, 8, 0.05), (70_001, 3, 256, 0.0)])
+def test_cuda_sort_equals_ref(N, K, E, drop):
+    """Integers: the kernel's layout must equal the twin's (a stable sort) exactly, across many blocks too."""
+    built()
+    expert_idx, keep = random_routing(N, K, E, drop, device='cuda')
+    poison()
+    got = moe_sort(expert_idx, keep, E)
+    want = moe_sort_ref(expert_idx, keep, E)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.int32 and g.shape == w.shape and torch.equal(g, w)
+
+
+@cuda
+def test_cuda_sort_opcheck_and_compile():
+    built()
+    expert_idx, keep = random_routing(333, 2, 8, 0.1, device='cuda')
+    torch.library.opcheck(torch.ops.ava.moe_sort.default, (expert_idx, keep, 8))
+    compiled = torch.compile(lambda i, k: moe_sort(i, k, 8), fullgraph=True)
+    for g, w in zip(compiled(expert_idx, keep), moe_sort_ref(expert_idx, keep, 8)):
+        assert torch.equal(g, w)
