@@ -6,6 +6,8 @@ matched dimensions; generation speed with and without the KV cache; the LR range
     python bench.py config/small.py                        # Ava with its CUDA kernels, eager
     python bench.py config/small.py --compile=True         # ... under torch.compile
     python bench.py config/small.py --kernels=ref          # ... with the kernels' PyTorch twins
+    python bench.py config/small.py --cuda_graph=True      # ... each step replayed as a CUDA graph
+    python bench.py config/small.py --compare=dense        # + the dense twin, eager and compiled
     python bench.py config/small.py --compare=hf           # + MixtralForCausalLM, and the ratio
     python bench.py config/small.py --profile=True         # + torch.profiler's GPU time per kernel
     python bench.py config/small.py --decode=True          # generation tokens/s, cache vs no cache
@@ -16,8 +18,11 @@ Training throughput: the model is built from the config file as train.py builds 
 tokens and trained for real (zero.py's AdamW, stage 0; bf16 autocast), gradient_accumulation_steps
 micro-steps of batch_size x block_size tokens per step; the step time is the median over
 timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus attention's 12*L*C*T per
-token (GPT.flops_per_token, the same formula for both models) over peak_tflops. --decode=True times
-model.generate instead (greedy, random weights, a 16-token prompt) for batch 1 and 32.
+token (GPT.flops_per_token, the same formula for both models) over peak_tflops. The dense twin is
+the same config with moe=False: one FFN of width top_k * ffn_hidden, the MoE's active parameters.
+The routing time is the routers' forward and backward plus the sort by expert, timed alone, as in
+a training step that logs nothing (no statistics). --decode=True times model.generate instead
+(greedy, random weights in bf16 on a GPU, a 16-token prompt) for batch 1 and 32.
 --lr_find=True trains on data_dir with an exponentially growing LR and suggests one
 (lr_find.png/.json in out_dir).
 """
@@ -33,8 +38,10 @@ import numpy as np
 import torch
 
 import kernels as cuda_kernels
-from common import PEAK_TFLOPS, Batches, autocast, check, fail, load_data, pyplot, resolve_device
+from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, load_data, pyplot,
+                    resolve_device)
 from configurator import configure_or_exit, settings_of
+from kernels import moe_sort
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
 
@@ -45,13 +52,15 @@ block_size = 128            # train.py's defaults, which config files override
 batch_size = 32
 gradient_accumulation_steps = 1
 compile = False             # torch.compile the model
+cuda_graph = False          # replay each step's forwards and backwards as one CUDA graph
 kernels = 'cuda'            # 'cuda': the hand-written kernels; 'ref': their PyTorch twins
 device = 'auto'
 seed = 1337
 peak_tflops = PEAK_TFLOPS   # one GPU's dense bf16 peak, MFU's denominator (as in train.py)
 warmup_steps = 5            # untimed steps first (torch.compile compiles here)
 timed_steps = 20            # the reported time is the median of these
-compare = ''                # 'hf': also time transformers' MixtralForCausalLM, matched dimensions
+compare = ''                # 'dense': also time the dense twin, eager and compiled; 'hf':
+                            # transformers' MixtralForCausalLM, matched dimensions
 hf_experts = 'grouped_mm'   # transformers' experts implementation: grouped_mm, batched_mm or eager
 profile = False             # print torch.profiler's table of GPU time per kernel (3 extra steps)
 decode = False              # time generation instead of training
@@ -79,6 +88,8 @@ def decode_bench(cfg, dev, new_tokens):
     """tokens/s of greedy generation, batch 1 and 32: with the KV cache and the CUDA-graphed step
     (GPU only), with the KV cache in eager mode, and recomputing the context every step."""
     model = GPT(cfg).to(dev).eval()
+    if dev.startswith('cuda'):
+        model.to(torch.bfloat16)  # the weights, not only the matmuls: no casts per token
     modes = {'cache + CUDA graph': dict(cuda_graph=True), 'cache, eager': dict(cuda_graph=False),
              'no cache': dict(use_cache=False)}
     if not dev.startswith('cuda'):
@@ -109,7 +120,6 @@ def median_seconds(step, warmup, timed):
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(timed):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -121,30 +131,59 @@ def median_seconds(step, warmup, timed):
     return statistics.median(times)
 
 
-def time_steps(loss_of, optimizer, batches, accumulation, warmup, timed):
-    """Median seconds per optimizer step of `accumulation` micro-steps; and the step."""
+def with_bf16(loss_of):
+    """loss_of under bf16 autocast, as train.py runs it on a GPU."""
+    def loss(x, y):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            return loss_of(x, y)
+    return loss
+
+
+def time_steps(loss_of, model, optimizer, batches, accumulation, warmup, timed, graph=False):
+    """Median seconds per optimizer step of `accumulation` micro-steps, eager or replayed as a
+    CUDA graph (common.GraphedSteps); and the step."""
+    def micro_batches(i):  # (A, B, T) inputs and targets
+        xs = torch.stack([batches[(i * accumulation + m) % len(batches)]
+                          for m in range(accumulation)])
+        return xs[:, :, :-1], xs[:, :, 1:]
+
+    loss_of = with_bf16(loss_of)
+    torch.cuda.reset_peak_memory_stats()  # from here: a graph allocates its memory at capture
+    graphed = GraphedSteps(loss_of, model.parameters(), *micro_batches(0)) if graph else None
+
     def step(i):
-        for micro in range(accumulation):
-            x = batches[(i * accumulation + micro) % len(batches)]
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                loss = loss_of(x[:, :-1], x[:, 1:])
-            (loss / accumulation).backward()
+        if graphed:
+            graphed(*micro_batches(i))
+        else:
+            for x, y in zip(*micro_batches(i)):
+                (loss_of(x, y) / accumulation).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return median_seconds(step, warmup, timed), step
 
 
-def router_seconds(model, tokens, warmup, timed):
-    """Seconds per step spent in the routers, timed alone: one router's forward and backward on
-    `tokens` random activations (top-k or Sinkhorn, gates, stats and losses), times the layers."""
-    router = model.blocks[0].ffn.router
+def routing_seconds(model, tokens, warmup, timed, graph):
+    """Seconds per step spent routing, timed alone: one router's forward and backward on `tokens`
+    random activations (top-k or Sinkhorn, gates, losses; no statistics) and the sort by expert,
+    times the layers. With graph, replayed as a CUDA graph: the GPU's time alone."""
+    moe, E = model.blocks[0].ffn, model.config.n_experts
     x = torch.randn(tokens, model.config.n_embd, device='cuda', requires_grad=True)
 
-    def step(i):
+    def loss_of(*_):  # of x, closed over: its gradient is the router's backward too
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            _, gates, _, loss = router(x)
-        (gates.sum() + loss).backward()
+            expert_idx, gates, keep, loss = moe.router(x)
+            moe_sort(expert_idx, keep, E)
+        return gates.sum() + loss
+
+    inputs = x.detach()[None]  # not read (loss_of closes over x), but cloned: no autograd history
+    replay = GraphedSteps(loss_of, moe.router.parameters(), inputs, inputs) if graph else None
+
+    def step(i):
+        if replay:
+            replay(replay.xs, replay.ys)
+        else:
+            loss_of().backward()
 
     return model.config.n_layer * median_seconds(step, warmup, timed)
 
@@ -185,26 +224,35 @@ def build_hf(cfg):
     return model, 6 * active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
+def time_model(name, cfg, batches, compiled, graph):
+    """One model's training step timed and reported -> the model, its tokens/s, its step."""
+    model = GPT(cfg).cuda()
+    model.watch_routing(False)  # as train.py's steps that log nothing
+    forward = torch.compile(model) if compiled else model
+    optimizer = ShardedAdamW(model.parameters(), lr=1e-4)
+    seconds, step = time_steps(lambda x, y: forward(x, y)[1], model, optimizer, batches,
+                               gradient_accumulation_steps, warmup_steps, timed_steps, graph)
+    tokens = batch_size * block_size * gradient_accumulation_steps
+    return model, report(name, seconds, tokens, model.flops_per_token(block_size)), step
+
+
 def throughput(cfg):
-    """Ava's training step timed, its routers alone, optionally its profile and Mixtral's step."""
+    """Ava's training step timed, its routing alone, optionally its profile, the dense twin's
+    step and Mixtral's."""
     B, T, accumulation = batch_size, block_size, gradient_accumulation_steps
-    tokens = B * T * accumulation
     batches = [torch.randint(cfg.vocab_size, (B, T + 1), device='cuda') for _ in range(4)]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch {B} x {T} x "
           f"{accumulation} micro-steps")
-    model = GPT(cfg).cuda()
+    model, ava, step = time_model('ava', cfg, batches, compile, cuda_graph)
     print(f"ava: {model.num_params() / 1e6:.1f}M parameters, "
           f"{model.num_params(active=True) / 1e6:.1f}M active, router {cfg.router}, kernels "
-          f"{kernels}, compile {compile}")
-    forward = torch.compile(model) if compile else model
-    optimizer = ShardedAdamW(model.parameters(), lr=1e-4)
-    seconds, step = time_steps(lambda x, y: forward(x, y)[1], optimizer, batches, accumulation,
-                               warmup_steps, timed_steps)
-    ava = report('ava', seconds, tokens, model.flops_per_token(T))
+          f"{kernels}, compile {compile}, CUDA graph {cuda_graph}")
+    seconds = B * T * accumulation / ava
     if cfg.moe:
-        routing = router_seconds(model, B * T, warmup_steps, timed_steps) * accumulation
-        print(f"routers ({cfg.router}), timed alone: {routing * 1000:.1f} ms, "
-              f"{routing / seconds:.1%} of the step")
+        routing = routing_seconds(model, B * T, warmup_steps, timed_steps, cuda_graph)
+        print(f"routing ({cfg.router} router + sort), timed alone: "
+              f"{routing * accumulation * 1000:.1f} ms, {routing * accumulation / seconds:.1%} "
+              "of the step")
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for i in range(3):
@@ -212,15 +260,21 @@ def throughput(cfg):
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=40,
                                         max_name_column_width=90))
-    del model, optimizer, forward, step
+    del model, step
+    torch.cuda.empty_cache()
+    if compare == 'dense':
+        for compiled in (False, True):
+            name = 'dense twin, compiled' if compiled else 'dense twin, eager'
+            dense = time_model(name, replace(cfg, moe=False), batches, compiled, False)[1]
+            print(f"ava / {name}: {ava / dense:.2f}x the tokens per second")
+            torch.cuda.empty_cache()
     if compare == 'hf':
-        torch.cuda.empty_cache()
         hf_model, hf_flops = build_hf(cfg)
         loss_of = lambda x, y: hf_model(input_ids=x, labels=x).loss  # noqa: E731 (it shifts labels)
-        seconds, _ = time_steps(torch.compile(loss_of) if compile else loss_of,
+        seconds, _ = time_steps(torch.compile(loss_of) if compile else loss_of, hf_model,
                                 ShardedAdamW(hf_model.parameters(), lr=1e-4), batches,
                                 accumulation, warmup_steps, timed_steps)
-        hf = report('hf', seconds, tokens, hf_flops)
+        hf = report('hf', seconds, B * T * accumulation, hf_flops)
         print(f"ava / hf: {ava / hf:.2f}x the tokens per second")
 
 
@@ -279,7 +333,9 @@ def lr_range_test(cfg, dev):
 if __name__ == '__main__':
     configure_or_exit(globals(), ignored=TRAINING_ONLY)
     check([(kernels in ('cuda', 'ref'), "--kernels must be 'cuda' or 'ref'"),
-           (compare in ('', 'hf'), "--compare must be '' or 'hf'"),
+           (compare in ('', 'dense', 'hf'), "--compare must be '', 'dense' or 'hf'"),
+           (not cuda_graph or not compile, "--cuda_graph and --compile exclude each other (compile "
+            "with mode='reduce-overhead' graphs by itself)"),
            (0 < lr_find_start < lr_find_end and lr_find_iters >= 10,
             "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
            (min(warmup_steps, timed_steps, new_tokens) >= 1 and peak_tflops > 0,

@@ -565,3 +565,46 @@ def plot_run(records, folder):
     fig.colorbar(image)
     fig.tight_layout()
     save_figure(fig, os.path.join(folder, 'expert_load.png'))
+
+
+# ---- CUDA graphs of the training step (train.py and bench.py, --cuda_graph=True) ----
+
+class GraphedSteps:
+    """The micro-steps of one optimizer step (forwards and backwards) captured once as a CUDA
+    graph, then replayed: thousands of launches become one, and the GPU stops waiting on Python.
+    Shapes are fixed: each call copies its batches into the captured ones. The gradients land in
+    the captured .grad tensors, which each call puts back on the parameters (so zero_grad between
+    calls is fine); the optimizer step stays outside, as do host syncs. The warm-up runs before
+    the capture are real forwards: a caller undoes what they count (routers' expert counts)."""
+
+    def __init__(self, loss_of, params, xs, ys, warmup=3):
+        """loss_of(x, y) -> one micro-step's loss; xs, ys (A, B, T): A micro-steps' batches."""
+        self.params = [p for p in params if p.requires_grad]
+        self.xs, self.ys, self.loss_of = xs.clone(), ys.clone(), loss_of
+        side = torch.cuda.Stream()  # capture wants the warm-up off the default stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.micro_steps()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None  # the captured backward allocates them, in the graph's memory
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the launches; runs nothing
+            self.loss = self.micro_steps()
+        self.grads = [p.grad for p in self.params]
+
+    def micro_steps(self):
+        """-> the last micro-step's loss (detached), as train.py's eager loop reports it."""
+        for x, y in zip(self.xs, self.ys):
+            loss = self.loss_of(x, y)
+            (loss / len(self.xs)).backward()
+        return loss.detach()
+
+    def __call__(self, xs, ys):
+        self.xs.copy_(xs)
+        self.ys.copy_(ys)
+        self.graph.replay()
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        return self.loss

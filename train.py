@@ -20,16 +20,17 @@ import sys
 import time
 from dataclasses import asdict, fields
 from datetime import timedelta
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import kernels
-from common import (PEAK_TFLOPS, Batches, autocast, check, fail, first_line, gather_rng,
-                    load_checkpoint, load_data, load_run_tokenizer, lock_run_folder, log_record,
-                    plot_run, resolve_device, restore, save_checkpoint, start_run_folder,
-                    trained_data_dir, write_atomic)
+from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, first_line,
+                    gather_rng, load_checkpoint, load_data, load_run_tokenizer, lock_run_folder,
+                    log_record, plot_run, resolve_device, restore, save_checkpoint,
+                    start_run_folder, trained_data_dir, write_atomic)
 from configurator import configure_or_exit, settings_of
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
@@ -88,6 +89,7 @@ dist_timeout = 300          # seconds a collective waits for a missing rank befo
 # system
 device = 'auto'             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
 compile = False             # torch.compile the model (worth it on GPU for long runs)
+cuda_graph = False          # replay each iteration's forwards and backwards as one CUDA graph
 seed = 1337
 debug_nan_at = -1           # tests only: make the loss NaN from this iteration ...
 debug_nan_steps = 1         # ... for this many iterations
@@ -131,6 +133,9 @@ def validity_checks(s):
         (s['peak_tflops'] > 0, "peak_tflops must be > 0"),
         (not (s['compile'] and s['zero_stage'] == 3), "zero_stage=3 gathers parameters with hooks "
          "that torch.compile does not support; use --compile=False"),
+        (not s['cuda_graph'] or not (s['compile'] or s['zero_stage'] > 1 or s['seq_len_start']),
+         "cuda_graph=True replays fixed shapes without hooks: it excludes compile, zero_stage > 1 "
+         "and seq_len_start"),
     ]
 
 
@@ -340,6 +345,12 @@ def model_flops_utilisation(flops_per_token, tokens_per_iter, dt, world_size, pe
 
 # ---- evaluation and the routers' balance ----
 
+def step_loss(model, precision, x, y):
+    """One micro-step's training loss (the model's, with its router and MTP terms)."""
+    with precision:
+        return model(x, y)[1]
+
+
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, seed, precision):
     """Mean cross-entropy over eval_iters batches per split: the same batches every time."""
@@ -398,11 +409,11 @@ def memory_record(dev):
         return dict(rss_gb=int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e9)
 
 
-def routing_record(stats, mean_load):
-    """The routers' monitors: mean load per layer and expert (L, E) since the last log line, the
-    worst layer's max/mean, and the last step's dropped fraction, entropy, aux and z losses."""
-    record = dict(load=mean_load.tolist(),
-                  imbalance=float((mean_load.max(axis=1) * mean_load.shape[1]).max()))
+def routing_record(stats):
+    """The routers' monitors from the logged step: load per layer and expert (L, E), the worst
+    layer's max/mean, the dropped fraction, entropy, aux and z losses per layer."""
+    load = torch.stack([s['load'] for s in stats]).cpu().numpy()  # (L, E)
+    record = dict(load=load.tolist(), imbalance=float((load.max(axis=1) * load.shape[1]).max()))
     for key in ('dropped', 'entropy', 'aux_loss', 'z_loss'):
         record[key] = [s[key].item() for s in stats]
     return record
@@ -426,6 +437,7 @@ if __name__ == '__main__':
     # setup: the device, precision (bf16 autocast on CUDA, fp32 on the CPU) and, under torchrun,
     # one process per device, each with its own data stream
     dev, device_type = resolve_device(device)
+    check([(device_type == 'cuda' or not cuda_graph, "cuda_graph=True needs a CUDA device")])
     precision = autocast(device_type)
     ddp = 'RANK' in os.environ
     rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
@@ -560,7 +572,8 @@ if __name__ == '__main__':
     # the training loop: the last pass (iter_num == max_iters) only evaluates and saves
     run_start, start_iter, bad_steps, skipped, reloads = time.time(), iter_num, 0, 0, 0
     nan_injected = 0  # steps made NaN by debug_nan_at so far
-    t0, t0_iter, load_sum, load_steps = time.time(), iter_num, None, 0  # tok/s, expert-load windows
+    graphed = None  # with cuda_graph: the captured micro-steps (common.GraphedSteps)
+    t0, t0_iter = time.time(), iter_num  # the tok/s window
     emergency = None  # (why, exit code): the loop stops early and saves an emergency checkpoint
     try:  # a CUDA out-of-memory anywhere in the loop (evaluation too) ends in that checkpoint
         while True:
@@ -594,14 +607,26 @@ if __name__ == '__main__':
 
             # one optimizer step; sequences grow from seq_len_start, tokens per micro-step constant
             seq_len = seq_len_at(iter_num, seq_len_start, block_size, ramp_iters)
-            for micro_step in range(accumulation):
-                x, y = batches.get('train', batch_rng, seq_len, batch_size * block_size // seq_len)
-                with precision:
-                    _, loss = train_model(x, y)
-                if debug_nan_at >= 0 and iter_num >= debug_nan_at and not micro_step:  # tests only
-                    nan_injected += 1
-                    loss = loss * float('nan') if nan_injected <= debug_nan_steps else loss
-                (loss / accumulation).backward()
+            # router statistics on log steps only (a graph records them once, so always)
+            model.watch_routing(cuda_graph or (iter_num + 1) % log_interval == 0)
+            if cuda_graph:  # the eager loop's batches, the micro-steps replayed as one graph
+                xs, ys = (torch.stack(t) for t in zip(*(batches.get('train', batch_rng)
+                                                          for _ in range(accumulation))))
+                if graphed is None:
+                    graphed = GraphedSteps(partial(step_loss, model, precision),
+                                           model.parameters(), xs, ys)
+                    for counts in model.expert_counts():
+                        counts.zero_()  # what the warm-up runs counted
+                loss = graphed(xs, ys)
+            else:
+                for micro_step in range(accumulation):
+                    x, y = batches.get('train', batch_rng, seq_len,
+                                       batch_size * block_size // seq_len)
+                    loss = step_loss(train_model, precision, x, y)
+                    if debug_nan_at >= 0 and iter_num >= debug_nan_at and not micro_step:  # tests
+                        nan_injected += 1
+                        loss = loss * float('nan') if nan_injected <= debug_nan_steps else loss
+                    (loss / accumulation).backward()
             grad_norm = optimizer.reduce_gradients()  # the mean gradient over ranks; its norm syncs
             if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as is
                 optimizer.zero_grad(set_to_none=True)
@@ -635,11 +660,6 @@ if __name__ == '__main__':
             optimizer.zero_grad(set_to_none=True)
             balance_routers(model, ddp)
             iter_num += 1
-            stats = model.router_stats()
-            if stats:  # per-expert load summed on the device, read once per log line
-                loads = torch.stack([s['load'] for s in stats])  # (L, E)
-                load_sum = loads if load_sum is None else load_sum + loads
-                load_steps += 1
             loss_value = loss.item()
             plateau.observe(loss_value, grad_norm)
             if adaptive_lr and iter_num % lr_check_interval == 0:
@@ -662,9 +682,9 @@ if __name__ == '__main__':
                                                             peak_tflops)
                 if model.mtp_losses:
                     record['mtp_losses'] = [loss.item() for loss in model.mtp_losses]
+                stats = model.router_stats()
                 if stats:
-                    record.update(routing_record(stats, (load_sum / load_steps).cpu().numpy()))
-                    load_sum, load_steps = None, 0
+                    record.update(routing_record(stats))
                     for warning in dead_experts.update(iter_num, np.array(record['load'])):
                         print(warning)
                 print(log_line(record))
