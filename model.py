@@ -225,9 +225,8 @@ class Router(nn.Module):
       only chooses, the gates stay unbiased, no aux loss pulls against the LM loss. b is on logits,
       not (as in DeepSeek-V3) on probabilities, where an expert every token rates near 0 wins them
       all at once when its bias crosses over; on logits the tokens cross one by one.
-    The gates are softmax(logits) renormalised over the chosen K, which is softmax over those K
-    logits alone: the (N, E) probabilities are only built where the aux loss or the stats read them.
-    With a moving bias, training forwards count the assignments per expert (buffer `counts`);
+    The load, entropy and aux terms are computed only where the aux loss, the bias counts or the
+    statistics read them. With a moving bias, training forwards count the assignments per expert (buffer `counts`);
     update_bias() moves each b by the rate toward balance. Its caller sums the counts over
     data-parallel ranks and updates once per optimizer step, so every micro-step and every rank
     routes a token alike.
@@ -255,13 +254,15 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is sensitive
         choice = logits.detach()
+        probs = logits.softmax(dim=-1)                           # (N, E)
         if cfg.router == 'sinkhorn' and self.training:  # kernels/sinkhorn.py
             expert_idx = sinkhorn_topk(choice, cfg.sinkhorn_iters, K, self.bias)
         elif cfg.router == 'bias':
             expert_idx = (choice + self.bias).topk(K, dim=-1).indices
         else:
-            expert_idx = choice.topk(K, dim=-1).indices          # (N, K): softmax keeps the order
-        gates = logits.gather(1, expert_idx).softmax(dim=-1)     # (N, K) sum to 1 over the chosen
+            expert_idx = probs.topk(K, dim=-1).indices           # (N, K)
+        gates = probs.gather(1, expert_idx)
+        gates = gates / gates.sum(dim=-1, keepdim=True)          # (N, K) sum to 1 over the chosen
         keep = torch.ones_like(gates, dtype=torch.bool)          # (N, K)
         record = self.training if self.watch is None else self.watch
         if not self.training:  # inference: no dropping, no losses
@@ -276,7 +277,7 @@ class Router(nn.Module):
         per_expert = expert_counts(expert_idx, E)                # (E,) chosen, before dropping
         if self.rate > 0:
             self.counts += per_expert
-        load, probs = per_expert / (N * K), logits.softmax(dim=-1)  # (E,) share, (N, E)
+        load = per_expert / (N * K)                              # (E,) share of assignments
         aux_loss = logits.new_zeros(())
         if cfg.router == 'softmax':
             aux_loss = E * (load * probs.mean(dim=0)).sum()
