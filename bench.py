@@ -11,6 +11,7 @@ matched dimensions; generation speed with and without the KV cache; the LR range
     python bench.py config/small.py --compare=hf           # + MixtralForCausalLM, and the ratio
     python bench.py config/small.py --profile=True         # + torch.profiler's GPU time per kernel
     python bench.py config/small.py --decode=True          # generation tokens/s, cache vs no cache
+    python bench.py config/small.py --decode=True --profile=True   # + the graphed step's kernels
     python bench.py config/nano.py --decode=True --device=cpu --block_size=1024
     python bench.py config/nano.py --lr_find=True          # LR range test (Smith 2017), CPU or GPU
 
@@ -108,6 +109,18 @@ def decode_bench(cfg, dev, new_tokens):
         print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
             f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)"
             for mode, rate in rates.items()))
+    if profile and dev.startswith('cuda'):  # 64 graphed tokens at batch 1 (the first 3 eager)
+        prompt = torch.randint(cfg.vocab_size, (1, 16), device=dev)
+        gpu_profile(lambda: model.generate(prompt, 64, temperature=0))
+
+
+def gpu_profile(run, rows=40):
+    """Print torch.profiler's table of GPU time per kernel over run()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows,
+                                    max_name_column_width=90))
 
 
 def synchronize(dev):
@@ -254,13 +267,8 @@ def throughput(cfg):
               f"{routing * accumulation * 1000:.1f} ms, {routing * accumulation / seconds:.1%} "
               "of the step")
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for i in range(3):
-                step(i)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=40,
-                                        max_name_column_width=90))
-    del model, step
+        gpu_profile(lambda: [step(i) for i in range(3)])
+    model = step = None  # frees their memory (and the graph) for the peers
     torch.cuda.empty_cache()
     if compare == 'dense':
         for compiled in (False, True):

@@ -8,6 +8,7 @@ drive with made-up numbers.
     python train.py config/nano.py                         # CPU, a few minutes
     python train.py config/nano.py --max_iters=200 --router=softmax --capacity_factor=1.25
     python train.py config/nano.py --init_from=resume      # continue exactly from out_dir/ckpt.pt
+    python train.py config/small.py --cuda_graph=True      # GPU: each iteration as one CUDA graph
     torchrun --standalone --nproc_per_node=2 train.py config/nano.py --gradient_accumulation_steps=2
 """
 
