@@ -45,6 +45,7 @@ def fail(message, code=1):
         except OSError:
             pass
     if os.environ.get('RANK', '0') != '0':
+        time.sleep(3)  # torchrun stops every rank once one exits: rank 0 prints its line first
         sys.exit(code)
     if code == 1:  # Python prints the line; a caller in the same process reads it from SystemExit
         sys.exit(line)
