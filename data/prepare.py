@@ -442,13 +442,20 @@ def write_dataset(out, hf, train, val, about, stats):
             "documents": {"train": len(train), "val": len(val)}, **stats,
             "unigram_entropy_nats": round(entropy, 4)}
     (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    # all written: swap in, with Ctrl-C and SIGTERM held back so that the four go together
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # all written: swap in, with Ctrl-C and SIGTERM held back so that the four go together. Python's
+    # handlers, not a signal mask: the tokenizers' worker threads would take a masked signal
+    held = []
+    previous = {sig: signal.signal(sig, lambda sig, frame: held.append(sig))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
             os.replace(out / f"{name}.tmp", out / name)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        fail(f"interrupted as the data set was swapped in: {out} holds the new one, complete",
+             code=128 + held[0])
     return vocab_size, splits, entropy
 
 

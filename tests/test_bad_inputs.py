@@ -343,11 +343,12 @@ def prepare_cmd(files):
 
 
 def big_corpus(w):
-    """6 MB of 20,000 made-up words: prepare.py still works on it (~1 s) when Ctrl-C comes."""
+    """12 MB of 20,000 made-up words: prepare.py still works on it (2-5 s on 2 cores, loaded or
+    not) when Ctrl-C comes."""
     rng = random.Random(2)
     words = [''.join(rng.choices('abcdefghijklmnopqrstuvwxyz', k=rng.randint(3, 10)))
              for _ in range(20000)]
-    for d in range(20):
+    for d in range(40):
         w.file(f'raw/doc{d}.txt', ' '.join(rng.choices(words, k=40000)))
     return ['data/prepare.py', f'--input={w.tmp}/raw', f"--out_dir={w.copy(w.data, 'd')}",
             '--vocab_size=8000', '--max_repetition=1']
@@ -455,6 +456,7 @@ def interrupt_after(prefix):
             lines.append(line)
             if line.startswith(prefix):
                 time.sleep(0.2)
+                assert process.poll() is None, 'the command ended before Ctrl-C: give it more work'
                 process.send_signal(signal.SIGINT)
                 break
         out, err = process.communicate(timeout=60)

@@ -382,3 +382,34 @@ def test_a_file_without_a_text_field_is_skipped_not_read(tmp_path, capsys):
         assert read_documents(sorted(tmp_path.iterdir()), join=join) == (["kept"], 1)
         printed = capsys.readouterr().out
         assert f"skipping {tmp_path / 'b.jsonl'}" in printed and "b.jsonl into" not in printed
+
+
+def test_ctrl_c_during_the_swap_completes_it(tmp_path, monkeypatch):
+    """A signal that lands while the four files are swapped in (here: at the first rename, from a
+    worker thread, as the tokenizers' threads can take it) waits until all four are in, then
+    ends the run with one line that says the new data set is complete."""
+    import os
+    import signal
+    import threading
+    rng = random.Random(5)
+    (tmp_path / "raw").mkdir()
+    for d in range(6):
+        (tmp_path / "raw" / f"{d}.txt").write_text(" ".join(rng.choices(WORDS, k=400)))
+    out = tmp_path / "out"
+    main([f"--input={tmp_path / 'raw'}", f"--out_dir={out}", "--vocab_size=300"])
+    real_replace, renames = os.replace, []
+
+    def replace(src, dst):
+        if not renames:
+            thread = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            thread.start()
+            thread.join()
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit) as e:
+        main([f"--input={tmp_path / 'raw'}", f"--out_dir={out}", "--vocab_size=400"])
+    assert e.value.code == 130 and len(renames) == 4
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 400
+    assert not list(out.glob("*.tmp"))

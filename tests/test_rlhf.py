@@ -182,7 +182,9 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     batch = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
     assert torch.equal(batch['kl'], torch.zeros(8)) and batch['advantages'].abs().sum() > 0
     stats = rlhf.ppo_update(policy, critic, optimizer, batch)
-    assert stats['ratio_first_max'] == 0.0 and stats['approxkl'] == 0.0 and stats['clipfrac'] == 0.0
+    # the first minibatch is the old log-probs' model on half the batch: equal up to the fp32 rounding of
+    # another matmul shape (exactly 0 on some CPUs, 5e-7 on others)
+    assert stats['ratio_first_max'] < 1e-5 and stats['approxkl'] < 1e-10 and stats['clipfrac'] == 0.0
     assert stats['logprob_mismatch'] < 1e-4 and stats['grad_norm'] > 0 and stats['skipped'] == 0
     assert len(stats['expert_load']) == 2  # per layer: load / even share of each expert, summing to E
     assert all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
@@ -192,7 +194,8 @@ def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
     # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so the first
     # minibatch (half the batch) routes differently from the full-batch forward that made the old log-probs
     policy.train()
-    assert rlhf.ppo_update(policy, critic, optimizer, batch)['ratio_first_max'] > 0
+    moved = rlhf.ppo_update(policy, critic, optimizer, batch)['ratio_first_max']
+    assert moved > 1e-3, moved
 
 
 @pytest.fixture(scope='module')
@@ -237,7 +240,7 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
     updates = [r for r in records['ppo_s1337'] if not r.get('eval')]
     assert [r['update'] for r in updates] == [1, 2, 3]
     assert updates[0]['beta'] == 0.1 and updates[1]['beta'] != 0.1          # the controller moved beta
-    assert updates[0]['ratio_first_max'] == 0 and updates[0]['logprob_mismatch'] < 1e-4
+    assert updates[0]['ratio_first_max'] < 1e-5 and updates[0]['logprob_mismatch'] < 1e-4  # as above
     assert [r['step'] for r in records['ppo_s1337'] if r.get('eval')] == [0, 2, 3]
     assert records['ppo_s1337'][0]['kl'] == 0                                # the untrained policy is the reference
     assert [r['step'] for r in records['dpo'] if not r.get('eval')] == [1, 2, 3]
