@@ -92,7 +92,7 @@ def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=No
 
 
 @torch.no_grad()
-def generate_speculative(model, idx, max_new_tokens, cuda_graph=True):
+def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every=8):
     """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
     with the main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al.
     2018). Each step feeds the next token and the heads' n-1 drafts through the model at once and
@@ -100,31 +100,38 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True):
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
     block_size (the cache does not slide here). The verifying pass always takes n tokens, so on a
-    GPU it runs as a CUDA graph too."""
+    GPU it runs as a CUDA graph too. How many tokens a step accepts stays on the device: the host
+    reads the length once per round of up to sync_every steps (as many as cannot overshoot), so
+    it queues the next steps while the GPU runs."""
     cfg, heads = model.config, model.mtp_heads
     if not heads or idx.size(0) != 1 or idx.size(1) + max_new_tokens + len(heads) > cfg.block_size:
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
         return greedy, max_new_tokens
-    cache = KVCache(cfg, 1, cfg.block_size, idx.device, kernels.autocast_dtype(model.wte.weight))
+    (_, T), n, dev = idx.shape, 1 + len(heads), idx.device
+    out = torch.cat([idx, idx.new_zeros(1, max_new_tokens + n)], dim=1)  # room for a step's drafts
+    length = torch.tensor(T, device=dev)                  # tokens of out that are final (device)
+    cache = KVCache(cfg, 1, cfg.block_size, dev, kernels.autocast_dtype(model.wte.weight))
     hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
-    last, passes, start, verify = hidden[:, -1:], 1, idx.size(1), None
-    while idx.size(1) - start < max_new_tokens:
-        next_token = model.lm_head(model.norm_f(last)).argmax(-1)         # (1, 1) the main head's
-        drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
-        candidate = torch.cat([next_token, *drafts], dim=1)               # (1, n)
-        if verify is None:
-            verify = lambda tokens: model.trunk(tokens, cache)[0]  # noqa: E731
-            if cuda_graph and model.graphable(idx):
-                verify = CUDAGraphed(verify, (candidate,), cache)
-        hidden = verify(candidate)                                        # (1, n, C) in one pass
-        passes += 1
-        verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)  # (1, n-1)
-        agree = verdict == candidate[:, 1:]
-        accepted = 1 + int(agree[0].long().cumprod(0).sum())  # the token + drafts agreed in a row
-        idx = torch.cat([idx, candidate[:, :accepted]], dim=1)
-        cache.pos -= candidate.size(1) - accepted                         # forget the rejected keys
-        last = hidden[:, accepted - 1:accepted]
-    return idx[:, :start + max_new_tokens], passes
+    last, passes, generated, verify = hidden[:, -1:], 1, 0, None
+    while generated < max_new_tokens:
+        for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
+            next_token = model.lm_head(model.norm_f(last)).argmax(-1)     # (1, 1) the main head's
+            drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
+            candidate = torch.cat([next_token, *drafts], dim=1)           # (1, n)
+            if verify is None:
+                verify = lambda tokens: model.trunk(tokens, cache)[0]  # noqa: E731
+                if cuda_graph and model.graphable(idx):
+                    verify = CUDAGraphed(verify, (candidate,), cache)
+            hidden = verify(candidate)                                    # (1, n, C) in one pass
+            passes += 1
+            verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)  # (1, n-1)
+            agreed = (verdict == candidate[:, 1:]).long().cumprod(dim=1).sum()  # () drafts in a row
+            out.index_copy_(1, length + torch.arange(n, device=dev), candidate)  # the rejected ones
+            length += 1 + agreed                                          # are overwritten next
+            cache.pos -= n - 1 - agreed                                   # forget the rejected keys
+            last = hidden.index_select(1, agreed.view(1))                 # (1, 1, C) the last kept
+        generated = int(length) - T  # the one host sync of the round
+    return out[:, :T + max_new_tokens], passes
 
 
 # ---- weight-only quantization ----

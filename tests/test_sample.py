@@ -92,8 +92,10 @@ def test_self_speculative_decoding_equals_greedy():
         if scramble:
             for head in model.mtp_heads:
                 torch.nn.init.normal_(head.proj.weight, std=1.0)
-        out, passes = generate_speculative(model, prompt, 60)
-        assert torch.equal(out, model.generate(prompt, 60, temperature=0)) and passes <= 61
+        for new_tokens in (1, 2, 7, 60):  # fewer than n, a round of one step, several rounds
+            out, passes = generate_speculative(model, prompt, new_tokens)
+            greedy = model.generate(prompt, new_tokens, temperature=0)
+            assert torch.equal(out, greedy) and passes <= new_tokens + 1, (new_tokens, scramble)
     assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)  # too long for the cache: plain greedy
 
 
