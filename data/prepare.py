@@ -445,7 +445,7 @@ def write_dataset(out, hf, train, val, about, stats):
     # all written: swap in, with Ctrl-C and SIGTERM held back so that the four go together. Python's
     # handlers, not a signal mask: the tokenizers' worker threads would take a masked signal
     held = []
-    previous = {sig: signal.signal(sig, lambda sig, frame: held.append(sig))
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):

@@ -5,9 +5,12 @@ each other. No network.
 """
 import json
 import math
+import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -388,9 +391,6 @@ def test_ctrl_c_during_the_swap_completes_it(tmp_path, monkeypatch):
     """A signal that lands while the four files are swapped in (here: at the first rename, from a
     worker thread, as the tokenizers' threads can take it) waits until all four are in, then
     ends the run with one line that says the new data set is complete."""
-    import os
-    import signal
-    import threading
     rng = random.Random(5)
     (tmp_path / "raw").mkdir()
     for d in range(6):

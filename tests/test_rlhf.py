@@ -164,7 +164,7 @@ def test_line_task_prompts_gold_and_pairs(monkeypatch):
     assert torch.equal(pairs['prob'], prob) and set(pairs['label'].tolist()) <= {0.0, 1.0}
 
 
-def test_with_lr_zero_the_ratio_is_exactly_one_and_the_kl_zero(monkeypatch):
+def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
     """A tiny MoE (Sinkhorn router): experience from the KV-cache rollout, then PPO epochs with AdamW at lr=0."""
     for key, value in dict(response_len=5, ppo_epochs=2, minibatches=2).items():
         monkeypatch.setattr(rlhf, key, value)
