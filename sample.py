@@ -126,8 +126,9 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
             passes += 1
             verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)  # (1, n-1)
             agreed = (verdict == candidate[:, 1:]).long().cumprod(dim=1).sum()  # () drafts in a row
-            out.index_copy_(1, length + torch.arange(n, device=dev), candidate)  # the rejected ones
-            length += 1 + agreed                                          # are overwritten next
+            # all n go in at the current length; the next step overwrites the rejected ones
+            out.index_copy_(1, length + torch.arange(n, device=dev), candidate)
+            length += 1 + agreed                                          # the token + the agreed
             cache.pos -= n - 1 - agreed                                   # forget the rejected keys
             last = hidden.index_select(1, agreed.view(1))                 # (1, 1, C) the last kept
         generated = int(length) - T  # the one host sync of the round
