@@ -109,9 +109,11 @@ def decode_bench(cfg, dev, new_tokens):
         print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
             f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)"
             for mode, rate in rates.items()))
-    if profile and dev.startswith('cuda'):  # 64 graphed tokens at batch 1 (the first 3 eager)
-        prompt = torch.randint(cfg.vocab_size, (1, 16), device=dev)
-        gpu_profile(lambda: model.generate(prompt, 64, temperature=0))
+    for batch in (1, 32) if profile and dev.startswith('cuda') else ():  # 64 graphed tokens
+        prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
+        print(f"decode batch {batch}, 64 new tokens (the first 3 eager):")
+        with autocast('cuda'):
+            gpu_profile(lambda: model.generate(prompt, 64, temperature=0))
 
 
 def gpu_profile(run, rows=40):

@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from kernels import (cross_entropy, moe_permute, moe_sort, moe_unpermute, qkv_rope, rms_norm,
-                     sinkhorn_topk)
+from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
+                     moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk)
+from kernels.moe_decode import MAX_ASSIGNMENTS
 
 
 @dataclass
@@ -127,13 +128,12 @@ class KVCache:
     def positions(self, T):
         return self.pos + torch.arange(T, device=self.pos.device)  # (T,) of the next T tokens
 
-    def update(self, layer, k, v):
-        """Store layer's new k, v (B, H, T, D) at positions(T) -> all of the layer's (B, H, S, D);
-        the mask hides what is not written yet. GPT.trunk() advances pos after the last layer."""
-        at = self.positions(k.size(2))
-        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+    def attend(self, layer, q, k, v, mask):
+        """Store layer's new k, v (B, H, T, D) at positions(T), then attend q (B, H, T, D) to all
+        the layer's positions under mask, which hides what is not written yet -> y (B, T, C).
+        One launch for a decode step (kernels/cached_attention.py). GPT.trunk() advances pos
+        after the last layer."""
+        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.pos, mask)
 
 
 class CUDAGraphed:
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         B, T, C = x.size()
         q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q, k rotated
         if cache is not None:
-            k, v = cache.update(layer, k, v)                       # 2 x (B, H, S, D)
+            return self.proj(cache.attend(layer, q, k, v, mask))  # (B, T, C)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                            is_causal=mask is None)
@@ -226,8 +226,8 @@ class Router(nn.Module):
       not (as in DeepSeek-V3) on probabilities, where an expert every token rates near 0 wins them
       all at once when its bias crosses over; on logits the tokens cross one by one.
     The load, entropy and aux terms are computed only where the aux loss, the bias counts or the
-    statistics read them. With a moving bias, training forwards count the assignments per expert (buffer `counts`);
-    update_bias() moves each b by the rate toward balance. Its caller sums the counts over
+    statistics read them. With a moving bias, training forwards count the assignments per expert
+    (buffer `counts`); update_bias() moves each b by the rate toward balance. Its caller sums the counts over
     data-parallel ranks and updates once per optimizer step, so every micro-step and every rank
     routes a token alike.
     """
@@ -345,6 +345,15 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         x = x.view(-1, C)                                                    # (N, C)
+        router = self.router
+        if x.size(0) * router.config.top_k <= MAX_ASSIGNMENTS and not (
+                self.training or torch.is_grad_enabled() or router.watch):
+            # a decode step: routing and experts in four launches (kernels/moe_decode.py); no
+            # router loss, not even a zero tensor (one more launch per layer)
+            bias = router.bias if router.config.router == 'bias' else None
+            out = moe_decode(x, router.weight, bias, self.w_in, self.w_out, router.config.top_k,
+                             self.act)
+            return out.view(B, T, C), 0.0
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = moe_sort(expert_idx, keep, self.w_in.size(0))
         dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast

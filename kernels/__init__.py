@@ -75,7 +75,9 @@ def autocast_dtype(x):
 
 
 # the ops (they import the helpers above)
+from kernels.cached_attention import cached_attention, cached_attention_ref  # noqa: E402
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
+from kernels.moe_decode import moe_decode, moe_decode_ref  # noqa: E402
 from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,  # noqa
                                  moe_unpermute, moe_unpermute_ref)
 from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402

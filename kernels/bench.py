@@ -1,9 +1,10 @@
 """
 Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and
 forward+backward, at the shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512,
-V=32768, E=8, K=2, H=8). Times are the GPU time of the kernels each call launches (torch.profiler);
-bandwidth is the fewest bytes the op must move (each input read once, each output written once) over
-that time, next to a measured device-to-device copy ceiling.
+V=32768, E=8, K=2, H=8); the decode ops (moe_decode, cached_attention) at one decode step of batch
+32 halfway through a 1024-token cache. Times are the GPU time of the kernels each call launches
+(torch.profiler); bandwidth is the fewest bytes the op must move (each input read once, each output
+written once) over that time, next to a measured device-to-device copy ceiling.
 
     python kernels/bench.py                 # every op
     python kernels/bench.py --op=rms_norm   # one op
@@ -17,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-from kernels import (cross_entropy, moe_permute, moe_sort, moe_unpermute, qkv_rope,  # noqa: E402
-                     rms_norm, sinkhorn_topk)
+from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
+                     moe_sort, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -79,6 +80,8 @@ def cases():
         return torch.randn(*shape, device='cuda', dtype=dtype)
 
     bf16 = torch.bfloat16
+    Fh, S, pos = 4 * C, T, T // 2  # decode: expert width, cache length, cached positions
+    decode_q = lambda: randn(32, H, 1, C // H, dtype=bf16)  # noqa: E731
     return {
         'rms_norm': (rms_norm, kernels.rms_norm_ref,
                      lambda: [randn(N, C), torch.rand(C, device='cuda') + 0.5, 1e-6],
@@ -104,6 +107,18 @@ def cases():
                      lambda: [torch.rand(N, E, device='cuda').topk(K, dim=-1).indices,
                               torch.ones(N, K, dtype=torch.bool, device='cuda'), E],
                      2 * M * 9 + M * 8, 0),
+        'moe_decode': (moe_decode, kernels.moe_decode_ref,
+                       lambda: [randn(32, C, dtype=bf16), randn(E, C, dtype=bf16), None,
+                                randn(E, Fh, C, dtype=bf16) * 0.02,
+                                randn(E, C, Fh, dtype=bf16) * 0.02, K, 'gelu'],
+                       2 * E * C * Fh * 2, 0),  # every expert's weights, once (batch 32 hits all)
+        'cached_attention': (cached_attention, kernels.cached_attention_ref,
+                             lambda: [decode_q(), decode_q(), decode_q(),
+                                      randn(32, H, S, C // H, dtype=bf16),
+                                      randn(32, H, S, C // H, dtype=bf16),
+                                      torch.tensor(pos, device='cuda'),
+                                      torch.arange(S, device='cuda')[None] <= pos],
+                             2 * 32 * (pos + 1) * C * 2, 0),  # the cached keys and values, once
     }
 
 

@@ -2,7 +2,8 @@
 //   forward:  y = x * rstd * w,  rstd = 1 / sqrt(mean(x^2) + eps)
 //   backward: dx = rstd * w * dy - rstd^3 / C * x * sum(w * dy * x)
 //             dw = sum over rows of dy * x * rstd
-// Shapes: x (N, C) fp32 or bf16 (Ava's residual stream is fp32); w (C,) fp32; y (N, C) in its own
+// Shapes: x (N, C) fp32 or bf16 (Ava's residual stream is fp32); w (C,) fp32 (bf16 too in
+// forward: a bf16 model's decode step then makes no cast of it); y (N, C) in its own
 // dtype (bf16 under autocast, so the matmul after the norm needs no cast pass); rstd (N,) fp32,
 // saved for backward; dy (N, C) fp32 or bf16; dx like x; dw_partial (blocks, C) fp32, summed over
 // blocks by the caller.
@@ -13,8 +14,8 @@
 // Time: python kernels/bench.py --op=rms_norm
 #include "common.cuh"
 
-template <typename Tx, typename Ty>
-__global__ void rms_norm_fwd_kernel(const Tx* __restrict__ x, const float* __restrict__ w,
+template <typename Tx, typename Tw, typename Ty>
+__global__ void rms_norm_fwd_kernel(const Tx* __restrict__ x, const Tw* __restrict__ w,
                                     Ty* __restrict__ y, float* __restrict__ rstd, int rows, int C,
                                     float eps, bool vec) {
     const int lane = threadIdx.x % 32;
@@ -45,7 +46,8 @@ __global__ void rms_norm_fwd_kernel(const Tx* __restrict__ x, const float* __res
             store8(yr + c, v);
         }
     } else {
-        for (int c = lane; c < C; c += 32) yr[c] = from_float<Ty>(to_float(xr[c]) * r * w[c]);
+        for (int c = lane; c < C; c += 32)
+            yr[c] = from_float<Ty>(to_float(xr[c]) * r * to_float(w[c]));
     }
 }
 
@@ -123,17 +125,19 @@ void rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::T
                   double eps) {
     check_rows(x, w, "x");
     check_rows(y, w, "y");
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(),
-                "weight must be contiguous float32");
+    TORCH_CHECK(w.is_contiguous(), "weight must be contiguous");
     const at::cuda::OptionalCUDAGuard guard(x.device());
     const int rows = x.size(0), C = x.size(1), threads = 256;
     if (rows == 0) return;
     const bool vec = C % 8 == 0 && aligned16({x, w, y});
     AVA_DISPATCH(x.scalar_type(), Tx, [&] {
-        AVA_DISPATCH(y.scalar_type(), Ty, [&] {
-            rms_norm_fwd_kernel<Tx, Ty><<<(rows + 7) / 8, threads, 0, stream()>>>(
-                ptr<Tx>(x), ptr<float>(w), ptr<Ty>(y), ptr<float>(rstd), rows, C, (float)eps, vec);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        AVA_DISPATCH(w.scalar_type(), Tw, [&] {
+            AVA_DISPATCH(y.scalar_type(), Ty, [&] {
+                rms_norm_fwd_kernel<Tx, Tw, Ty><<<(rows + 7) / 8, threads, 0, stream()>>>(
+                    ptr<Tx>(x), ptr<Tw>(w), ptr<Ty>(y), ptr<float>(rstd), rows, C, (float)eps,
+                    vec);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
         });
     });
 }

@@ -29,7 +29,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     rows = x.reshape(-1, x.size(-1)).contiguous()  # (N, C)
     y = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(rows.size(0), dtype=torch.float32, device=x.device)
-    torch.ops.ava_cuda.rms_norm_fwd(rows, weight.float().contiguous(), y, rstd, eps)
+    torch.ops.ava_cuda.rms_norm_fwd(rows, weight.contiguous(), y, rstd, eps)
     return y.view(x.shape), rstd
 
 

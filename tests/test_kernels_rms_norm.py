@@ -62,3 +62,15 @@ def test_opcheck_and_compile():
     eager, compiled = fn(x), torch.compile(fn, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0])
+
+
+@cuda
+def test_cuda_bf16_weight_forward():
+    """A bf16 model's norm weight is read as it is (no cast per call): the same rows as the float64 formula."""
+    built()
+    x = torch.randn(5, 512, device='cuda', dtype=torch.bfloat16)
+    w = (torch.rand(512, device='cuda') + 0.5).bfloat16()
+    y64 = rms_norm_float64(x, w, 1e-6, torch.zeros(5, 512, device='cuda'))[0]
+    poison()
+    y = rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y64) < 1e-2

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import sinkhorn
-from model import GPT, MoE, ModelConfig, Router
+from model import GPT, KVCache, MoE, ModelConfig, Router
 
 
 def tiny_config(**overrides):
@@ -567,6 +567,31 @@ def test_cuda_graph_decoding_equals_eager():
                 torch.manual_seed(1)
                 outs.append(model.generate(batch, 70, temperature=temperature, pad=pad, cuda_graph=graph))
             assert outs[0].shape == (3, 79) and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('router', ['sinkhorn', 'bias'])
+def test_cuda_decode_kernels_step_like_their_twins(router):
+    """A prompt, six one-token steps and a three-token step over the KV cache, with the decode kernels
+    (moe_decode, cached_attention) and with their twins: the same logits to fp32 rounding."""
+    import kernels
+    assert kernels.build() is True
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, router=router)).cuda().eval()
+    for r in model.routers():
+        if router == 'bias':
+            r.bias.normal_()  # as if trained: the choice follows logits + bias
+    tokens = torch.randint(97, (2, 19), device='cuda')
+    results = []
+    for enabled in (True, False):
+        kernels.enabled = enabled
+        cache = KVCache(model.config, 2, 64, 'cuda', torch.float32)
+        with torch.no_grad():
+            steps = [model(tokens[:, t0:t1], cache=cache)[0]
+                     for t0, t1 in [(0, 10)] + [(t, t + 1) for t in range(10, 16)] + [(16, 19)]]
+        results.append(torch.cat(steps, dim=1))
+    kernels.enabled = True
+    assert ((results[0] - results[1]).norm() / results[1].norm()).item() < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

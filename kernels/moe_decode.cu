@@ -1,0 +1,292 @@
+// The whole MoE layer for a few tokens at inference (N*K <= 64 assignments: one decode step, a
+// speculative step, a short prompt), in four launches where the training path makes ~17 (router
+// matmul, softmax, top-k, gather, renormalise, sort, permute, two grouped GEMMs, activation,
+// unpermute, cast). At this size each launch moves a few kilobytes to a few megabytes, so their
+// count and their parallelism, not the bytes, set the time.
+//   x (N, C) the normed tokens, router_w (E, C), bias (E,) or none, w_in (E, I, C), w_out (E, C, F)
+//   with I = F (GELU) or 2F (SwiGLU: rows [gate; up]) -> out (N, C) in out's dtype.
+// Routing is Router's at inference: logits = x router_w^T in fp32, the K largest logits + bias
+// (ties to the lower expert), gates = softmax over the chosen logits (= softmax(logits) gathered
+// and renormalised).
+//   route:   one block. A warp per (token, expert) logit; a thread per token picks its top-k and
+//            gates; a thread per assignment finds its place in the stable sort by expert ->
+//            order (M,) assignment per position, position (M,) its inverse, starts (E+1,).
+//   up:      grid (F / 32, E): a warp per 4 hidden rows f of expert e, over e's positions p in
+//            tiles of 8: h[p, f] = act(w_in[e, f] . x[t(p)]), in x's dtype (as the grouped path
+//            rounds it). Blocks of experts no token chose return at once.
+//   down:    grid (C / 32, E): a warp per 4 output channels c of expert e: y[p, c] = w_out[e, c] .
+//            h[p] for e's positions, fp32.
+//   combine: out[t, c] = sum over t's K assignments of gate * y[position, c], in k order: no
+//            atomics, the same sums every call.
+// Each expert's weights are read once per call (the rows its tokens need); a warp's 4 rows share
+// its loads of x or h (<= 64 rows, in L2). 16-byte loads when C and F are multiples of 8 and the
+// pointers 16-byte aligned, else a scalar path.
+// Test: pytest tests/test_kernels_moe_decode.py (CUDA tests need a GPU)
+// Time: python kernels/bench.py --op=moe_decode
+#include "common.cuh"
+
+constexpr int kMaxAssignments = 64, kMaxExperts = 64;
+constexpr int kTile = 8;        // positions per pass of a warp
+constexpr int kRows = 4;        // weight rows per warp
+constexpr int kWarps = 8;       // per block of up and down
+constexpr int kRouteThreads = 1024;
+
+// acc[r][j] += w_r . x_j over len elements, for kRows weight rows w_r and n <= kTile rows x_j
+// (this lane's share; the caller sums over the warp).
+template <typename TW, typename TX>
+__device__ __forceinline__ void row_dots(const TW* const (&w)[kRows], const TX* const (&xs)[kTile],
+                                         int n, int len, bool vec, float (&acc)[kRows][kTile]) {
+    const int lane = threadIdx.x % 32;
+    if (vec) {
+#pragma unroll 2
+        for (int i = lane * 8; i < len; i += 32 * 8) {
+            float wv[kRows][8];
+#pragma unroll
+            for (int r = 0; r < kRows; r++) load8(w[r] + i, wv[r]);
+#pragma unroll
+            for (int j = 0; j < kTile; j++) {
+                if (j >= n) break;
+                float xv[8];
+                load8(xs[j] + i, xv);
+#pragma unroll
+                for (int r = 0; r < kRows; r++)
+#pragma unroll
+                    for (int q = 0; q < 8; q++) acc[r][j] += wv[r][q] * xv[q];
+            }
+        }
+    } else {
+        for (int i = lane; i < len; i += 32) {
+            float wv[kRows];
+#pragma unroll
+            for (int r = 0; r < kRows; r++) wv[r] = to_float(w[r][i]);
+#pragma unroll
+            for (int j = 0; j < kTile; j++) {
+                if (j >= n) break;
+                const float xv = to_float(xs[j][i]);
+#pragma unroll
+                for (int r = 0; r < kRows; r++) acc[r][j] += wv[r] * xv;
+            }
+        }
+    }
+}
+
+template <typename TX, typename TR>
+__global__ void route_kernel(const TX* __restrict__ x, const TR* __restrict__ router_w,
+                             const float* __restrict__ bias, float* __restrict__ gates,
+                             int* __restrict__ order, int* __restrict__ position,
+                             int* __restrict__ starts, int N, int C, int E, int K, bool vec) {
+    __shared__ float logits[kMaxAssignments][kMaxExperts];
+    __shared__ int expert_of[kMaxAssignments];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, M = N * K;
+    for (int pair = warp; pair < N * E; pair += kRouteThreads / 32) {
+        const int t = pair / E, e = pair % E;
+        const TX* xr = x + (size_t)t * C;
+        const TR* wr = router_w + (size_t)e * C;
+        float dot = 0.f;
+        if (vec) {
+            for (int c = lane * 8; c < C; c += 256) {
+                float xv[8], wv[8];
+                load8(xr + c, xv);
+                load8(wr + c, wv);
+#pragma unroll
+                for (int q = 0; q < 8; q++) dot += xv[q] * wv[q];
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) dot += to_float(xr[c]) * to_float(wr[c]);
+        }
+        dot = warp_sum(dot);
+        if (lane == 0) logits[t][e] = dot;
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    if (t < N) {  // this token's top-k, one at a time, and its gates
+        unsigned long long taken = 0;  // E <= 64 experts as bits
+        float top = -INFINITY;
+        for (int k = 0; k < K; k++) {
+            int best = -1;
+            float best_score = -INFINITY;
+            for (int e = 0; e < E; e++) {
+                const float score = logits[t][e] + (bias ? bias[e] : 0.f);
+                if (!((taken >> e) & 1) && (best < 0 || score > best_score)) {
+                    best = e;
+                    best_score = score;
+                }
+            }
+            taken |= 1ull << best;
+            expert_of[t * K + k] = best;
+            top = fmaxf(top, logits[t][best]);
+        }
+        float total = 0.f;
+        for (int k = 0; k < K; k++) total += expf(logits[t][expert_of[t * K + k]] - top);
+        for (int k = 0; k < K; k++)
+            gates[t * K + k] = expf(logits[t][expert_of[t * K + k]] - top) / total;
+    }
+    __syncthreads();
+    const int a = threadIdx.x;
+    if (a < M) {  // place in the stable sort: lower experts first, then earlier assignments
+        const int e = expert_of[a];
+        int place = 0;
+        for (int b = 0; b < M; b++) place += expert_of[b] < e || (expert_of[b] == e && b < a);
+        order[place] = a;
+        position[a] = place;
+    }
+    if (a <= E) {  // starts[e]: assignments to lower experts
+        int below = 0;
+        for (int b = 0; b < M; b++) below += expert_of[b] < a;
+        starts[a] = below;
+    }
+}
+
+// Row pointers of one tile: positions p0 .. p0 + n - 1 (n <= kTile), the rest repeat the last.
+// by_position: rows p of src (h); else rows of the tokens t(p) = order[p] / K (x).
+template <typename TX>
+__device__ __forceinline__ int tile_rows(const TX* src, const int* order, int p0, int last,
+                                         int K, int len, bool by_position,
+                                         const TX* (&rows)[kTile]) {
+    const int n = min(kTile, last - p0);
+#pragma unroll
+    for (int j = 0; j < kTile; j++) {
+        const int p = p0 + min(j, n - 1);
+        rows[j] = src + (size_t)(by_position ? p : order[p] / K) * len;
+    }
+    return n;
+}
+
+template <typename TX, typename TW>
+__global__ void up_kernel(const TX* __restrict__ x, const TW* __restrict__ w_in,
+                          const int* __restrict__ order, const int* __restrict__ starts,
+                          TX* __restrict__ h, int C, int F, int K, bool swiglu, bool vec) {
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
+    const int f0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
+    if (first == last || f0 >= F) return;
+    const int rows_in = swiglu ? 2 * F : F;
+    const TW *w_gate[kRows], *w_up[kRows];  // rows past F repeat row F - 1 and are not written
+#pragma unroll
+    for (int r = 0; r < kRows; r++) {
+        w_gate[r] = w_in + ((size_t)e * rows_in + min(f0 + r, F - 1)) * C;
+        w_up[r] = swiglu ? w_gate[r] + (size_t)F * C : w_gate[r];  // row F + f
+    }
+    for (int p0 = first; p0 < last; p0 += kTile) {
+        const TX* xs[kTile];
+        const int n = tile_rows(x, order, p0, last, K, C, false, xs);
+        float gate[kRows][kTile] = {}, up[kRows][kTile] = {};
+        row_dots(w_gate, xs, n, C, vec, gate);
+        if (swiglu) row_dots(w_up, xs, n, C, vec, up);
+#pragma unroll
+        for (int r = 0; r < kRows; r++) {
+#pragma unroll
+            for (int j = 0; j < kTile; j++) {
+                if (j >= n) break;
+                const float g = warp_sum(gate[r][j]), u = swiglu ? warp_sum(up[r][j]) : 0.f;
+                // SwiGLU: silu(gate) * up; GELU: the exact (erf) one, as F.gelu
+                const float act = swiglu ? g / (1.f + expf(-g)) * u
+                                         : 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+                if (threadIdx.x % 32 == 0 && f0 + r < F)
+                    h[(size_t)(p0 + j) * F + f0 + r] = from_float<TX>(act);
+            }
+        }
+    }
+}
+
+template <typename TX, typename TW>
+__global__ void down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out,
+                            const int* __restrict__ order, const int* __restrict__ starts,
+                            float* __restrict__ y, int C, int F, bool vec) {
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
+    const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
+    if (first == last || c0 >= C) return;
+    const TW* w[kRows];  // rows past C repeat row C - 1 and are not written
+#pragma unroll
+    for (int r = 0; r < kRows; r++) w[r] = w_out + ((size_t)e * C + min(c0 + r, C - 1)) * F;
+    for (int p0 = first; p0 < last; p0 += kTile) {
+        const TX* hs[kTile];
+        const int n = tile_rows(h, order, p0, last, 0, F, true, hs);
+        float dot[kRows][kTile] = {};
+        row_dots(w, hs, n, F, vec, dot);
+#pragma unroll
+        for (int r = 0; r < kRows; r++) {
+#pragma unroll
+            for (int j = 0; j < kTile; j++) {
+                if (j >= n) break;
+                const float sum = warp_sum(dot[r][j]);
+                if (threadIdx.x % 32 == 0 && c0 + r < C) y[(size_t)(p0 + j) * C + c0 + r] = sum;
+            }
+        }
+    }
+}
+
+template <typename TO>
+__global__ void combine_kernel(const float* __restrict__ y, const float* __restrict__ gates,
+                               const int* __restrict__ position, TO* __restrict__ out, int N,
+                               int C, int K) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)N * C) return;
+    const int t = i / C, c = i % C;
+    float sum = 0.f;
+    for (int k = 0; k < K; k++) sum += gates[t * K + k] * y[(size_t)position[t * K + k] * C + c];
+    out[i] = from_float<TO>(sum);
+}
+
+void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
+                const std::optional<at::Tensor>& bias, const at::Tensor& w_in,
+                const at::Tensor& w_out, int64_t top_k, bool swiglu, at::Tensor& out) {
+    const int N = x.size(0), C = x.size(1), E = w_in.size(0), F = w_out.size(2), K = top_k;
+    TORCH_CHECK(N * K <= kMaxAssignments && E <= kMaxExperts && K <= E,
+                "moe_decode takes N*K <= 64 assignments and E <= 64 experts");
+    TORCH_CHECK(w_in.size(1) == (swiglu ? 2 * F : F) && w_in.size(2) == C && w_out.size(1) == C,
+                "moe_decode: w_in must be (E, I, C) and w_out (E, C, F)");
+    TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(),
+                "moe_decode: w_in and w_out differ in dtype");
+    TORCH_CHECK(x.is_contiguous() && router_w.is_contiguous() && w_in.is_contiguous() &&
+                w_out.is_contiguous() && out.is_contiguous(),
+                "moe_decode wants contiguous tensors");
+    if (N == 0) return;
+    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const int M = N * K;
+    auto ints = x.options().dtype(at::kInt);
+    at::Tensor gates = at::empty({M}, x.options().dtype(at::kFloat));
+    at::Tensor order = at::empty({M}, ints), position = at::empty({M}, ints);
+    at::Tensor starts = at::empty({E + 1}, ints);
+    at::Tensor h = at::empty({M, F}, x.options());
+    at::Tensor y = at::empty({M, C}, x.options().dtype(at::kFloat));
+    const float* bias_ptr = nullptr;
+    at::Tensor bias_f;
+    if (bias.has_value()) {
+        bias_f = bias->to(at::kFloat).contiguous();
+        bias_ptr = ptr<float>(bias_f);
+    }
+    const bool vec_route = C % 8 == 0 && aligned16({x, router_w});
+    const bool vec_up = C % 8 == 0 && aligned16({x, w_in});
+    const bool vec_down = F % 8 == 0 && aligned16({w_out, h});
+    const int rows_per_block = kWarps * kRows;
+    AVA_DISPATCH(x.scalar_type(), TX, [&] {
+        AVA_DISPATCH(router_w.scalar_type(), TR, [&] {
+            route_kernel<TX, TR><<<1, kRouteThreads, 0, stream()>>>(
+                ptr<TX>(x), ptr<TR>(router_w), bias_ptr, ptr<float>(gates), ptr<int>(order),
+                ptr<int>(position), ptr<int>(starts), N, C, E, K, vec_route);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
+            dim3 up_grid((F + rows_per_block - 1) / rows_per_block, E);
+            up_kernel<TX, TW><<<up_grid, 32 * kWarps, 0, stream()>>>(
+                ptr<TX>(x), ptr<TW>(w_in), ptr<int>(order), ptr<int>(starts), ptr<TX>(h), C, F,
+                K, swiglu, vec_up);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E);
+            down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
+                ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts), ptr<float>(y), C,
+                F, vec_down);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    });
+    AVA_DISPATCH(out.scalar_type(), TO, [&] {
+        combine_kernel<TO><<<(N * C + 255) / 256, 256, 0, stream()>>>(
+            ptr<float>(y), ptr<float>(gates), ptr<int>(position), ptr<TO>(out), N, C, K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+}
+
+TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
+    m.def("moe_decode(Tensor x, Tensor router_w, Tensor? bias, Tensor w_in, Tensor w_out, "
+          "int top_k, bool swiglu, Tensor(a!) out) -> ()", &moe_decode);
+}
