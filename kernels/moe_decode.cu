@@ -11,13 +11,16 @@
 //   route:   one block. A warp per (token, expert) logit; a thread per token picks its top-k and
 //            gates; a thread per assignment finds its place in the stable sort by expert ->
 //            order (M,) assignment per position, position (M,) its inverse, starts (E+1,).
-//   up:      grid (F / 32, E): a warp per 4 hidden rows f of expert e, over e's positions p in
-//            tiles of 8: h[p, f] = act(w_in[e, f] . x[t(p)]), in x's dtype (as the grouped path
-//            rounds it). Blocks of experts no token chose return at once.
-//   down:    grid (C / 32, E): a warp per 4 output channels c of expert e: y[p, c] = w_out[e, c] .
-//            h[p] for e's positions, fp32.
-//   combine: out[t, c] = sum over t's K assignments of gate * y[position, c], in k order: no
-//            atomics, the same sums every call.
+//   up:      grid (F / 16, E) blocks of 4 warps: a warp per 4 hidden rows f of expert e (2 units'
+//            gate and up rows for SwiGLU), over e's positions p in tiles of 8:
+//            h[p, f] = act(w_in[e, f] . x[t(p)]), in x's dtype (as the grouped path rounds it).
+//            Blocks of experts no token chose return at once.
+//   down:    grid (C / 16, E, 4): a warp per 4 output channels c of expert e and a quarter of F:
+//            y[s, p, c] = w_out[e, c, part s] . h[p, part s], fp32.
+//   combine: out[t, c] = sum over t's K assignments of gate * (sum over s of y[s, position, c]),
+//            in k order: no atomics, the same sums every call.
+// Many small warps and no branch in the inner loop keep enough loads in flight to stream the
+// weights: at this size a warp that waits on one load at a time is what makes a kernel slow.
 // Each expert's weights are read once per call (the rows its tokens need); a warp's 4 rows share
 // its loads of x or h (<= 64 rows, in L2). 16-byte loads when C and F are multiples of 8 and the
 // pointers 16-byte aligned, else a scalar path.
@@ -28,56 +31,93 @@
 constexpr int kMaxAssignments = 64, kMaxExperts = 64;
 constexpr int kTile = 8;        // positions per pass of a warp
 constexpr int kRows = 4;        // weight rows per warp
-constexpr int kWarps = 8;       // per block of up and down
+constexpr int kWarps = 4;       // per block of up and down
+constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep loads in flight
+constexpr int kSplit = 4;       // down: parts of F, summed by combine
 constexpr int kRouteThreads = 1024;
 
-// acc[r][j] += w_r . x_j over len elements, for kRows weight rows w_r and n <= kTile rows x_j
-// (this lane's share; the caller sums over the warp).
+// 8 consecutive elements as stored (one 16-byte load for bf16, two for fp32), turned into floats
+// where they are used: a tile's x rows then take half the registers in bf16.
+template <typename T> struct Raw8;
+template <> struct Raw8<bf16> {
+    uint4 v;
+    __device__ __forceinline__ void load(const bf16* p) { v = *reinterpret_cast<const uint4*>(p); }
+    __device__ __forceinline__ void floats(float (&f)[8]) const {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 pair = __bfloat1622float2(h[i]);
+            f[2 * i] = pair.x;
+            f[2 * i + 1] = pair.y;
+        }
+    }
+};
+template <> struct Raw8<float> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float* p) {
+        a = reinterpret_cast<const float4*>(p)[0];
+        b = reinterpret_cast<const float4*>(p)[1];
+    }
+    __device__ __forceinline__ void floats(float (&f)[8]) const {
+        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    }
+};
+
+// acc[r][j] += w_r[i] x_j[i] over i in [begin, end), for kRows weight rows w_r and kTile rows x_j
+// (this lane's share; the caller sums over the warp). Rows past the tile's end repeat its last:
+// no branch in the loop, so all kRows + kTile loads of a step are in flight at once.
 template <typename TW, typename TX>
 __device__ __forceinline__ void row_dots(const TW* const (&w)[kRows], const TX* const (&xs)[kTile],
-                                         int n, int len, bool vec, float (&acc)[kRows][kTile]) {
+                                         int begin, int end, bool vec,
+                                         float (&acc)[kRows][kTile]) {
     const int lane = threadIdx.x % 32;
     if (vec) {
-#pragma unroll 2
-        for (int i = lane * 8; i < len; i += 32 * 8) {
-            float wv[kRows][8];
+        for (int i = begin + lane * 8; i < end; i += 32 * 8) {
+            Raw8<TW> wr[kRows];
+            Raw8<TX> xr[kTile];
 #pragma unroll
-            for (int r = 0; r < kRows; r++) load8(w[r] + i, wv[r]);
+            for (int r = 0; r < kRows; r++) wr[r].load(w[r] + i);
 #pragma unroll
-            for (int j = 0; j < kTile; j++) {
-                if (j >= n) break;
-                float xv[8];
-                load8(xs[j] + i, xv);
+            for (int j = 0; j < kTile; j++) xr[j].load(xs[j] + i);
 #pragma unroll
-                for (int r = 0; r < kRows; r++)
+            for (int r = 0; r < kRows; r++) {
+                float wf[8];
+                wr[r].floats(wf);
 #pragma unroll
-                    for (int q = 0; q < 8; q++) acc[r][j] += wv[r][q] * xv[q];
+                for (int j = 0; j < kTile; j++) {
+                    float xf[8];
+                    xr[j].floats(xf);
+#pragma unroll
+                    for (int q = 0; q < 8; q++) acc[r][j] += wf[q] * xf[q];
+                }
             }
         }
     } else {
-        for (int i = lane; i < len; i += 32) {
-            float wv[kRows];
+        for (int i = begin + lane; i < end; i += 32) {
+            float wv[kRows], xv[kTile];
 #pragma unroll
             for (int r = 0; r < kRows; r++) wv[r] = to_float(w[r][i]);
 #pragma unroll
-            for (int j = 0; j < kTile; j++) {
-                if (j >= n) break;
-                const float xv = to_float(xs[j][i]);
+            for (int j = 0; j < kTile; j++) xv[j] = to_float(xs[j][i]);
 #pragma unroll
-                for (int r = 0; r < kRows; r++) acc[r][j] += wv[r] * xv;
-            }
+            for (int r = 0; r < kRows; r++)
+#pragma unroll
+                for (int j = 0; j < kTile; j++) acc[r][j] += wv[r] * xv[j];
         }
     }
 }
 
 template <typename TX, typename TR>
-__global__ void route_kernel(const TX* __restrict__ x, const TR* __restrict__ router_w,
-                             const float* __restrict__ bias, float* __restrict__ gates,
-                             int* __restrict__ order, int* __restrict__ position,
-                             int* __restrict__ starts, int N, int C, int E, int K, bool vec) {
+__global__ void __launch_bounds__(kRouteThreads)
+route_kernel(const TX* __restrict__ x, const TR* __restrict__ router_w,
+             const float* __restrict__ bias, float* __restrict__ gates, int* __restrict__ order,
+             int* __restrict__ position, int* __restrict__ starts, int N, int C, int E, int K,
+             bool vec) {
     __shared__ float logits[kMaxAssignments][kMaxExperts];
     __shared__ int expert_of[kMaxAssignments];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, M = N * K;
+    // a warp per (token, expert) logit: at batch 1 the E dots run side by side
     for (int pair = warp; pair < N * E; pair += kRouteThreads / 32) {
         const int t = pair / E, e = pair % E;
         const TX* xr = x + (size_t)t * C;
@@ -152,64 +192,72 @@ __device__ __forceinline__ int tile_rows(const TX* src, const int* order, int p0
     return n;
 }
 
-template <typename TX, typename TW>
-__global__ void up_kernel(const TX* __restrict__ x, const TW* __restrict__ w_in,
-                          const int* __restrict__ order, const int* __restrict__ starts,
-                          TX* __restrict__ h, int C, int F, int K, bool swiglu, bool vec) {
+// A warp's kRows weight rows: kRows hidden units (GELU), or kRows / 2 units' gate rows then their
+// up rows (SwiGLU: rows f and F + f of w_in), so one pass over x serves both.
+template <typename TX, typename TW, bool kSwiglu>
+__global__ void __launch_bounds__(32 * kWarps, kMinBlocks)
+up_kernel(const TX* __restrict__ x, const TW* __restrict__ w_in, const int* __restrict__ order,
+          const int* __restrict__ starts, TX* __restrict__ h, int C, int F, int K, bool vec) {
+    constexpr int kUnits = kSwiglu ? kRows / 2 : kRows;
     const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
-    const int f0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
+    const int f0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kUnits;
     if (first == last || f0 >= F) return;
-    const int rows_in = swiglu ? 2 * F : F;
-    const TW *w_gate[kRows], *w_up[kRows];  // rows past F repeat row F - 1 and are not written
+    const int rows_in = kSwiglu ? 2 * F : F;
+    const TW* w[kRows];  // units past F repeat unit F - 1 and are not written
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
-        w_gate[r] = w_in + ((size_t)e * rows_in + min(f0 + r, F - 1)) * C;
-        w_up[r] = swiglu ? w_gate[r] + (size_t)F * C : w_gate[r];  // row F + f
+        const int unit = min(f0 + r % kUnits, F - 1), row = r < kUnits ? unit : F + unit;
+        w[r] = w_in + ((size_t)e * rows_in + row) * C;
     }
     for (int p0 = first; p0 < last; p0 += kTile) {
         const TX* xs[kTile];
         const int n = tile_rows(x, order, p0, last, K, C, false, xs);
-        float gate[kRows][kTile] = {}, up[kRows][kTile] = {};
-        row_dots(w_gate, xs, n, C, vec, gate);
-        if (swiglu) row_dots(w_up, xs, n, C, vec, up);
+        float dot[kRows][kTile] = {};
+        row_dots(w, xs, 0, C, vec, dot);
 #pragma unroll
-        for (int r = 0; r < kRows; r++) {
+        for (int u = 0; u < kUnits; u++) {
 #pragma unroll
             for (int j = 0; j < kTile; j++) {
                 if (j >= n) break;
-                const float g = warp_sum(gate[r][j]), u = swiglu ? warp_sum(up[r][j]) : 0.f;
+                const float g = warp_sum(dot[u][j]);
                 // SwiGLU: silu(gate) * up; GELU: the exact (erf) one, as F.gelu
-                const float act = swiglu ? g / (1.f + expf(-g)) * u
-                                         : 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
-                if (threadIdx.x % 32 == 0 && f0 + r < F)
-                    h[(size_t)(p0 + j) * F + f0 + r] = from_float<TX>(act);
+                const float act = kSwiglu ? g / (1.f + expf(-g)) * warp_sum(dot[kUnits + u][j])
+                                          : 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+                if (threadIdx.x % 32 == 0 && f0 + u < F)
+                    h[(size_t)(p0 + j) * F + f0 + u] = from_float<TX>(act);
             }
         }
     }
 }
 
+// y[split][p][c]: the dot over part `split` (blockIdx.z) of F; combine sums the parts.
 template <typename TX, typename TW>
-__global__ void down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out,
-                            const int* __restrict__ order, const int* __restrict__ starts,
-                            float* __restrict__ y, int C, int F, bool vec) {
+__global__ void __launch_bounds__(32 * kWarps, kMinBlocks)
+down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out, const int* __restrict__ order,
+            const int* __restrict__ starts, float* __restrict__ y, int M, int C, int F,
+            bool vec) {
     const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
     const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
     if (first == last || c0 >= C) return;
+    // a multiple of 8, so vector loads stay aligned; for a small F the last parts may be empty
+    const int part = ((F + kSplit - 1) / kSplit + 7) / 8 * 8;
+    const int begin = blockIdx.z * part, end = min(F, begin + part);
     const TW* w[kRows];  // rows past C repeat row C - 1 and are not written
 #pragma unroll
     for (int r = 0; r < kRows; r++) w[r] = w_out + ((size_t)e * C + min(c0 + r, C - 1)) * F;
+    float* ys = y + (size_t)blockIdx.z * M * C;
     for (int p0 = first; p0 < last; p0 += kTile) {
         const TX* hs[kTile];
         const int n = tile_rows(h, order, p0, last, 0, F, true, hs);
         float dot[kRows][kTile] = {};
-        row_dots(w, hs, n, F, vec, dot);
+        row_dots(w, hs, begin, end, vec, dot);
 #pragma unroll
         for (int r = 0; r < kRows; r++) {
 #pragma unroll
             for (int j = 0; j < kTile; j++) {
                 if (j >= n) break;
                 const float sum = warp_sum(dot[r][j]);
-                if (threadIdx.x % 32 == 0 && c0 + r < C) y[(size_t)(p0 + j) * C + c0 + r] = sum;
+                if (threadIdx.x % 32 == 0 && c0 + r < C) ys[(size_t)(p0 + j) * C + c0 + r] = sum;
             }
         }
     }
@@ -222,8 +270,15 @@ __global__ void combine_kernel(const float* __restrict__ y, const float* __restr
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)N * C) return;
     const int t = i / C, c = i % C;
+    const size_t part = (size_t)N * K * C;
     float sum = 0.f;
-    for (int k = 0; k < K; k++) sum += gates[t * K + k] * y[(size_t)position[t * K + k] * C + c];
+    for (int k = 0; k < K; k++) {
+        const float* row = y + (size_t)position[t * K + k] * C + c;
+        float dot = 0.f;
+#pragma unroll
+        for (int s = 0; s < kSplit; s++) dot += row[s * part];
+        sum += gates[t * K + k] * dot;
+    }
     out[i] = from_float<TO>(sum);
 }
 
@@ -248,7 +303,7 @@ void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
     at::Tensor order = at::empty({M}, ints), position = at::empty({M}, ints);
     at::Tensor starts = at::empty({E + 1}, ints);
     at::Tensor h = at::empty({M, F}, x.options());
-    at::Tensor y = at::empty({M, C}, x.options().dtype(at::kFloat));
+    at::Tensor y = at::empty({kSplit, M, C}, x.options().dtype(at::kFloat));
     const float* bias_ptr = nullptr;
     at::Tensor bias_f;
     if (bias.has_value()) {
@@ -259,6 +314,7 @@ void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
     const bool vec_up = C % 8 == 0 && aligned16({x, w_in});
     const bool vec_down = F % 8 == 0 && aligned16({w_out, h});
     const int rows_per_block = kWarps * kRows;
+    const int units_per_block = kWarps * (swiglu ? kRows / 2 : kRows);
     AVA_DISPATCH(x.scalar_type(), TX, [&] {
         AVA_DISPATCH(router_w.scalar_type(), TR, [&] {
             route_kernel<TX, TR><<<1, kRouteThreads, 0, stream()>>>(
@@ -267,15 +323,16 @@ void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
-            dim3 up_grid((F + rows_per_block - 1) / rows_per_block, E);
-            up_kernel<TX, TW><<<up_grid, 32 * kWarps, 0, stream()>>>(
-                ptr<TX>(x), ptr<TW>(w_in), ptr<int>(order), ptr<int>(starts), ptr<TX>(h), C, F,
-                K, swiglu, vec_up);
+            dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
+            auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
+            up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(x), ptr<TW>(w_in), ptr<int>(order),
+                                                       ptr<int>(starts), ptr<TX>(h), C, F, K,
+                                                       vec_up);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-            dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E);
+            dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E, kSplit);
             down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
-                ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts), ptr<float>(y), C,
-                F, vec_down);
+                ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts), ptr<float>(y), M,
+                C, F, vec_down);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     });
