@@ -329,7 +329,9 @@ class MoE(nn.Module):
     assignments by expert (permute), two grouped matmuls, then add each result back to its token
     weighted by its gate (unpermute + combine). GELU experts: w_out gelu(w_in x); SwiGLU experts:
     w_in holds W1 (gate, rows :F) over W3 (up, rows F:), and an expert is W2 (silu(W1 x) * W3 x)
-    with W2 = w_out: the same two grouped matmuls, the first one twice as wide."""
+    with W2 = w_out: the same two grouped matmuls, the first one twice as wide. At inference a few
+    tokens (N*K <= 64: a decode step) take kernels/moe_decode.py instead: the same function in four
+    launches, where sorting and grouping cost more than the matmuls."""
 
     def __init__(self, config):
         super().__init__()
