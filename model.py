@@ -227,9 +227,9 @@ class Router(nn.Module):
       all at once when its bias crosses over; on logits the tokens cross one by one.
     The load, entropy and aux terms are computed only where the aux loss, the bias counts or the
     statistics read them. With a moving bias, training forwards count the assignments per expert
-    (buffer `counts`); update_bias() moves each b by the rate toward balance. Its caller sums the counts over
-    data-parallel ranks and updates once per optimizer step, so every micro-step and every rank
-    routes a token alike.
+    (buffer `counts`); update_bias() moves each b by the rate toward balance. Its caller sums the
+    counts over data-parallel ranks and updates once per optimizer step, so every micro-step and
+    every rank routes a token alike.
     """
 
     def __init__(self, config):

@@ -1,8 +1,9 @@
 """
-Hand-written CUDA kernels for the hot spots of an Ava training step (kernels/README.md says which
-and why). Each op lives in two files: `<op>.cu` (the kernels, with a header comment on shapes and
-testing) and `<op>.py` (its pure-PyTorch `_ref` twin of the same signature, and the `torch.library`
-custom op with autograd, so torch.compile can trace through it).
+Hand-written CUDA kernels for the hot spots of an Ava training step and decode step
+(kernels/README.md says which and why). Each op lives in two files: `<op>.cu` (the kernels, with a
+header comment on shapes and testing) and `<op>.py` (its pure-PyTorch `_ref` twin of the same
+signature, and the `torch.library` custom op, with autograd for the ops that train, so
+torch.compile can trace through it).
 
     from kernels import rms_norm
     y = rms_norm(x, weight, eps)        # CUDA kernel on a CUDA tensor once built, else rms_norm_ref
