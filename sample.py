@@ -513,6 +513,11 @@ if __name__ == '__main__':
     encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
                for _ in range(num_samples)]
     longest, context = max(map(len, encoded)), model.config.block_size
+    room = context - longest - len(model.mtp_heads)  # the tokens a speculative decode can add
+    check([(not speculative or max_new_tokens <= room, f"--speculative=True keeps the prompt "
+            f"({longest} tokens), max_new_tokens and {len(model.mtp_heads)} drafts in one cache "
+            f"of block_size {context}: " + (f"use --max_new_tokens={room} or fewer" if room > 0
+                                            else "use a shorter prompt"))])
     if longest >= context:
         print(f"note: a prompt has {longest} tokens, more than the context of {context}: "
               f"the model sees its last {context // 2}")

@@ -299,6 +299,14 @@ def sample(*args):
     return lambda w: ['sample.py', f'--out_dir={w.run}', *SAMPLE, *args]
 
 
+def mtp_run(w):
+    """A tiny run with one multi-token head, trained in the case's tmp."""
+    folder = w.tmp / 'mtp'
+    rc, out, err = run(w.train(f'--out_dir={folder}', '--n_future_tokens=2', '--max_iters=2'))
+    assert rc == 0, err
+    return folder
+
+
 SAMPLING = {
     'max_new_tokens=0': Case(sample('--max_new_tokens=0'), ('max_new_tokens', '>= 1')),
     'max_new_tokens=-5': Case(sample('--max_new_tokens=-5'), ('max_new_tokens', '-5')),
@@ -309,6 +317,9 @@ SAMPLING = {
     'device=cuda without CUDA': Case(sample('--device=cuda'), ('CUDA', '--device=cpu')),
     'speculative without MTP heads': Case(sample('--speculative=True'),
                                           ('speculative', 'n_future_tokens')),
+    'speculative past block_size': Case(
+        lambda w: ['sample.py', f'--out_dir={mtp_run(w)}', *SAMPLE, '--speculative=True',
+                   '--max_new_tokens=40'], ('block_size 32', '--max_new_tokens=30 or fewer')),
     'eval with an empty val.bin': Case(empty_val, ('val.bin', '0 bytes')),
     'empty prompt file': Case(lambda w: sample(f"--start=FILE:{w.file('p.txt', BLANK)}")(w),
                               ('p.txt', 'no prompts')),
