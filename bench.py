@@ -109,7 +109,9 @@ def decode_bench(cfg, dev, new_tokens):
         print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
             f"{mode} {rate:,.0f} tok/s ({rate / rates['no cache']:.1f}x)"
             for mode, rate in rates.items()))
-    for batch in (1, 32) if profile and dev.startswith('cuda') else ():  # 64 graphed tokens
+    if not (profile and dev.startswith('cuda')):
+        return
+    for batch in (1, 32):  # 64 graphed tokens each
         prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
         print(f"decode batch {batch}, 64 new tokens (the first 3 eager):")
         with autocast('cuda'):

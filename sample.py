@@ -91,6 +91,12 @@ def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=No
     return logits
 
 
+def speculative_room(model, prompt_len):
+    """How many new tokens generate_speculative can add after a prompt: its one cache (it does not
+    slide) holds the prompt, the new tokens and a step's drafts, within block_size."""
+    return model.config.block_size - prompt_len - len(model.mtp_heads)
+
+
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every=8):
     """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
@@ -104,7 +110,7 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     reads the length once per round of up to sync_every steps (as many as cannot overshoot), so
     it queues the next steps while the GPU runs."""
     cfg, heads = model.config, model.mtp_heads
-    if not heads or idx.size(0) != 1 or idx.size(1) + max_new_tokens + len(heads) > cfg.block_size:
+    if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
         return greedy, max_new_tokens
     (_, T), n, dev = idx.shape, 1 + len(heads), idx.device
@@ -513,7 +519,7 @@ if __name__ == '__main__':
     encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
                for _ in range(num_samples)]
     longest, context = max(map(len, encoded)), model.config.block_size
-    room = context - longest - len(model.mtp_heads)  # the tokens a speculative decode can add
+    room = speculative_room(model, longest)
     check([(not speculative or max_new_tokens <= room, f"--speculative=True keeps the prompt "
             f"({longest} tokens), max_new_tokens and {len(model.mtp_heads)} drafts in one cache "
             f"of block_size {context}: " + (f"use --max_new_tokens={room} or fewer" if room > 0

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import kernels
 
 MAX_NEW_TOKENS = 16  # longer steps (a prompt) go to SDPA, whose tiled kernels win there
+MAX_POSITIONS, MAX_HEAD_DIM = 8192, 256  # cached_attention.cu's kMaxPositions, kMaxHeadDim
 
 
 def cached_attention_ref(q, k, v, cache_k, cache_v, pos, mask):
@@ -26,7 +27,7 @@ def cached_attention(q, k, v, cache_k, cache_v, pos, mask):
     """cached_attention_ref's function through the CUDA kernel when it is available and the step
     is short (T <= 16 new tokens, S <= 8192, head dim <= 256, one dtype)."""
     (B, H, T, D), S = q.shape, cache_k.size(2)
-    fits = T <= MAX_NEW_TOKENS and S <= 8192 and D <= 256 and \
+    fits = T <= MAX_NEW_TOKENS and S <= MAX_POSITIONS and D <= MAX_HEAD_DIM and \
         q.dtype == k.dtype == cache_k.dtype == cache_v.dtype
     if fits and kernels.use_cuda(q, cache_k, pos, mask):
         return torch.ops.ava.cached_attention(q, k, v, cache_k, cache_v, pos,

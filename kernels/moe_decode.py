@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import kernels
 
 MAX_ASSIGNMENTS = 64  # N * K; moe_decode.cu's limit, and the size below which launches dominate
+MAX_EXPERTS = 64      # moe_decode.cu's kMaxExperts
 
 
 def moe_decode_ref(x, router_w, bias, w_in, w_out, top_k, act):
@@ -34,7 +35,7 @@ def moe_decode_ref(x, router_w, bias, w_in, w_out, top_k, act):
 
 def moe_decode(x, router_w, bias, w_in, w_out, top_k, act):
     """moe_decode_ref's function through the CUDA kernels when they are available."""
-    fits = x.size(0) * top_k <= MAX_ASSIGNMENTS and w_in.size(0) <= 64
+    fits = x.size(0) * top_k <= MAX_ASSIGNMENTS and w_in.size(0) <= MAX_EXPERTS
     if fits and kernels.use_cuda(x, router_w, w_in, w_out):
         return torch.ops.ava.moe_decode(x, router_w, bias, w_in, w_out, top_k, act == 'swiglu')
     return moe_decode_ref(x, router_w, bias, w_in, w_out, top_k, act)
