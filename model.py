@@ -139,18 +139,19 @@ class KVCache:
 class CUDAGraphed:
     """fn(*inputs) captured once as a CUDA graph, then replayed: a decode step's many small launches
     become one, and the GPU stops waiting on Python. A call copies its inputs into the captured ones
-    and returns the captured outputs, valid until the next call. fn may advance cache.pos; the
-    warm-up runs are undone."""
+    and returns the captured outputs, valid until the next call. fn may update the tensors of state
+    in place (cache.pos, a decoder's length): the warm-up runs are undone."""
 
-    def __init__(self, fn, inputs, cache):
+    def __init__(self, fn, inputs, state):
         self.inputs = [x.clone() for x in inputs]
-        pos = cache.pos.clone()
+        before = [t.clone() for t in state]
         side = torch.cuda.Stream()  # capture wants the warm-up off the default stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 fn(*self.inputs)
-                cache.pos.copy_(pos)
+                for t, saved in zip(state, before):
+                    t.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the launches; runs nothing
@@ -556,7 +557,7 @@ class GPT(nn.Module):
                 if step is None:
                     step = lambda token, pad=None: self(token, cache=cache, pad=pad)[0][:, -1]
                     if cuda_graph and self.graphable(idx):
-                        step = CUDAGraphed(step, inputs, cache)
+                        step = CUDAGraphed(step, inputs, [cache.pos])
                 logits, cached = step(*inputs), cached + 1                          # (B, V)
             else:  # (re)build the cache from the context; without a cache, recompute the context
                 keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window

@@ -97,6 +97,26 @@ def speculative_room(model, prompt_len):
     return model.config.block_size - prompt_len - len(model.mtp_heads)
 
 
+def speculative_step(model, cache, out, length, last):
+    """One draft-and-verify step on device state, in place: the main head's next token and the
+    heads' n-1 drafts after last (1, 1, C), the trunk over all n at once, the drafts the main head
+    agrees with; the n candidates go into out (1, L) at length, length grows by 1 + the agreed,
+    cache.pos forgets the rejected keys, last becomes the state of the last kept token. No host
+    sync and the same shapes every step: a CUDA graph replays it."""
+    n = 1 + len(model.mtp_heads)
+    next_token = model.lm_head(model.norm_f(last)).argmax(-1)          # (1, 1) the main head's
+    drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
+    candidate = torch.cat([next_token, *drafts], dim=1)               # (1, n)
+    hidden = model.trunk(candidate, cache)[0]                          # (1, n, C) in one pass
+    verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)   # (1, n-1)
+    agreed = (verdict == candidate[:, 1:]).long().cumprod(dim=1).sum()  # () drafts in a row
+    # all n go in at the current length; the next step overwrites the rejected ones
+    out.index_copy_(1, length + torch.arange(n, device=out.device), candidate)
+    length += 1 + agreed                                               # the token + the agreed
+    cache.pos -= n - 1 - agreed                                        # forget the rejected keys
+    last.copy_(hidden.index_select(1, agreed.view(1)))                 # (1, 1, C) the last kept
+
+
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every=8):
     """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
@@ -105,10 +125,10 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     keeps the drafts the main head agrees with, plus the main head's own next token: the output
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
-    block_size (the cache does not slide here). The verifying pass always takes n tokens, so on a
-    GPU it runs as a CUDA graph too. How many tokens a step accepts stays on the device: the host
-    reads the length once per round of up to sync_every steps (as many as cannot overshoot), so
-    it queues the next steps while the GPU runs."""
+    block_size (the cache does not slide here). On a GPU the whole step (drafts, verifying pass,
+    verdict) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on the
+    device: the host reads the length once per round of up to sync_every steps (as many as cannot
+    overshoot), so it queues the next steps while the GPU runs."""
     cfg, heads = model.config, model.mtp_heads
     if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
@@ -118,25 +138,15 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     length = torch.tensor(T, device=dev)                  # tokens of out that are final (device)
     cache = KVCache(cfg, 1, cfg.block_size, dev, kernels.autocast_dtype(model.wte.weight))
     hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
-    last, passes, generated, verify = hidden[:, -1:], 1, 0, None
+    last = hidden[:, -1:].clone()                                         # (1, 1, C)
+    step = lambda: speculative_step(model, cache, out, length, last)  # noqa: E731
+    if cuda_graph and model.graphable(idx):
+        step = CUDAGraphed(step, (), [cache.pos, length, last])
+    passes, generated = 1, 0
     while generated < max_new_tokens:
         for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
-            next_token = model.lm_head(model.norm_f(last)).argmax(-1)     # (1, 1) the main head's
-            drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
-            candidate = torch.cat([next_token, *drafts], dim=1)           # (1, n)
-            if verify is None:
-                verify = lambda tokens: model.trunk(tokens, cache)[0]  # noqa: E731
-                if cuda_graph and model.graphable(idx):
-                    verify = CUDAGraphed(verify, (candidate,), cache)
-            hidden = verify(candidate)                                    # (1, n, C) in one pass
+            step()
             passes += 1
-            verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)  # (1, n-1)
-            agreed = (verdict == candidate[:, 1:]).long().cumprod(dim=1).sum()  # () drafts in a row
-            # all n go in at the current length; the next step overwrites the rejected ones
-            out.index_copy_(1, length + torch.arange(n, device=dev), candidate)
-            length += 1 + agreed                                          # the token + the agreed
-            cache.pos -= n - 1 - agreed                                   # forget the rejected keys
-            last = hidden.index_select(1, agreed.view(1))                 # (1, 1, C) the last kept
         generated = int(length) - T  # the one host sync of the round
     return out[:, :T + max_new_tokens], passes
 
