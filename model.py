@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
-                     moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk)
+                     moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 from kernels.moe_decode import MAX_ASSIGNMENTS
 
 
@@ -330,9 +330,9 @@ class MoE(nn.Module):
     assignments by expert (permute), two grouped matmuls, then add each result back to its token
     weighted by its gate (unpermute + combine). GELU experts: w_out gelu(w_in x); SwiGLU experts:
     w_in holds W1 (gate, rows :F) over W3 (up, rows F:), and an expert is W2 (silu(W1 x) * W3 x)
-    with W2 = w_out: the same two grouped matmuls, the first one twice as wide. At inference a few
-    tokens (N*K <= 64: a decode step) take kernels/moe_decode.py instead: the same function in four
-    launches, where sorting and grouping cost more than the matmuls."""
+    with W2 = w_out: the same two grouped matmuls, the first one twice as wide. A decode step
+    (Block.decode) takes kernels/moe_decode.py instead: the same function without the sort, where
+    sorting and grouping cost more than the matmuls."""
 
     def __init__(self, config):
         super().__init__()
@@ -348,15 +348,6 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         x = x.view(-1, C)                                                    # (N, C)
-        router = self.router
-        if x.size(0) * router.config.top_k <= MAX_ASSIGNMENTS and not (
-                self.training or torch.is_grad_enabled() or router.watch):
-            # a decode step: routing and experts in four launches (kernels/moe_decode.py); no
-            # router loss, not even a zero tensor (one more launch per layer)
-            bias = router.bias if router.config.router == 'bias' else None
-            out = moe_decode(x, router.weight, bias, self.w_in, self.w_out, router.config.top_k,
-                             self.act)
-            return out.view(B, T, C), 0.0
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = moe_sort(expert_idx, keep, self.w_in.size(0))
         dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast
@@ -382,9 +373,34 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        if cache is not None and self.decodes(x):
+            return self.decode(x, cos, sin, mask, cache, layer), 0.0
         x = x + self.dropout(self.attn(self.norm1(x), cos, sin, mask, cache, layer))
         y, router_loss = self.ffn(self.norm2(x))
         return x + self.dropout(y), router_loss
+
+    def decodes(self, x):
+        """Whether x (B, T, C) is a decode step for decode(): few tokens (N*K <= 64), at inference,
+        through an MoE whose router records nothing."""
+        if not isinstance(self.ffn, MoE) or self.training or torch.is_grad_enabled():
+            return False
+        router = self.ffn.router
+        return x.size(0) * x.size(1) * router.config.top_k <= MAX_ASSIGNMENTS and not router.watch
+
+    def decode(self, x, cos, sin, mask, cache, layer):
+        """forward() with a KV cache for a few tokens, in 7 launches where forward makes ~25: the
+        norms and residual adds ride in the kernels beside them (kernels/rope.py's norm_qkv_rope,
+        kernels/moe_decode.py) and the experts run without the sort (at this size each launch,
+        not its bytes, costs the time). No router loss, not even a zero tensor."""
+        B, T, C = x.shape
+        attn, moe, router = self.attn, self.ffn, self.ffn.router
+        q, k, v = norm_qkv_rope(x, self.norm1.weight, self.norm1.eps, attn.qkv.weight, cos, sin,
+                                attn.n_head)                                 # 3 x (B, H, T, D)
+        y = attn.proj(cache.attend(layer, q, k, v, mask))                    # (B, T, C)
+        bias = router.bias if router.config.router == 'bias' else None
+        out = moe_decode(x.view(-1, C), y.view(-1, C), self.norm2.weight, self.norm2.eps,
+                         router.weight, bias, moe.w_in, moe.w_out, router.config.top_k, moe.act)
+        return out.view(B, T, C)
 
 
 class MTPHead(nn.Module):

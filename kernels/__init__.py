@@ -82,5 +82,5 @@ from kernels.moe_decode import moe_decode, moe_decode_ref  # noqa: E402
 from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,  # noqa
                                  moe_unpermute, moe_unpermute_ref)
 from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-from kernels.rope import qkv_rope, qkv_rope_ref  # noqa: E402
+from kernels.rope import norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref  # noqa: E402
 from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402

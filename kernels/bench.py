@@ -1,10 +1,11 @@
 """
 Each CUDA op against its eager `_ref` twin and against torch.compile(`_ref`), forward and
 forward+backward, at the shapes of one micro-step of config/small.py (32 x 1024 tokens, C=512,
-V=32768, E=8, K=2, H=8); the decode ops (moe_decode, cached_attention) at one decode step of batch
-32 halfway through a 1024-token cache. Times are the GPU time of the kernels each call launches
-(torch.profiler); bandwidth is the fewest bytes the op must move (each input read once, each output
-written once) over that time, next to a measured device-to-device copy ceiling.
+V=32768, E=8, K=2, H=8); the decode ops (moe_decode, cached_attention, norm_qkv_rope) at one
+decode step of batch 32 halfway through a 1024-token cache, in a bf16 model. Times are the GPU
+time of the kernels each call launches (torch.profiler); bandwidth is the fewest bytes the op must
+move (each input read once, each output written once) over that time, next to a measured
+device-to-device copy ceiling.
 
     python kernels/bench.py                 # every op
     python kernels/bench.py --op=rms_norm   # one op
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
-                     moe_sort, moe_unpermute, qkv_rope, rms_norm, sinkhorn_topk)
+                     moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -119,6 +120,11 @@ def cases():
                                       torch.tensor(pos, device='cuda'),
                                       torch.arange(S, device='cuda')[None] <= pos],
                              2 * 32 * (pos + 1) * C * 2, 0),  # the cached keys and values, once
+        'norm_qkv_rope': (norm_qkv_rope, kernels.norm_qkv_rope_ref,
+                          lambda: [randn(32, 1, C, dtype=bf16), 1 + randn(C, dtype=bf16) / 10,
+                                   1e-6, randn(3 * C, C, dtype=bf16) / C ** 0.5,
+                                   angles[pos:pos + 1].cos(), angles[pos:pos + 1].sin(), H],
+                          3 * C * C * 2 + 4 * 32 * C * 2, 0),  # w_qkv, x and q, k, v, once
     }
 
 

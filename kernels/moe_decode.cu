@@ -1,28 +1,34 @@
-// The whole MoE layer for a few tokens at inference (N*K <= 64 assignments: one decode step, a
-// speculative step, a short prompt), in four launches where the training path makes ~17 (router
-// matmul, softmax, top-k, gather, renormalise, sort, permute, two grouped GEMMs, activation,
-// unpermute, cast). At this size each launch moves a few kilobytes to a few megabytes, so their
-// count and their parallelism, not the bytes, set the time.
-//   x (N, C) the normed tokens, router_w (E, C), bias (E,) or none, w_in (E, I, C), w_out (E, C, F)
-//   with I = F (GELU) or 2F (SwiGLU: rows [gate; up]) -> out (N, C) in out's dtype.
-// Routing is Router's at inference: logits = x router_w^T in fp32, the K largest logits + bias
+// The second half of a transformer block for a few tokens at inference (N*K <= 64 assignments:
+// one decode step, a speculative step, a short prompt): the attention's residual add, the norm and
+// the whole MoE layer with its residual add, in four launches where the training path makes ~20
+// (add, norm, router matmul, softmax, top-k, gather, renormalise, sort, permute, two grouped GEMMs,
+// activation, unpermute, cast, add). At this size each launch moves a few kilobytes to a few
+// megabytes, so their count and their parallelism, not the bytes, set the time.
+//   x (N, C) the residual stream, attn (N, C) the attention's output in x's dtype, norm_w (C,),
+//   router_w (E, C), bias (E,) or none, w_in (E, I, C), w_out (E, C, F) with I = F (GELU) or 2F
+//   (SwiGLU: rows [gate; up]) -> out (N, C) in x's dtype:
+//   r = x + attn, xn = rms_norm(r) * norm_w (rounded to the matmuls' dtype, as the norm kernel
+//   rounds it), out = r + MoE(xn) with the MoE's output rounded to x's dtype first (the sums the
+//   unfused block rounds).
+// Routing is Router's at inference: logits = xn router_w^T in fp32, the K largest logits + bias
 // (ties to the lower expert), gates = softmax over the chosen logits (= softmax(logits) gathered
 // and renormalised).
-//   route:   one block. A warp per (token, expert) logit; a thread per token picks its top-k and
-//            gates; a thread per assignment finds its place in the stable sort by expert ->
-//            order (M,) assignment per position, position (M,) its inverse, starts (E+1,).
+//   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit; a
+//            thread per token picks its top-k and gates; a thread per assignment finds its place
+//            in the stable sort by expert -> order (M,) assignment per position, position (M,)
+//            its inverse, starts (E+1,).
 //   up:      grid (F / 16, E) blocks of 4 warps: a warp per 4 hidden rows f of expert e (2 units'
 //            gate and up rows for SwiGLU), over e's positions p in tiles of 8:
-//            h[p, f] = act(w_in[e, f] . x[t(p)]), in x's dtype (as the grouped path rounds it).
+//            h[p, f] = act(w_in[e, f] . xn[t(p)]), in xn's dtype (as the grouped path rounds it).
 //            Blocks of experts no token chose return at once.
 //   down:    grid (C / 16, E, 4): a warp per 4 output channels c of expert e and a quarter of F:
 //            y[s, p, c] = w_out[e, c, part s] . h[p, part s], fp32.
-//   combine: out[t, c] = sum over t's K assignments of gate * (sum over s of y[s, position, c]),
-//            in k order: no atomics, the same sums every call.
+//   combine: out[t, c] = r[t, c] + sum over t's K assignments of gate * (sum over s of
+//            y[s, position, c]), in k order: no atomics, the same sums every call.
 // Many small warps and no branch in the inner loop keep enough loads in flight to stream the
 // weights: at this size a warp that waits on one load at a time is what makes a kernel slow.
 // Each expert's weights are read once per call (the rows its tokens need); a warp's 4 rows share
-// its loads of x or h (<= 64 rows, in L2). 16-byte loads when C and F are multiples of 8 and the
+// its loads of xn or h (<= 64 rows, in L2). 16-byte loads when C and F are multiples of 8 and the
 // pointers 16-byte aligned, else a scalar path.
 // Test: pytest tests/test_kernels_moe_decode.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=moe_decode
@@ -108,19 +114,65 @@ __device__ __forceinline__ void row_dots(const TW* const (&w)[kRows], const TX* 
     }
 }
 
-template <typename TX, typename TR>
+// r = x + attn rounded to TO, and xn = r * rstd * norm_w rounded to TX, for one token row (a warp).
+template <typename TO, typename TX, typename TR>
+__device__ __forceinline__ void add_norm_row(const TO* x, const TO* attn, const TR* norm_w, TO* r,
+                                             TX* xn, int C, float eps, bool vec) {
+    const int lane = threadIdx.x % 32;
+    float sum_sq = 0.f;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float xv[8], av[8];
+            load8(x + c, xv);
+            load8(attn + c, av);
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                xv[q] = to_float(from_float<TO>(xv[q] + av[q]));
+                sum_sq += xv[q] * xv[q];
+            }
+            store8(r + c, xv);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
+            const TO v = from_float<TO>(to_float(x[c]) + to_float(attn[c]));
+            r[c] = v;
+            sum_sq += to_float(v) * to_float(v);
+        }
+    }
+    const float rstd = rsqrtf(warp_sum(sum_sq) / C + eps);
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float rv[8], gv[8];
+            load8(r + c, rv);
+            load8(norm_w + c, gv);
+#pragma unroll
+            for (int q = 0; q < 8; q++) rv[q] *= rstd * gv[q];
+            store8(xn + c, rv);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) xn[c] = from_float<TX>(to_float(r[c]) * rstd *
+                                                                   to_float(norm_w[c]));
+    }
+}
+
+template <typename TO, typename TX, typename TR>
 __global__ void __launch_bounds__(kRouteThreads)
-route_kernel(const TX* __restrict__ x, const TR* __restrict__ router_w,
-             const float* __restrict__ bias, float* __restrict__ gates, int* __restrict__ order,
-             int* __restrict__ position, int* __restrict__ starts, int N, int C, int E, int K,
-             bool vec) {
+route_kernel(const TO* __restrict__ x, const TO* __restrict__ attn,
+             const TR* __restrict__ norm_w, const TR* __restrict__ router_w,
+             const float* __restrict__ bias, TO* r, TX* xn, float* __restrict__ gates,
+             int* __restrict__ order, int* __restrict__ position, int* __restrict__ starts, int N,
+             int C, int E, int K, float eps, bool vec) {
     __shared__ float logits[kMaxAssignments][kMaxExperts];
     __shared__ int expert_of[kMaxAssignments];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, M = N * K;
+    for (int t = warp; t < N; t += kRouteThreads / 32)
+        add_norm_row(x + (size_t)t * C, attn + (size_t)t * C, norm_w, r + (size_t)t * C,
+                     xn + (size_t)t * C, C, eps, vec);
+    __syncthreads();  // xn's rows, written by other warps, are read below
     // a warp per (token, expert) logit: at batch 1 the E dots run side by side
     for (int pair = warp; pair < N * E; pair += kRouteThreads / 32) {
         const int t = pair / E, e = pair % E;
-        const TX* xr = x + (size_t)t * C;
+        const TX* xr = xn + (size_t)t * C;
         const TR* wr = router_w + (size_t)e * C;
         float dot = 0.f;
         if (vec) {
@@ -265,8 +317,8 @@ down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out, const int* _
 
 template <typename TO>
 __global__ void combine_kernel(const float* __restrict__ y, const float* __restrict__ gates,
-                               const int* __restrict__ position, TO* __restrict__ out, int N,
-                               int C, int K) {
+                               const int* __restrict__ position, const TO* __restrict__ r,
+                               TO* __restrict__ out, int N, int C, int K) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)N * C) return;
     const int t = i / C, c = i % C;
@@ -279,30 +331,36 @@ __global__ void combine_kernel(const float* __restrict__ y, const float* __restr
         for (int s = 0; s < kSplit; s++) dot += row[s * part];
         sum += gates[t * K + k] * dot;
     }
-    out[i] = from_float<TO>(sum);
+    out[i] = from_float<TO>(to_float(r[i]) + to_float(from_float<TO>(sum)));
 }
 
-void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
-                const std::optional<at::Tensor>& bias, const at::Tensor& w_in,
-                const at::Tensor& w_out, int64_t top_k, bool swiglu, at::Tensor& out) {
+void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& norm_w,
+                double eps, const at::Tensor& router_w, const std::optional<at::Tensor>& bias,
+                const at::Tensor& w_in, const at::Tensor& w_out, int64_t top_k, bool swiglu,
+                at::ScalarType dtype, at::Tensor& out) {
     const int N = x.size(0), C = x.size(1), E = w_in.size(0), F = w_out.size(2), K = top_k;
     TORCH_CHECK(N * K <= kMaxAssignments && E <= kMaxExperts && K <= E,
                 "moe_decode takes N*K <= 64 assignments and E <= 64 experts");
+    TORCH_CHECK(attn.sizes() == x.sizes() && norm_w.numel() == C && router_w.size(1) == C,
+                "moe_decode: attn must be x's shape (N, C), norm_w (C,) and router_w (E, C)");
     TORCH_CHECK(w_in.size(1) == (swiglu ? 2 * F : F) && w_in.size(2) == C && w_out.size(1) == C,
                 "moe_decode: w_in must be (E, I, C) and w_out (E, C, F)");
-    TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(),
-                "moe_decode: w_in and w_out differ in dtype");
-    TORCH_CHECK(x.is_contiguous() && router_w.is_contiguous() && w_in.is_contiguous() &&
-                w_out.is_contiguous() && out.is_contiguous(),
-                "moe_decode wants contiguous tensors");
+    TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type() &&
+                norm_w.scalar_type() == router_w.scalar_type() &&
+                attn.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+                "moe_decode: w_in and w_out, norm_w and router_w, x, attn and out share dtypes");
+    TORCH_CHECK(x.is_contiguous() && attn.is_contiguous() && norm_w.is_contiguous() &&
+                router_w.is_contiguous() && w_in.is_contiguous() && w_out.is_contiguous() &&
+                out.is_contiguous(), "moe_decode wants contiguous tensors");
     if (N == 0) return;
     const at::cuda::OptionalCUDAGuard guard(x.device());
     const int M = N * K;
     auto ints = x.options().dtype(at::kInt);
+    at::Tensor r = at::empty({N, C}, x.options()), xn = at::empty({N, C}, x.options().dtype(dtype));
     at::Tensor gates = at::empty({M}, x.options().dtype(at::kFloat));
     at::Tensor order = at::empty({M}, ints), position = at::empty({M}, ints);
     at::Tensor starts = at::empty({E + 1}, ints);
-    at::Tensor h = at::empty({M, F}, x.options());
+    at::Tensor h = at::empty({M, F}, xn.options());
     at::Tensor y = at::empty({kSplit, M, C}, x.options().dtype(at::kFloat));
     const float* bias_ptr = nullptr;
     at::Tensor bias_f;
@@ -310,22 +368,27 @@ void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
         bias_f = bias->to(at::kFloat).contiguous();
         bias_ptr = ptr<float>(bias_f);
     }
-    const bool vec_route = C % 8 == 0 && aligned16({x, router_w});
-    const bool vec_up = C % 8 == 0 && aligned16({x, w_in});
-    const bool vec_down = F % 8 == 0 && aligned16({w_out, h});
+    const bool vec_route = C % 8 == 0 && aligned16({x, attn, norm_w, router_w});
+    const bool vec_up = C % 8 == 0 && aligned16({w_in});  // xn is freshly allocated: aligned
+    const bool vec_down = F % 8 == 0 && aligned16({w_out});
     const int rows_per_block = kWarps * kRows;
     const int units_per_block = kWarps * (swiglu ? kRows / 2 : kRows);
-    AVA_DISPATCH(x.scalar_type(), TX, [&] {
-        AVA_DISPATCH(router_w.scalar_type(), TR, [&] {
-            route_kernel<TX, TR><<<1, kRouteThreads, 0, stream()>>>(
-                ptr<TX>(x), ptr<TR>(router_w), bias_ptr, ptr<float>(gates), ptr<int>(order),
-                ptr<int>(position), ptr<int>(starts), N, C, E, K, vec_route);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AVA_DISPATCH(x.scalar_type(), TO, [&] {
+        AVA_DISPATCH(dtype, TX, [&] {
+            AVA_DISPATCH(router_w.scalar_type(), TR, [&] {
+                route_kernel<TO, TX, TR><<<1, kRouteThreads, 0, stream()>>>(
+                    ptr<TO>(x), ptr<TO>(attn), ptr<TR>(norm_w), ptr<TR>(router_w), bias_ptr,
+                    ptr<TO>(r), ptr<TX>(xn), ptr<float>(gates), ptr<int>(order),
+                    ptr<int>(position), ptr<int>(starts), N, C, E, K, (float)eps, vec_route);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
         });
+    });
+    AVA_DISPATCH(dtype, TX, [&] {
         AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
             dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
             auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
-            up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(x), ptr<TW>(w_in), ptr<int>(order),
+            up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(xn), ptr<TW>(w_in), ptr<int>(order),
                                                        ptr<int>(starts), ptr<TX>(h), C, F, K,
                                                        vec_up);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -336,14 +399,16 @@ void moe_decode(const at::Tensor& x, const at::Tensor& router_w,
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     });
-    AVA_DISPATCH(out.scalar_type(), TO, [&] {
+    AVA_DISPATCH(x.scalar_type(), TO, [&] {
         combine_kernel<TO><<<(N * C + 255) / 256, 256, 0, stream()>>>(
-            ptr<float>(y), ptr<float>(gates), ptr<int>(position), ptr<TO>(out), N, C, K);
+            ptr<float>(y), ptr<float>(gates), ptr<int>(position), ptr<TO>(r), ptr<TO>(out), N,
+            C, K);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
 }
 
 TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
-    m.def("moe_decode(Tensor x, Tensor router_w, Tensor? bias, Tensor w_in, Tensor w_out, "
-          "int top_k, bool swiglu, Tensor(a!) out) -> ()", &moe_decode);
+    m.def("moe_decode(Tensor x, Tensor attn, Tensor norm_w, float eps, Tensor router_w, "
+          "Tensor? bias, Tensor w_in, Tensor w_out, int top_k, bool swiglu, ScalarType dtype, "
+          "Tensor(a!) out) -> ()", &moe_decode);
 }

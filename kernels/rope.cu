@@ -1,5 +1,6 @@
 // Attention's qkv split + rotary position embedding (RoPE, Su et al. 2021), forward and backward,
-// in one pass.
+// in one pass; and for a decode step, the attention's whole input side (RMSNorm, the qkv
+// projection and RoPE) in one launch: norm_qkv_rope, below.
 //   forward:  q, k, v = split of qkv into heads;
 //             (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos) on q and k
 //   backward: the inverse rotation (angle -theta) on dq and dk,
@@ -18,7 +19,9 @@
 // Memory traffic per call: 2 * 3*B*T*C * sizeof(dtype) bytes (read once, write once) +
 // 2 * T*D/2 * 4 bytes of cos/sin, which every batch row and head re-reads from cache.
 // Test: pytest tests/test_kernels_rope.py (CUDA tests need a GPU)
-// Time: python kernels/bench.py --op=qkv_rope
+// Time: python kernels/bench.py --op=qkv_rope (and --op=norm_qkv_rope)
+#include <type_traits>
+
 #include "common.cuh"
 
 // W consecutive elements <-> W floats: 16-byte accesses for W = 8, single elements for W = 1.
@@ -118,9 +121,236 @@ void qkv_rope_bwd(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& 
     launch<true>(dqkv, dq, dk, dv, cos, sin);
 }
 
+// ---------------------------------------------------------------------------------------------
+// norm_qkv_rope: a decode step's RMSNorm, qkv projection and RoPE in one launch, where the unfused
+// path makes three (rms_norm, cuBLAS's GEMV, qkv_rope), each waiting on the one before.
+//   xn = x * rstd * norm_w, rstd = 1 / sqrt(mean(x^2) + eps);  qkv = xn w_qkv^T;
+//   then qkv_rope's forward: q, k rotated, v copied, each (B, H, T, D).
+// Shapes: x (B, T, C) fp32 or bf16 with N = B*T <= kMaxTokens; norm_w (C,) in x's dtype; w_qkv
+// (3C, C) fp32 or bf16, rows [q; k; v], each H heads of D rows (nn.Linear's weight); cos, sin
+// (T, D/2) fp32, row t = token % T; q, k, v (B, H, T, D) contiguous, fp32 or bf16. Computed in
+// fp32, rounded once, at the store.
+// Work split: pair p in [0, 3C/2), p = (s*H + h)*D/2 + d for section s (q, k, v), head h, channel
+// d < D/2, owns rows s*C + h*D + d and that + D/2 of w_qkv: the two channels RoPE rotates
+// together. A warp owns 2 pairs (4 rows; blocks of 4 warps) and passes over the tokens in tiles of
+// 8: each lane streams its share of C in 16-byte steps (8 bf16 or 4 fp32 elements), loading the
+// 4 rows', the 8 tokens' and norm_w's chunk at once (no branch in the loop: rows past the tile's
+// end repeat its last), and accumulates dot[r][j] += (w_r * norm_w) . x_j and
+// sumsq[j] += x_j . x_j. The norm needs no pass of its own:
+// w . (x * rstd * norm_w) = rstd * ((w * norm_w) . x), so rstd_j scales the sums.
+// Two reduce-scatters over the warp (31 + 9 shuffles, where 40 warp sums take 200) leave lane
+// r*8 + j with dot[r][j] and sumsq[j]; the two lanes of a pair swap values, rotate, and each
+// writes its channel.
+// Traffic: w_qkv once (3C^2 elements: 1.5 MB in bf16 at C = 512, the bulk); x (N*C), norm_w and
+// cos, sin are re-read by every warp (from L1 or L2), and so are a warp's rows on each tile past
+// the first; q, k, v 3*N*C written once. 16-byte loads when C % 8 == 0 and x, norm_w, w_qkv are
+// 16-byte aligned, else a scalar path.
+// Test: pytest tests/test_kernels_rope.py (CUDA tests need a GPU)
+// Time: python kernels/bench.py --op=norm_qkv_rope
+
+constexpr int kMaxTokens = 64;  // N = B*T: a decode or speculative step (rope.py's MAX_TOKENS)
+constexpr int kTile = 8;        // tokens per pass of a warp
+constexpr int kPairs = 2;       // rope pairs per warp
+constexpr int kRows = 2 * kPairs;
+constexpr int kWarps = 4;       // per block
+constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep loads in flight
+
+namespace {
+
+// E consecutive elements as stored, in one load: 16 bytes (8 bf16 or 4 fp32) or 8 (4 bf16), turned
+// into floats where they are used, so a tile's x rows hold only their stored bytes in registers.
+template <typename T, int E> struct Chunk {
+    using Raw = std::conditional_t<sizeof(T) * E == 16, uint4, uint2>;
+    Raw raw;
+    __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const Raw*>(p); }
+    __device__ __forceinline__ void floats(float (&f)[E]) const {
+        if constexpr (std::is_same_v<T, float>) {
+            const unsigned* u = reinterpret_cast<const unsigned*>(&raw);
+#pragma unroll
+            for (int e = 0; e < E; e++) f[e] = __uint_as_float(u[e]);
+        } else {
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int e = 0; e < E / 2; e++) {
+                const float2 pair = __bfloat1622float2(h[e]);
+                f[2 * e] = pair.x;
+                f[2 * e + 1] = pair.y;
+            }
+        }
+    }
+};
+
+// Halving steps of warp_sum_scatter, O = M/2, M/4, .., 1: a lane keeps the half of its values that
+// its partner across bit O sends it. O is a template argument so every index of v is a constant:
+// a loop over O leaves v in local memory.
+template <int O, int M> __device__ __forceinline__ void scatter_steps(float (&v)[M], int lane) {
+    if constexpr (O > 0) {
+        const bool upper = lane & O;
+#pragma unroll
+        for (int i = 0; i < O; i++) {
+            const float keep = upper ? v[i + O] : v[i], send = upper ? v[i] : v[i + O];
+            v[i] = keep + __shfl_xor_sync(0xffffffff, send, O);
+        }
+        scatter_steps<O / 2>(v, lane);
+    }
+}
+
+// Sums each of M values (M a power of two <= 32) over the warp and returns value lane % M's sum,
+// in M - 1 + log2(32 / M) shuffles where M warp sums take 5M: after the halving steps, lanes that
+// differ above bit log2(M) hold parts of the same value.
+template <int M> __device__ __forceinline__ float warp_sum_scatter(float (&v)[M]) {
+    const int lane = threadIdx.x % 32;
+    scatter_steps<M / 2>(v, lane);
+#pragma unroll
+    for (int o = M; o < 32; o *= 2) v[0] += __shfl_xor_sync(0xffffffff, v[0], o);
+    return v[0];
+}
+
+}  // namespace
+
+template <typename TX, typename TW, typename TO>
+__global__ void __launch_bounds__(32 * kWarps, kMinBlocks)
+norm_qkv_rope_kernel(const TX* __restrict__ x, const TX* __restrict__ norm_w,
+                     const TW* __restrict__ w_qkv, const float* __restrict__ cos,
+                     const float* __restrict__ sin, TO* __restrict__ q, TO* __restrict__ k,
+                     TO* __restrict__ v, int N, int T_, int C, int H, float eps, bool vec) {
+    // elements a lane loads per row and step: 16 bytes of the wider dtype (8 bf16 or 4 fp32), so
+    // fp32 holds as many bytes in flight as bf16 in as many registers
+    constexpr int E = sizeof(TX) == 4 || sizeof(TW) == 4 ? 4 : 8;
+    const int lane = threadIdx.x % 32, half = C / H / 2, pairs = 3 * C / 2;
+    const int p0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kPairs;
+    if (p0 >= pairs) return;
+    const TW* w[kRows];  // row r: pair p0 + r / 2, channel d (r even) or d + D/2 (r odd)
+#pragma unroll
+    for (int r = 0; r < kRows; r++) {
+        const int p = min(p0 + r / 2, pairs - 1);  // past the end: the last pair, not written
+        w[r] = w_qkv + (size_t)((p / half) * 2 * half + p % half + (r % 2) * half) * C;
+    }
+    // after the reduce-scatters, this lane owns row r = lane / 8 for token j = lane % 8 of a tile
+    const int r = lane / kTile, j = lane % kTile, p = p0 + r / 2, pc = min(p, pairs - 1);
+    const int head_row = pc / half, s = head_row / H, h = head_row % H, d = pc % half;
+    TO* out = (s == 0 ? q : s == 1 ? k : v) + (size_t)h * T_ * 2 * half + d + (r % 2) * half;
+    for (int n0 = 0; n0 < N; n0 += kTile) {
+        const int n = min(kTile, N - n0);
+        const TX* xs[kTile];
+#pragma unroll
+        for (int i = 0; i < kTile; i++) xs[i] = x + (size_t)(n0 + min(i, n - 1)) * C;
+        float dot[kRows * kTile] = {}, sumsq[kTile] = {};  // dot[r * kTile + j]
+        if (vec) {
+            for (int c = lane * E; c < C; c += 32 * E) {
+                Chunk<TW, E> wr[kRows];
+                Chunk<TX, E> xr[kTile], gr;
+#pragma unroll
+                for (int i = 0; i < kRows; i++) wr[i].load(w[i] + c);
+#pragma unroll
+                for (int i = 0; i < kTile; i++) xr[i].load(xs[i] + c);
+                gr.load(norm_w + c);
+                float g[E];
+                gr.floats(g);
+#pragma unroll
+                for (int i = 0; i < kTile; i++) {
+                    float xf[E];
+                    xr[i].floats(xf);
+#pragma unroll
+                    for (int e = 0; e < E; e++) sumsq[i] += xf[e] * xf[e];
+                }
+#pragma unroll
+                for (int ri = 0; ri < kRows; ri++) {
+                    float wg[E];
+                    wr[ri].floats(wg);
+#pragma unroll
+                    for (int e = 0; e < E; e++) wg[e] *= g[e];
+#pragma unroll
+                    for (int i = 0; i < kTile; i++) {
+                        float xf[E];
+                        xr[i].floats(xf);
+#pragma unroll
+                        for (int e = 0; e < E; e++) dot[ri * kTile + i] += wg[e] * xf[e];
+                    }
+                }
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) {
+                const float g = to_float(norm_w[c]);
+                float wg[kRows], xf[kTile];
+#pragma unroll
+                for (int i = 0; i < kRows; i++) wg[i] = to_float(w[i][c]) * g;
+#pragma unroll
+                for (int i = 0; i < kTile; i++) xf[i] = to_float(xs[i][c]);
+#pragma unroll
+                for (int i = 0; i < kTile; i++) {
+                    sumsq[i] += xf[i] * xf[i];
+#pragma unroll
+                    for (int ri = 0; ri < kRows; ri++) dot[ri * kTile + i] += wg[ri] * xf[i];
+                }
+            }
+        }
+        const float rstd = rsqrtf(warp_sum_scatter(sumsq) / C + eps);
+        const float mine = rstd * warp_sum_scatter(dot);
+        const float other = __shfl_xor_sync(0xffffffff, mine, kTile);  // lane ^ 8: r ^ 1
+        if (j < n && p < pairs) {
+            const int token = n0 + j, b = token / T_, t = token % T_;
+            float value = mine;
+            if (s < 2) {  // q and k rotate: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+                const float c = cos[(size_t)t * half + d], sn = sin[(size_t)t * half + d];
+                value = r % 2 == 0 ? mine * c - other * sn : other * sn + mine * c;
+            }
+            out[((size_t)b * H * T_ + t) * 2 * half] = from_float<TO>(value);
+        }
+    }
+}
+
+void norm_qkv_rope(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& w_qkv,
+                   const at::Tensor& cos, const at::Tensor& sin, double eps, at::Tensor& q,
+                   at::Tensor& k, at::Tensor& v) {
+    TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.is_contiguous(),
+                "norm_qkv_rope: x must be a contiguous (B, T, C) CUDA tensor, got ", x.sizes());
+    const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+    TORCH_CHECK(B * T <= kMaxTokens, "norm_qkv_rope takes B*T <= ", kMaxTokens, " tokens, got ",
+                B * T);
+    TORCH_CHECK(q.dim() == 4 && q.size(0) == B && q.size(2) == T && q.size(1) * q.size(3) == C &&
+                    q.size(3) % 2 == 0,
+                "norm_qkv_rope: q, k, v must be (B, H, T, D) with H*D = C = ", C,
+                " and D even, got ", q.sizes());
+    const int64_t H = q.size(1), D = q.size(3);
+    for (const auto* t : {&q, &k, &v})
+        TORCH_CHECK(t->sizes() == q.sizes() && t->is_contiguous() &&
+                        t->scalar_type() == q.scalar_type(),
+                    "norm_qkv_rope: q, k, v must be contiguous, of one shape and one dtype");
+    TORCH_CHECK(norm_w.dim() == 1 && norm_w.size(0) == C && norm_w.is_contiguous() &&
+                    norm_w.scalar_type() == x.scalar_type(),
+                "norm_qkv_rope: norm_w must be contiguous (C,) = (", C, ") in x's dtype");
+    TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == 3 * C && w_qkv.size(1) == C &&
+                    w_qkv.is_contiguous(),
+                "norm_qkv_rope: w_qkv must be contiguous (3C, C) = (", 3 * C, ", ", C, "), got ",
+                w_qkv.sizes());
+    for (const auto* t : {&cos, &sin})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                        t->size(0) == T && t->size(1) == D / 2,
+                    "norm_qkv_rope: cos and sin must be contiguous float32 (T, D/2) = (", T, ", ",
+                    D / 2, ")");
+    if (B * T == 0 || C == 0) return;
+    const at::cuda::OptionalCUDAGuard guard(x.device());
+    const bool vec = C % 8 == 0 && aligned16({x, norm_w, w_qkv});
+    const int warps = (3 * C / 2 + kPairs - 1) / kPairs, blocks = (warps + kWarps - 1) / kWarps;
+    AVA_DISPATCH(x.scalar_type(), TX, [&] {
+        AVA_DISPATCH(w_qkv.scalar_type(), TW, [&] {
+            AVA_DISPATCH(q.scalar_type(), TO, [&] {
+                norm_qkv_rope_kernel<TX, TW, TO><<<blocks, 32 * kWarps, 0, stream()>>>(
+                    ptr<TX>(x), ptr<TX>(norm_w), ptr<TW>(w_qkv), ptr<float>(cos),
+                    ptr<float>(sin), ptr<TO>(q), ptr<TO>(k), ptr<TO>(v), B * T, T, C, H,
+                    (float)eps, vec);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+        });
+    });
+}
+
 TORCH_LIBRARY_FRAGMENT(ava_cuda, m) {
     m.def("qkv_rope_fwd(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) q, Tensor(b!) k, "
           "Tensor(c!) v) -> ()", &qkv_rope_fwd);
     m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin, Tensor(a!) dqkv) "
           "-> ()", &qkv_rope_bwd);
+    m.def("norm_qkv_rope(Tensor x, Tensor norm_w, Tensor w_qkv, Tensor cos, Tensor sin, float eps, "
+          "Tensor(a!) q, Tensor(b!) k, Tensor(c!) v) -> ()", &norm_qkv_rope);
 }

@@ -1,11 +1,18 @@
 """Attention's qkv split + RoPE as one kernel each way (rope.cu): reads the packed qkv once and
 writes q, k, v contiguous in (B, H, T, D), q and k rotated, where eager PyTorch makes separate
 float-cast, chunk, multiply, cat, cast and permute-copy passes. The backward applies the inverse
-rotation and packs the grads back into dqkv."""
+rotation and packs the grads back into dqkv.
+For a decode step, norm_qkv_rope does the attention's whole input side (RMSNorm, the qkv matmul,
+the split and RoPE) in one launch, where the unfused path makes three that each wait on the last."""
 
 import torch
+import torch.nn.functional as F
 
 import kernels
+from kernels.rms_norm import rms_norm_ref
+
+MAX_TOKENS = 64  # B*T; rope.cu's kMaxTokens: a decode or speculative step. The kernel re-reads
+                 # its weight rows per 8 tokens; longer steps take cuBLAS's tiled GEMM
 
 
 def _rotate(x, cos, sin):
@@ -34,17 +41,17 @@ def qkv_rope(qkv, cos, sin, n_head):
     return qkv_rope_ref(qkv, cos, sin, n_head)
 
 
-def _empty_heads(qkv, n_head):
-    """Three uninitialised (B, H, T, D) tensors like qkv (B, T, 3C)."""
-    B, T, C3 = qkv.shape
-    return tuple(qkv.new_empty(B, n_head, T, C3 // (3 * n_head)) for _ in range(3))
+def _empty_heads(like, n_head, head_dim, dtype):
+    """Three uninitialised (B, H, T, D) tensors on like's (B, T, ...) device."""
+    B, T = like.shape[:2]
+    return tuple(like.new_empty(B, n_head, T, head_dim, dtype=dtype) for _ in range(3))
 
 
 @torch.library.custom_op('ava::qkv_rope', mutates_args=())
 def _qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> q, k, v, each (B, H, T, D) contiguous in qkv's dtype."""
-    q, k, v = _empty_heads(qkv, n_head)
+    q, k, v = _empty_heads(qkv, n_head, qkv.size(2) // (3 * n_head), qkv.dtype)
     torch.ops.ava_cuda.qkv_rope_fwd(qkv.contiguous(), cos.float().contiguous(),
                                     sin.float().contiguous(), q, k, v)
     return q, k, v
@@ -52,7 +59,7 @@ def _qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 @_qkv_rope.register_fake
 def _(qkv, cos, sin, n_head):
-    return _empty_heads(qkv, n_head)
+    return _empty_heads(qkv, n_head, qkv.size(2) // (3 * n_head), qkv.dtype)
 
 
 @torch.library.custom_op('ava::qkv_rope_backward', mutates_args=())
@@ -83,3 +90,42 @@ def _backward(ctx, dq, dk, dv):
 
 
 _qkv_rope.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_qkv_rope_ref(x, norm_w, eps, w_qkv, cos, sin, n_head):
+    """x (B, T, C) -> q, k, v, each (B, H, T, D) contiguous in the autocast dtype (else x's):
+    rms_norm_ref(x, norm_w, eps), the qkv projection by w_qkv (3C, C) (rows [q; k; v], an
+    nn.Linear's weight), then qkv_rope_ref with cos, sin (T, D/2) or per row (B, 1, T, D/2)."""
+    xn = rms_norm_ref(x, norm_w, eps)                  # (B, T, C) in the next matmul's dtype
+    qkv = F.linear(xn, w_qkv.to(xn.dtype))             # (B, T, 3C); autocast would cast w too
+    return tuple(t.contiguous() for t in qkv_rope_ref(qkv, cos, sin, n_head))
+
+
+def norm_qkv_rope(x, norm_w, eps, w_qkv, cos, sin, n_head):
+    """norm_qkv_rope_ref's function through the CUDA kernel when it is available and the step is
+    short (B*T <= 64 tokens), with one (T, D/2) table for all rows."""
+    B, T, C = x.shape
+    fits = B * T <= MAX_TOKENS and cos.dim() == 2 and C % n_head == 0 and (C // n_head) % 2 == 0
+    if fits and kernels.use_cuda(x, norm_w, w_qkv, cos, sin):
+        return torch.ops.ava.norm_qkv_rope(x, norm_w, eps, w_qkv, cos, sin, n_head,
+                                           kernels.autocast_dtype(x))
+    return norm_qkv_rope_ref(x, norm_w, eps, w_qkv, cos, sin, n_head)
+
+
+@torch.library.custom_op('ava::norm_qkv_rope', mutates_args=())
+def _norm_qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q, k, v, each (B, H, T, D) contiguous in out_dtype. Inference only: no autograd."""
+    q, k, v = _empty_heads(x, n_head, x.size(2) // n_head, out_dtype)
+    # the kernel reads norm_w in x's dtype: a model's own weights pass as they are, no cast
+    norm_w = norm_w if norm_w.dtype == x.dtype else norm_w.to(x.dtype)
+    torch.ops.ava_cuda.norm_qkv_rope(x.contiguous(), norm_w.contiguous(), w_qkv.contiguous(),
+                                     cos.float().contiguous(), sin.float().contiguous(), eps, q,
+                                     k, v)
+    return q, k, v
+
+
+@_norm_qkv_rope.register_fake
+def _(x, norm_w, eps, w_qkv, cos, sin, n_head, out_dtype):
+    return _empty_heads(x, n_head, x.size(2) // n_head, out_dtype)

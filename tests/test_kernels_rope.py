@@ -1,11 +1,12 @@
 """qkv split + RoPE: the PyTorch twin against complex-number rotation in float64 (CPU), and the CUDA kernels
-against the twin in float64 (GPU only)."""
+against the twin in float64 (GPU only). The decode op norm_qkv_rope (RMSNorm + qkv matmul + RoPE): its twin and
+its kernel against a float64 normalise, matmul and complex rotation."""
 
 import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.rope import qkv_rope, qkv_rope_ref
+from kernels.rope import MAX_TOKENS, norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref
 
 
 def angles(T, D, start=0, device='cpu'):
@@ -116,3 +117,129 @@ def test_torch_compile():
     compiled_loss = torch.compile(fn, fullgraph=True)(qkv)
     torch.testing.assert_close(compiled_loss, eager_loss)
     torch.testing.assert_close(torch.autograd.grad(compiled_loss, qkv), torch.autograd.grad(eager_loss, qkv))
+
+
+# --- norm_qkv_rope: RMSNorm, the qkv projection and RoPE of a decode step ---
+
+
+def norm_qkv_rope_float64(x, norm_w, eps, w_qkv, theta, H):
+    """The op by hand in float64: normalise, matmul, split into heads by indexing, rotate q and k as complex numbers
+    by theta (T, D/2) or (B, 1, T, D/2)."""
+    x, norm_w, w_qkv = x.double(), norm_w.double(), w_qkv.double()
+    xn = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * norm_w
+    q, k, v = heads(xn @ w_qkv.t(), H)
+    return complex_rotate(q, theta), complex_rotate(k, theta), v
+
+
+def make_decode(B, T, C, H, dtype=torch.float32, weight_dtype=torch.float32, device='cpu', offset=0, start=7):
+    """x (B, T, C) at a residual stream's scale, starting offset elements past a 16-byte boundary; norm_w (C,)
+    around 1 and w_qkv (3C, C) ~N(0, 1/C) in weight_dtype; cos, sin (T, D/2) fp32 for positions start ..; theta."""
+    gen = torch.Generator().manual_seed(B * 1000 + T * 100 + C)
+    flat = (3 * torch.randn(B * T * C + offset, generator=gen)).to(device, dtype)  # offset on the device
+    norm_w = 1 + 0.2 * torch.randn(C, generator=gen)
+    w_qkv = torch.randn(3 * C, C, generator=gen) / C ** 0.5
+    theta = angles(T, C // H, start, device)
+    return (flat[offset:].view(B, T, C), norm_w.to(device, weight_dtype), w_qkv.to(device, weight_dtype),
+            theta.cos().float(), theta.sin().float(), theta)
+
+
+@pytest.mark.parametrize('B,T,C,H', [(1, 1, 8, 1), (2, 5, 12, 2), (3, 2, 32, 4)])
+def test_norm_qkv_rope_ref_matches_float64(B, T, C, H):
+    x, norm_w, w_qkv, _, _, theta = make_decode(B, T, C, H, torch.float64, torch.float64)
+    out = norm_qkv_rope_ref(x, norm_w, 1e-6, w_qkv, theta.cos(), theta.sin(), H)
+    for o, r in zip(out, norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, H)):
+        assert o.shape == (B, H, T, C // H) and o.is_contiguous() and o.dtype == torch.float64
+        assert rel_err(o, r) < 1e-6  # rms_norm_ref normalises in fp32
+
+
+def test_norm_qkv_rope_ref_per_row_tables():
+    """Left-padded rows: each row its own positions, tables (B, 1, T, D/2)."""
+    B, T, C, H = 3, 4, 16, 2
+    x, norm_w, w_qkv, _, _, _ = make_decode(B, T, C, H, torch.float64, torch.float64)
+    theta = torch.stack([angles(T, C // H, start) for start in (0, 5, 11)])[:, None]  # (B, 1, T, D/2)
+    out = norm_qkv_rope_ref(x, norm_w, 1e-6, w_qkv, theta.cos(), theta.sin(), H)
+    for o, r in zip(out, norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, H)):
+        assert rel_err(o, r) < 1e-6
+
+
+@pytest.mark.parametrize('dtype,weight_dtype,tol', [(torch.bfloat16, torch.bfloat16, 1e-2),
+                                                    (torch.float32, torch.bfloat16, 1e-5),
+                                                    (torch.bfloat16, torch.float32, 1e-2)])
+def test_norm_qkv_rope_ref_dtypes(dtype, weight_dtype, tol):
+    """Out in x's dtype outside autocast, whatever the weights' (the twin casts w_qkv to the normed x's)."""
+    x, norm_w, w_qkv, cos, sin, theta = make_decode(2, 3, 32, 4, dtype, weight_dtype)
+    out = norm_qkv_rope_ref(x, norm_w, 1e-6, w_qkv, cos, sin, 4)
+    for o, r in zip(out, norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, 4)):
+        assert o.dtype == dtype and o.shape == (2, 4, 3, 8)
+        assert rel_err(o, r) < tol
+
+
+# --- the norm_qkv_rope kernel against the float64 computation ---
+
+
+DECODE_DTYPES = [  # x, norm_w and w_qkv, autocast, tolerance
+    (torch.float32, torch.float32, False, 1e-5),
+    (torch.bfloat16, torch.bfloat16, False, 1e-2),
+    (torch.float32, torch.bfloat16, False, 1e-5),   # bf16 weights are exact inputs: an fp32 result
+    (torch.bfloat16, torch.float32, False, 1e-2),   # norm_w read in x's dtype (cast)
+    (torch.float32, torch.float32, True, 1e-2),     # a trained checkpoint under autocast: bf16 out
+]
+
+
+@cuda
+@pytest.mark.parametrize('dtype,weight_dtype,autocast,tol', DECODE_DTYPES)
+@pytest.mark.parametrize('B,T,C,H,offset', [
+    (1, 1, 512, 8, 0),   # a decode step of config/small.py
+    (32, 1, 512, 8, 0),  # batch 32: 4 tiles of 8 tokens
+    (1, 3, 512, 8, 0),   # a speculative step
+    (8, 8, 256, 4, 0),   # the limit: 64 tokens
+    (2, 5, 18, 3, 0),    # odd sizes: the scalar path, a pair left over, a warp across q and k
+    (3, 1, 40, 4, 1),    # x off a 16-byte boundary: the scalar path
+    (0, 1, 64, 4, 0),    # no tokens
+    (2, 0, 64, 4, 0),
+])
+def test_cuda_norm_qkv_rope_matches_float64(B, T, C, H, offset, dtype, weight_dtype, autocast, tol):
+    built()
+    x, norm_w, w_qkv, cos, sin, theta = make_decode(B, T, C, H, dtype, weight_dtype, 'cuda', offset)
+    ref = norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, H)
+    poison()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+        out = norm_qkv_rope(x, norm_w, 1e-6, w_qkv, cos, sin, H)
+    for o, r in zip(out, ref):
+        assert o.shape == (B, H, T, C // H) and o.is_contiguous()
+        assert o.dtype == (torch.bfloat16 if autocast else dtype)
+        if r.numel():
+            assert rel_err(o, r) < tol
+
+
+@cuda
+def test_cuda_norm_qkv_rope_falls_back_to_the_twin():
+    """Per-row tables and more than MAX_TOKENS tokens take the twin: its very result."""
+    built()
+    x, norm_w, w_qkv, _, _, _ = make_decode(3, 4, 64, 4, device='cuda')
+    theta = torch.stack([angles(4, 16, start, 'cuda') for start in (0, 5, 11)])[:, None]  # (B, 1, T, D/2)
+    args = (x, norm_w, 1e-6, w_qkv, theta.cos().float(), theta.sin().float(), 4)
+    assert all(torch.equal(o, r) for o, r in zip(norm_qkv_rope(*args), norm_qkv_rope_ref(*args)))
+    x, norm_w, w_qkv, cos, sin, _ = make_decode(MAX_TOKENS + 1, 1, 64, 4, device='cuda')
+    args = (x, norm_w, 1e-6, w_qkv, cos, sin, 4)
+    assert all(torch.equal(o, r) for o, r in zip(norm_qkv_rope(*args), norm_qkv_rope_ref(*args)))
+
+
+@cuda
+def test_cuda_norm_qkv_rope_opcheck_compile_and_graph():
+    built()
+    x, norm_w, w_qkv, cos, sin, _ = make_decode(6, 1, 64, 4, torch.bfloat16, torch.bfloat16, 'cuda')
+    for out_dtype in (torch.bfloat16, torch.float32):
+        torch.library.opcheck(torch.ops.ava.norm_qkv_rope.default, (x, norm_w, 1e-6, w_qkv, cos, sin, 4, out_dtype))
+    op = lambda x: norm_qkv_rope(x, norm_w, 1e-6, w_qkv, cos, sin, 4)  # noqa: E731
+    eager = op(x)
+    compiled = torch.compile(op, fullgraph=True)(x)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    graph, captured_x = torch.cuda.CUDAGraph(), x.clone()
+    op(captured_x)  # warm-up off the graph
+    with torch.cuda.graph(graph):
+        captured = op(captured_x)
+    new_x = torch.randn_like(x)
+    captured_x.copy_(new_x)
+    graph.replay()
+    assert all(torch.equal(c, e) for c, e in zip(captured, op(new_x)))
