@@ -124,6 +124,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions already stored
         self.max_len = max_len
+        # RoPE's cos and sin at every position the cache can hold: a step looks its rows up in
+        # two launches where rope_tables() takes eight
+        self.cos, self.sin = rope_tables(shape[-1], torch.arange(max_len, device=device))
 
     def positions(self, T):
         return self.pos + torch.arange(T, device=self.pos.device)  # (T,) of the next T tokens
@@ -503,7 +506,10 @@ class GPT(nn.Module):
             mask = attention_mask(positions, T if cache is None else cache.max_len, pad)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp_min(0)                 # (B, T)
-        cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions)
+        if cache is None:
+            cos, sin = rope_tables(self.config.n_embd // self.config.n_head, positions)
+        else:
+            cos, sin = cache.cos[positions], cache.sin[positions]  # (T, D/2) or (B, T, D/2)
         if pad is not None:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): broadcast over heads
         x = self.wte(idx)  # (B, T, C)
