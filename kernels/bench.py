@@ -109,8 +109,9 @@ def cases():
                               torch.ones(N, K, dtype=torch.bool, device='cuda'), E],
                      2 * M * 9 + M * 8, 0),
         'moe_decode': (moe_decode, kernels.moe_decode_ref,
-                       lambda: [randn(32, C, dtype=bf16), randn(E, C, dtype=bf16), None,
-                                randn(E, Fh, C, dtype=bf16) * 0.02,
+                       lambda: [randn(32, C, dtype=bf16), randn(32, C, dtype=bf16),
+                                1 + randn(C, dtype=bf16) / 10, 1e-6, randn(E, C, dtype=bf16),
+                                None, randn(E, Fh, C, dtype=bf16) * 0.02,
                                 randn(E, C, Fh, dtype=bf16) * 0.02, K, 'gelu'],
                        2 * E * C * Fh * 2, 0),  # every expert's weights, once (batch 32 hits all)
         'cached_attention': (cached_attention, kernels.cached_attention_ref,

@@ -13,9 +13,10 @@
 // Routing is Router's at inference: logits = xn router_w^T in fp32, the K largest logits + bias
 // (ties to the lower expert), gates = softmax over the chosen logits (= softmax(logits) gathered
 // and renormalised).
-//   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit; a
-//            thread per token picks its top-k and gates; a thread per assignment finds its place
-//            in the stable sort by expert -> order (M,) assignment per position, position (M,)
+//   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit
+//            (up to 4 at once when N*E > 32); a thread per token picks its top-k and gates; a
+//            thread per assignment finds its place in the stable sort by expert -> order (M,)
+//            assignment per position, position (M,)
 //            its inverse, starts (E+1,).
 //   up:      grid (F / 16, E) blocks of 4 warps: a warp per 4 hidden rows f of expert e (2 units'
 //            gate and up rows for SwiGLU), over e's positions p in tiles of 8:
@@ -41,6 +42,7 @@ constexpr int kWarps = 4;       // per block of up and down
 constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep loads in flight
 constexpr int kSplit = 4;       // down: parts of F, summed by combine
 constexpr int kRouteThreads = 1024;
+constexpr int kLogits = 4;     // route: logits a warp computes in one pass
 
 // 8 consecutive elements as stored (one 16-byte load for bf16, two for fp32), turned into floats
 // where they are used: a tile's x rows then take half the registers in bf16.
@@ -169,25 +171,42 @@ route_kernel(const TO* __restrict__ x, const TO* __restrict__ attn,
         add_norm_row(x + (size_t)t * C, attn + (size_t)t * C, norm_w, r + (size_t)t * C,
                      xn + (size_t)t * C, C, eps, vec);
     __syncthreads();  // xn's rows, written by other warps, are read below
-    // a warp per (token, expert) logit: at batch 1 the E dots run side by side
-    for (int pair = warp; pair < N * E; pair += kRouteThreads / 32) {
-        const int t = pair / E, e = pair % E;
-        const TX* xr = xn + (size_t)t * C;
-        const TR* wr = router_w + (size_t)e * C;
-        float dot = 0.f;
+    // a warp per (token, expert) logit, kLogits of them at once with all their loads in flight
+    // (pairs warp, warp + 32, ...): at batch 1 the E dots run side by side on E warps, at batch
+    // 32 each warp makes 8 in two passes, not eight
+    constexpr int kWarpsRoute = kRouteThreads / 32;
+    for (int first = warp; first < N * E; first += kWarpsRoute * kLogits) {
+        const TX* xr[kLogits];
+        const TR* wr[kLogits];
+#pragma unroll
+        for (int i = 0; i < kLogits; i++) {  // pairs past the end repeat the first, unwritten
+            const int pair = first + i * kWarpsRoute < N * E ? first + i * kWarpsRoute : first;
+            xr[i] = xn + (size_t)(pair / E) * C;
+            wr[i] = router_w + (size_t)(pair % E) * C;
+        }
+        float dot[kLogits] = {};
         if (vec) {
             for (int c = lane * 8; c < C; c += 256) {
-                float xv[8], wv[8];
-                load8(xr + c, xv);
-                load8(wr + c, wv);
 #pragma unroll
-                for (int q = 0; q < 8; q++) dot += xv[q] * wv[q];
+                for (int i = 0; i < kLogits; i++) {
+                    float xv[8], wv[8];
+                    load8(xr[i] + c, xv);
+                    load8(wr[i] + c, wv);
+#pragma unroll
+                    for (int q = 0; q < 8; q++) dot[i] += xv[q] * wv[q];
+                }
             }
         } else {
-            for (int c = lane; c < C; c += 32) dot += to_float(xr[c]) * to_float(wr[c]);
+            for (int c = lane; c < C; c += 32)
+#pragma unroll
+                for (int i = 0; i < kLogits; i++) dot[i] += to_float(xr[i][c]) * to_float(wr[i][c]);
         }
-        dot = warp_sum(dot);
-        if (lane == 0) logits[t][e] = dot;
+#pragma unroll
+        for (int i = 0; i < kLogits; i++) {
+            const int pair = first + i * kWarpsRoute;
+            const float sum = warp_sum(dot[i]);
+            if (lane == 0 && pair < N * E) logits[pair / E][pair % E] = sum;
+        }
     }
     __syncthreads();
     const int t = threadIdx.x;

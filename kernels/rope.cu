@@ -132,18 +132,18 @@ void qkv_rope_bwd(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& 
 // fp32, rounded once, at the store.
 // Work split: pair p in [0, 3C/2), p = (s*H + h)*D/2 + d for section s (q, k, v), head h, channel
 // d < D/2, owns rows s*C + h*D + d and that + D/2 of w_qkv: the two channels RoPE rotates
-// together. A warp owns 2 pairs (4 rows; blocks of 4 warps) and passes over the tokens in tiles of
-// 8: each lane streams its share of C in 16-byte steps (8 bf16 or 4 fp32 elements), loading the
-// 4 rows', the 8 tokens' and norm_w's chunk at once (no branch in the loop: rows past the tile's
-// end repeat its last), and accumulates dot[r][j] += (w_r * norm_w) . x_j and
-// sumsq[j] += x_j . x_j. The norm needs no pass of its own:
+// together. A warp owns 2 pairs (4 rows; blocks of 4 warps) for one tile of 8 tokens (blockIdx.y:
+// a tile a block keeps a batch of 32 as parallel as a batch of 1). Each lane streams its share of
+// C in 16-byte steps (8 bf16 or 4 fp32 elements), loading the 4 rows', the 8 tokens' and norm_w's
+// chunk at once (no branch in the loop: rows past the tile's end repeat its last), and accumulates
+// dot[r][j] += (w_r * norm_w) . x_j and sumsq[j] += x_j . x_j. The norm needs no pass of its own:
 // w . (x * rstd * norm_w) = rstd * ((w * norm_w) . x), so rstd_j scales the sums.
 // Two reduce-scatters over the warp (31 + 9 shuffles, where 40 warp sums take 200) leave lane
 // r*8 + j with dot[r][j] and sumsq[j]; the two lanes of a pair swap values, rotate, and each
 // writes its channel.
-// Traffic: w_qkv once (3C^2 elements: 1.5 MB in bf16 at C = 512, the bulk); x (N*C), norm_w and
-// cos, sin are re-read by every warp (from L1 or L2), and so are a warp's rows on each tile past
-// the first; q, k, v 3*N*C written once. 16-byte loads when C % 8 == 0 and x, norm_w, w_qkv are
+// Traffic: w_qkv once per tile (3C^2 elements: 1.5 MB in bf16 at C = 512, the bulk; the tiles
+// past the first mostly hit L2); x (N*C), norm_w and cos, sin are re-read by every warp (from L1
+// or L2); q, k, v 3*N*C written once. 16-byte loads when C % 8 == 0 and x, norm_w, w_qkv are
 // 16-byte aligned, else a scalar path.
 // Test: pytest tests/test_kernels_rope.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=norm_qkv_rope
@@ -230,7 +230,7 @@ norm_qkv_rope_kernel(const TX* __restrict__ x, const TX* __restrict__ norm_w,
     const int r = lane / kTile, j = lane % kTile, p = p0 + r / 2, pc = min(p, pairs - 1);
     const int head_row = pc / half, s = head_row / H, h = head_row % H, d = pc % half;
     TO* out = (s == 0 ? q : s == 1 ? k : v) + (size_t)h * T_ * 2 * half + d + (r % 2) * half;
-    for (int n0 = 0; n0 < N; n0 += kTile) {
+    for (int n0 = blockIdx.y * kTile; n0 < N; n0 += gridDim.y * kTile) {  // this block's tiles
         const int n = min(kTile, N - n0);
         const TX* xs[kTile];
 #pragma unroll
@@ -332,7 +332,8 @@ void norm_qkv_rope(const at::Tensor& x, const at::Tensor& norm_w, const at::Tens
     if (B * T == 0 || C == 0) return;
     const at::cuda::OptionalCUDAGuard guard(x.device());
     const bool vec = C % 8 == 0 && aligned16({x, norm_w, w_qkv});
-    const int warps = (3 * C / 2 + kPairs - 1) / kPairs, blocks = (warps + kWarps - 1) / kWarps;
+    const int warps = (3 * C / 2 + kPairs - 1) / kPairs;
+    const dim3 blocks((warps + kWarps - 1) / kWarps, (B * T + kTile - 1) / kTile);
     AVA_DISPATCH(x.scalar_type(), TX, [&] {
         AVA_DISPATCH(w_qkv.scalar_type(), TW, [&] {
             AVA_DISPATCH(q.scalar_type(), TO, [&] {

@@ -15,12 +15,13 @@ from model import Block, KVCache, ModelConfig, attention_mask, rope_tables
 def loop_float64(x, attn, norm_w, eps, router_w, bias, w_in, w_out, K, act):
     """Token by token: r = x + attn, its RMSNorm, logits, the K best of logits + bias (one at a
     time), gates = the chosen probabilities renormalised, then r + each chosen expert's output, in
-    float64."""
-    x, attn, norm_w = x.double(), attn.double(), norm_w.double()
-    router_w, w_in, w_out = router_w.double(), w_in.double(), w_out.double()
-    Fh, out = w_out.size(2), x + attn
+    float64, with r and the normed row rounded to x's dtype as the block stores them (in bf16 the
+    rounding can flip a near-tie in the choice)."""
+    stored = lambda t: t.to(x.dtype).double()  # noqa: E731
+    Fh, out = w_out.size(2), stored(x.double() + attn.double())
+    norm_w, router_w, w_in, w_out = norm_w.double(), router_w.double(), w_in.double(), w_out.double()
     for n in range(x.size(0)):
-        xn = out[n] / out[n].pow(2).mean().add(eps).sqrt() * norm_w
+        xn = stored(out[n] / out[n].pow(2).mean().add(eps).sqrt() * norm_w)
         logits = router_w @ xn                                                 # (E,)
         scores = (logits + (0 if bias is None else bias.double())).tolist()
         chosen = []
