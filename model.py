@@ -391,10 +391,10 @@ class Block(nn.Module):
         return x.size(0) * x.size(1) * router.config.top_k <= MAX_ASSIGNMENTS and not router.watch
 
     def decode(self, x, cos, sin, mask, cache, layer):
-        """forward() with a KV cache for a few tokens, in 7 launches where forward makes ~25: the
-        norms and residual adds ride in the kernels beside them (kernels/rope.py's norm_qkv_rope,
-        kernels/moe_decode.py) and the experts run without the sort (at this size each launch,
-        not its bytes, costs the time). No router loss, not even a zero tensor."""
+        """forward()'s function with a KV cache for a few tokens, in 7 launches: the norms and the
+        residual adds ride in the kernels beside them (kernels/rope.py's norm_qkv_rope,
+        kernels/moe_decode.py) and the experts run without the sort, since at this size each
+        launch, not its bytes, costs the time. No router loss, not even a zero tensor."""
         B, T, C = x.shape
         attn, moe, router = self.attn, self.ffn, self.ffn.router
         q, k, v = norm_qkv_rope(x, self.norm1.weight, self.norm1.eps, attn.qkv.weight, cos, sin,
