@@ -16,8 +16,7 @@
 //   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit
 //            (up to 4 at once when N*E > 32); a thread per token picks its top-k and gates; a
 //            thread per assignment finds its place in the stable sort by expert -> order (M,)
-//            assignment per position, position (M,)
-//            its inverse, starts (E+1,).
+//            assignment per position, position (M,) its inverse, starts (E+1,).
 //   up:      grid (F / 16, E) blocks of 4 warps: a warp per 4 hidden rows f of expert e (2 units'
 //            gate and up rows for SwiGLU), over e's positions p in tiles of 8:
 //            h[p, f] = act(w_in[e, f] . xn[t(p)]), in xn's dtype (as the grouped path rounds it).
