@@ -97,24 +97,31 @@ def speculative_room(model, prompt_len):
     return model.config.block_size - prompt_len - len(model.mtp_heads)
 
 
-def speculative_step(model, cache, out, length, last):
-    """One draft-and-verify step on device state, in place: the main head's next token and the
-    heads' n-1 drafts after last (1, 1, C), the trunk over all n at once, the drafts the main head
-    agrees with; the n candidates go into out (1, L) at length, length grows by 1 + the agreed,
-    cache.pos forgets the rejected keys, last becomes the state of the last kept token. No host
-    sync and the same shapes every step: a CUDA graph replays it."""
-    n = 1 + len(model.mtp_heads)
-    next_token = model.lm_head(model.norm_f(last)).argmax(-1)          # (1, 1) the main head's
-    drafts = [logits.argmax(-1) for logits in model.mtp_logits(last)]  # the tokens after it
-    candidate = torch.cat([next_token, *drafts], dim=1)               # (1, n)
+def propose(model, hidden):
+    """Every head's greedy token after each row of hidden (1, R, C) -> (n, R): row 0 the main
+    head's next token, row i head i's token i after that. The n heads' states share one pass over
+    the vocabulary and one argmax."""
+    states = torch.cat([model.norm_f(hidden), *(head(hidden) for head in model.mtp_heads)])
+    return model.lm_head(states).argmax(-1)                              # (n, R)
+
+
+def speculative_step(model, cache, out, length, candidate):
+    """One verify-and-draft step on device state, in place: the trunk takes candidate (1, n) (the
+    main head's next token and the heads' n-1 drafts after it) in one pass; the main head's tokens
+    after each of the n rows are the verdict on the drafts and, with the heads' drafts, the next
+    step's candidates, all from one vocabulary pass. The n candidates go into out (1, L) at length,
+    length grows by 1 + the drafts agreed in a row, cache.pos forgets the rejected keys, and
+    candidate becomes the tokens proposed after the last kept one. No host sync and the same
+    shapes every step: a CUDA graph replays it."""
+    n = candidate.size(1)
     hidden = model.trunk(candidate, cache)[0]                          # (1, n, C) in one pass
-    verdict = model.lm_head(model.norm_f(hidden[:, :-1])).argmax(-1)   # (1, n-1)
-    agreed = (verdict == candidate[:, 1:]).long().cumprod(dim=1).sum()  # () drafts in a row
+    guesses = propose(model, hidden)                                   # (n, n)
+    agreed = (guesses[0, :-1] == candidate[0, 1:]).long().cumprod(dim=0).sum()  # () in a row
     # all n go in at the current length; the next step overwrites the rejected ones
     out.index_copy_(1, length + torch.arange(n, device=out.device), candidate)
     length += 1 + agreed                                               # the token + the agreed
     cache.pos -= n - 1 - agreed                                        # forget the rejected keys
-    last.copy_(hidden.index_select(1, agreed.view(1)))                 # (1, 1, C) the last kept
+    candidate.copy_(guesses.index_select(1, agreed.view(1)).view(1, n))  # proposed after the last
 
 
 @torch.no_grad()
@@ -125,8 +132,8 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     keeps the drafts the main head agrees with, plus the main head's own next token: the output
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
-    block_size (the cache does not slide here). On a GPU the whole step (drafts, verifying pass,
-    verdict) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on the
+    block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
+    next drafts) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on the
     device: the host reads the length once per round of up to sync_every steps (as many as cannot
     overshoot), so it queues the next steps while the GPU runs."""
     cfg, heads = model.config, model.mtp_heads
@@ -138,10 +145,10 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     length = torch.tensor(T, device=dev)                  # tokens of out that are final (device)
     cache = KVCache(cfg, 1, cfg.block_size, dev, kernels.autocast_dtype(model.wte.weight))
     hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
-    last = hidden[:, -1:].clone()                                         # (1, 1, C)
-    step = lambda: speculative_step(model, cache, out, length, last)  # noqa: E731
+    candidate = propose(model, hidden[:, -1:]).view(1, n)                 # after the prompt
+    step = lambda: speculative_step(model, cache, out, length, candidate)  # noqa: E731
     if cuda_graph and model.graphable(idx):
-        step = CUDAGraphed(step, (), [cache.pos, length, last])
+        step = CUDAGraphed(step, (), [cache.pos, length, candidate])
     passes, generated = 1, 0
     while generated < max_new_tokens:
         for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
