@@ -13,23 +13,24 @@
 // Routing is Router's at inference: logits = xn router_w^T in fp32, the K largest logits + bias
 // (ties to the lower expert), gates = softmax over the chosen logits (= softmax(logits) gathered
 // and renormalised).
-//   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit
-//            (up to 4 at once when N*E > 32); a thread per token picks its top-k and gates; a
-//            thread per assignment finds its place in the stable sort by expert -> order (M,)
-//            assignment per position, position (M,) its inverse, starts (E+1,).
-//   up:      grid (F / 16, E) blocks of 4 warps: a warp per 4 hidden rows f of expert e (2 units'
-//            gate and up rows for SwiGLU), over e's positions p in tiles of 8:
+//   route:   one block. A warp per token row: r and xn; then a warp per (token, expert) logit;
+//            a thread per token picks its top-k and gates; a thread per assignment finds its
+//            place in the stable sort by expert -> order (M,) assignment per position, position
+//            (M,) its inverse, and beside them a thread per expert its start -> starts (E+1,).
+//   up:      a warp per 16 weight rows of expert e (16 hidden units f, or 8 units' gate and up
+//            rows for SwiGLU), over e's positions p in tiles of 8:
 //            h[p, f] = act(w_in[e, f] . xn[t(p)]), in xn's dtype (as the grouped path rounds it).
 //            Blocks of experts no token chose return at once.
-//   down:    grid (C / 16, E, 4): a warp per 4 output channels c of expert e and a quarter of F:
+//   down:    a warp per 16 output channels c of expert e and a quarter of F:
 //            y[s, p, c] = w_out[e, c, part s] . h[p, part s], fp32.
 //   combine: out[t, c] = r[t, c] + sum over t's K assignments of gate * (sum over s of
 //            y[s, position, c]), in k order: no atomics, the same sums every call.
-// Many small warps and no branch in the inner loop keep enough loads in flight to stream the
-// weights: at this size a warp that waits on one load at a time is what makes a kernel slow.
-// Each expert's weights are read once per call (the rows its tokens need); a warp's 4 rows share
-// its loads of xn or h (<= 64 rows, in L2). 16-byte loads when C and F are multiples of 8 and the
-// pointers 16-byte aligned, else a scalar path.
+// Up and down stream each expert's weights once per call (the rows its tokens need) and their
+// time is that of the loads in flight, not of the arithmetic: many small warps, and no branch in
+// the inner loop. In bf16, with C and F multiples of 32, a warp's 16 rows x 8 positions are one
+// tensor-core mma (m16n8k16) per 16 elements, fed straight from 16-byte loads; otherwise (fp32,
+// odd sizes) CUDA cores make the dots of 4 rows x 8 positions a warp and sum them over the warp,
+// with 16-byte loads where the rows are multiples of 8 and aligned.
 // Test: pytest tests/test_kernels_moe_decode.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=moe_decode
 #include "common.cuh"
@@ -41,7 +42,6 @@ constexpr int kWarps = 4;       // per block of up and down
 constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep loads in flight
 constexpr int kSplit = 4;       // down: parts of F, summed by combine
 constexpr int kRouteThreads = 1024;
-constexpr int kLogits = 4;     // route: logits a warp computes in one pass
 
 // 8 consecutive elements as stored (one 16-byte load for bf16, two for fp32), turned into floats
 // where they are used: a tile's x rows then take half the registers in bf16.
@@ -115,6 +115,44 @@ __device__ __forceinline__ void row_dots(const TW* const (&w)[kRows], const TX* 
     }
 }
 
+// SwiGLU: silu(gate) * up; GELU: the exact (erf) one, as F.gelu (up unused).
+template <bool kSwiglu> __device__ __forceinline__ float activation(float gate, float up) {
+    return kSwiglu ? gate / (1.f + expf(-gate)) * up
+                   : 0.5f * gate * (1.f + erff(gate * 0.70710678118654752f));
+}
+
+// acc += a b on the tensor cores: a 16 x 16 (bf16, row-major fragments a0..a3), b 16 x 8 (b0, b1),
+// acc 16 x 8 in fp32. Lane (g = lane / 4, i = lane % 4) holds a's rows g and g + 8, b's column g
+// and acc's rows g, g + 8 at columns 2i, 2i + 1 (PTX ISA, "mma.m16n8k16").
+__device__ __forceinline__ void mma_bf16(float (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // the host takes this path on sm_80 and newer only
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// acc = the dots over [begin, end) (a multiple of 32 long) of this lane's weight rows w_lo (row g)
+// and w_hi (row g + 8) with its x row (position g of the tile), laid out as mma_bf16's acc. A lane
+// loads 8 consecutive elements of each row per 32 (16 bytes, lanes 0-3 of a row cover 64 bytes)
+// and hands them to two mmas as the fragments' k = 2i, 2i + 1, 2i + 8, 2i + 9: the 32 elements
+// reach the mmas in another order than k's, the same for a and b, so the sums are the dots.
+__device__ __forceinline__ void tile_mma(const bf16* w_lo, const bf16* w_hi, const bf16* x,
+                                         int begin, int end, float (&acc)[4]) {
+#pragma unroll 4
+    for (int k = begin + threadIdx.x % 4 * 8; k < end; k += 32) {
+        const uint4 lo = *reinterpret_cast<const uint4*>(w_lo + k);
+        const uint4 hi = *reinterpret_cast<const uint4*>(w_hi + k);
+        const uint4 b = *reinterpret_cast<const uint4*>(x + k);
+        mma_bf16(acc, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+        mma_bf16(acc, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+    }
+}
+
 // r = x + attn rounded to TO, and xn = r * rstd * norm_w rounded to TX, for one token row (a warp).
 template <typename TO, typename TX, typename TR>
 __device__ __forceinline__ void add_norm_row(const TO* x, const TO* attn, const TR* norm_w, TO* r,
@@ -170,42 +208,23 @@ route_kernel(const TO* __restrict__ x, const TO* __restrict__ attn,
         add_norm_row(x + (size_t)t * C, attn + (size_t)t * C, norm_w, r + (size_t)t * C,
                      xn + (size_t)t * C, C, eps, vec);
     __syncthreads();  // xn's rows, written by other warps, are read below
-    // a warp per (token, expert) logit, kLogits of them at once with all their loads in flight
-    // (pairs warp, warp + 32, ...): at batch 1 the E dots run side by side on E warps, at batch
-    // 32 each warp makes 8 in two passes, not eight
-    constexpr int kWarpsRoute = kRouteThreads / 32;
-    for (int first = warp; first < N * E; first += kWarpsRoute * kLogits) {
-        const TX* xr[kLogits];
-        const TR* wr[kLogits];
-#pragma unroll
-        for (int i = 0; i < kLogits; i++) {  // pairs past the end repeat the first, unwritten
-            const int pair = first + i * kWarpsRoute < N * E ? first + i * kWarpsRoute : first;
-            xr[i] = xn + (size_t)(pair / E) * C;
-            wr[i] = router_w + (size_t)(pair % E) * C;
-        }
-        float dot[kLogits] = {};
+    for (int pair = warp; pair < N * E; pair += kRouteThreads / 32) {  // a warp per logit
+        const TX* xr = xn + (size_t)(pair / E) * C;
+        const TR* wr = router_w + (size_t)(pair % E) * C;
+        float dot = 0.f;
         if (vec) {
             for (int c = lane * 8; c < C; c += 256) {
+                float xv[8], wv[8];
+                load8(xr + c, xv);
+                load8(wr + c, wv);
 #pragma unroll
-                for (int i = 0; i < kLogits; i++) {
-                    float xv[8], wv[8];
-                    load8(xr[i] + c, xv);
-                    load8(wr[i] + c, wv);
-#pragma unroll
-                    for (int q = 0; q < 8; q++) dot[i] += xv[q] * wv[q];
-                }
+                for (int q = 0; q < 8; q++) dot += xv[q] * wv[q];
             }
         } else {
-            for (int c = lane; c < C; c += 32)
-#pragma unroll
-                for (int i = 0; i < kLogits; i++) dot[i] += to_float(xr[i][c]) * to_float(wr[i][c]);
+            for (int c = lane; c < C; c += 32) dot += to_float(xr[c]) * to_float(wr[c]);
         }
-#pragma unroll
-        for (int i = 0; i < kLogits; i++) {
-            const int pair = first + i * kWarpsRoute;
-            const float sum = warp_sum(dot[i]);
-            if (lane == 0 && pair < N * E) logits[pair / E][pair % E] = sum;
-        }
+        dot = warp_sum(dot);
+        if (lane == 0) logits[pair / E][pair % E] = dot;
     }
     __syncthreads();
     const int t = threadIdx.x;
@@ -240,10 +259,11 @@ route_kernel(const TO* __restrict__ x, const TO* __restrict__ attn,
         order[place] = a;
         position[a] = place;
     }
-    if (a <= E) {  // starts[e]: assignments to lower experts
+    const int expert = a - kMaxAssignments;  // threads past the assignments' beside them
+    if (expert >= 0 && expert <= E) {  // starts[expert]: assignments to lower experts
         int below = 0;
-        for (int b = 0; b < M; b++) below += expert_of[b] < a;
-        starts[a] = below;
+        for (int b = 0; b < M; b++) below += expert_of[b] < expert;
+        starts[expert] = below;
     }
 }
 
@@ -290,9 +310,8 @@ up_kernel(const TX* __restrict__ x, const TW* __restrict__ w_in, const int* __re
             for (int j = 0; j < kTile; j++) {
                 if (j >= n) break;
                 const float g = warp_sum(dot[u][j]);
-                // SwiGLU: silu(gate) * up; GELU: the exact (erf) one, as F.gelu
-                const float act = kSwiglu ? g / (1.f + expf(-g)) * warp_sum(dot[kUnits + u][j])
-                                          : 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+                const float act = activation<kSwiglu>(g, kSwiglu ? warp_sum(dot[kUnits + u][j])
+                                                                 : 0.f);
                 if (threadIdx.x % 32 == 0 && f0 + u < F)
                     h[(size_t)(p0 + j) * F + f0 + u] = from_float<TX>(act);
             }
@@ -329,6 +348,65 @@ down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out, const int* _
                 const float sum = warp_sum(dot[r][j]);
                 if (threadIdx.x % 32 == 0 && c0 + r < C) ys[(size_t)(p0 + j) * C + c0 + r] = sum;
             }
+        }
+    }
+}
+
+// up_kernel and down_kernel on the tensor cores, for bf16 with C and F multiples of 32: a warp's
+// 16 rows (up: 16 units, or SwiGLU's gate rows of 8 units then their up rows) x 8 positions.
+template <bool kSwiglu>
+__global__ void __launch_bounds__(32 * kWarps)
+up_mma_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w_in,
+              const int* __restrict__ order, const int* __restrict__ starts, bf16* __restrict__ h,
+              int C, int F, int K) {
+    constexpr int kUnits = kSwiglu ? 8 : 16;
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
+    const int f0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kUnits;
+    if (first == last || f0 >= F) return;
+    const int g = threadIdx.x % 32 / 4, i = threadIdx.x % 4;
+    const bf16* w = w_in + (size_t)e * (kSwiglu ? 2 * F : F) * C;
+    const bf16* w_lo = w + (size_t)(f0 + g) * C;
+    const bf16* w_hi = w + (size_t)(kSwiglu ? F + f0 + g : f0 + 8 + g) * C;
+    for (int p0 = first; p0 < last; p0 += kTile) {
+        const int n = min(kTile, last - p0);  // positions past n repeat the last, unwritten
+        float acc[4] = {};
+        tile_mma(w_lo, w_hi, x + (size_t)(order[p0 + min(g, n - 1)] / K) * C, 0, C, acc);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {  // acc[j]: row g, acc[2 + j]: row g + 8; position 2i + j
+            if (2 * i + j >= n) break;
+            bf16* out = h + (size_t)(p0 + 2 * i + j) * F + f0 + g;
+            if (kSwiglu) {
+                out[0] = from_float<bf16>(activation<true>(acc[j], acc[2 + j]));
+            } else {
+                out[0] = from_float<bf16>(activation<false>(acc[j], 0.f));
+                out[8] = from_float<bf16>(activation<false>(acc[2 + j], 0.f));
+            }
+        }
+    }
+}
+
+__global__ void __launch_bounds__(32 * kWarps)
+down_mma_kernel(const bf16* __restrict__ h, const bf16* __restrict__ w_out,
+                const int* __restrict__ starts, float* __restrict__ y, int M, int C, int F) {
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
+    const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * 16;
+    if (first == last || c0 >= C) return;
+    const int part = (F + 32 * kSplit - 1) / (32 * kSplit) * 32;  // parts past F are empty: 0
+    const int begin = blockIdx.z * part, end = min(F, begin + part);
+    const int g = threadIdx.x % 32 / 4, i = threadIdx.x % 4;
+    const bf16* w_lo = w_out + ((size_t)e * C + c0 + g) * F;
+    float* ys = y + (size_t)blockIdx.z * M * C;
+    for (int p0 = first; p0 < last; p0 += kTile) {
+        const int n = min(kTile, last - p0);
+        float acc[4] = {};
+        tile_mma(w_lo, w_lo + (size_t)8 * F, h + (size_t)(p0 + min(g, n - 1)) * F, begin, end,
+                 acc);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            if (2 * i + j >= n) break;
+            float* out = ys + (size_t)(p0 + 2 * i + j) * C + c0 + g;
+            out[0] = acc[j];
+            out[8] = acc[2 + j];
         }
     }
 }
@@ -402,21 +480,40 @@ void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& n
             });
         });
     });
-    AVA_DISPATCH(dtype, TX, [&] {
-        AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
-            dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
-            auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
-            up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(xn), ptr<TW>(w_in), ptr<int>(order),
-                                                       ptr<int>(starts), ptr<TX>(h), C, F, K,
-                                                       vec_up);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E, kSplit);
-            down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
-                ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts), ptr<float>(y), M,
-                C, F, vec_down);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+    int device, arch_major;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&arch_major, cudaDevAttrComputeCapabilityMajor, device));
+    const bool tensor_cores = dtype == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16 &&
+                              C % 32 == 0 && F % 32 == 0 && aligned16({w_in, w_out}) &&
+                              arch_major >= 8;
+    if (tensor_cores) {
+        const int units = kWarps * (swiglu ? 8 : 16);
+        auto up = swiglu ? up_mma_kernel<true> : up_mma_kernel<false>;
+        up<<<dim3((F + units - 1) / units, E), 32 * kWarps, 0, stream()>>>(
+            ptr<bf16>(xn), ptr<bf16>(w_in), ptr<int>(order), ptr<int>(starts), ptr<bf16>(h), C, F,
+            K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        down_mma_kernel<<<dim3((C + 16 * kWarps - 1) / (16 * kWarps), E, kSplit), 32 * kWarps, 0,
+                          stream()>>>(ptr<bf16>(h), ptr<bf16>(w_out), ptr<int>(starts),
+                                      ptr<float>(y), M, C, F);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+        AVA_DISPATCH(dtype, TX, [&] {
+            AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
+                dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
+                auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
+                up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(xn), ptr<TW>(w_in),
+                                                           ptr<int>(order), ptr<int>(starts),
+                                                           ptr<TX>(h), C, F, K, vec_up);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E, kSplit);
+                down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
+                    ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts),
+                    ptr<float>(y), M, C, F, vec_down);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
         });
-    });
+    }
     AVA_DISPATCH(x.scalar_type(), TO, [&] {
         combine_kernel<TO><<<(N * C + 255) / 256, 256, 0, stream()>>>(
             ptr<float>(y), ptr<float>(gates), ptr<int>(position), ptr<TO>(r), ptr<TO>(out), N,

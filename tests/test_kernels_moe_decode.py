@@ -98,6 +98,8 @@ def test_block_decode_equals_forward(router, act):
     (1, 2, 8, 512, 2048, 0, False),   # a decode step of config/small.py
     (32, 2, 8, 512, 2048, 0, True),   # batch 32: every expert busy
     (64, 1, 64, 64, 32, 0, False),    # the limits: 64 assignments, 64 experts
+    (20, 2, 2, 96, 64, 0, True),      # 20 tokens an expert: three tiles of 8 positions
+    (6, 2, 4, 64, 48, 0, False),      # F not a multiple of 32: bf16 on the CUDA cores
     (3, 3, 5, 13, 7, 0, True),        # odd sizes: the scalar path
     (9, 2, 4, 40, 24, 1, False),      # x off a 16-byte boundary: the scalar route
     (0, 2, 4, 16, 8, 0, False),       # no tokens
