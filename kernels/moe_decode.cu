@@ -17,20 +17,21 @@
 //            a thread per token picks its top-k and gates; a thread per assignment finds its
 //            place in the stable sort by expert -> order (M,) assignment per position, position
 //            (M,) its inverse, and beside them a thread per expert its start -> starts (E+1,).
-//   up:      a warp per 16 weight rows of expert e (16 hidden units f, or 8 units' gate and up
-//            rows for SwiGLU), over e's positions p in tiles of 8:
+//   up:      a block per 16 weight rows of expert e (16 hidden units f, or 8 units' gate and up
+//            rows for SwiGLU; 4 rows a warp on the CUDA cores), over e's positions p in tiles of 8:
 //            h[p, f] = act(w_in[e, f] . xn[t(p)]), in xn's dtype (as the grouped path rounds it).
 //            Blocks of experts no token chose return at once.
-//   down:    a warp per 16 output channels c of expert e and a quarter of F:
+//   down:    a block per 16 output channels c of expert e (4 a warp on the CUDA cores) and a
+//            quarter of F:
 //            y[s, p, c] = w_out[e, c, part s] . h[p, part s], fp32.
 //   combine: out[t, c] = r[t, c] + sum over t's K assignments of gate * (sum over s of
 //            y[s, position, c]), in k order: no atomics, the same sums every call.
 // Up and down stream each expert's weights once per call (the rows its tokens need) and their
 // time is that of the loads in flight, not of the arithmetic: many small warps, and no branch in
-// the inner loop. In bf16, with C and F multiples of 32, a warp's 16 rows x 8 positions are one
-// tensor-core mma (m16n8k16) per 16 elements, fed straight from 16-byte loads; otherwise (fp32,
-// odd sizes) CUDA cores make the dots of 4 rows x 8 positions a warp and sum them over the warp,
-// with 16-byte loads where the rows are multiples of 8 and aligned.
+// the inner loop. In bf16, with C and F multiples of 32, a block's 16 rows x 8 positions are one
+// tensor-core mma (m16n8k16) per 16 elements, fed straight from 16-byte loads, each warp taking a
+// quarter of the elements; otherwise (fp32, odd sizes) CUDA cores make a warp's dots of 4 rows x
+// 8 positions and sum them over the warp, with 16-byte loads where rows of a multiple of 8 allow.
 // Test: pytest tests/test_kernels_moe_decode.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=moe_decode
 #include "common.cuh"
@@ -151,6 +152,31 @@ __device__ __forceinline__ void tile_mma(const bf16* w_lo, const bf16* w_hi, con
         mma_bf16(acc, lo.x, hi.x, lo.y, hi.y, b.x, b.y);
         mma_bf16(acc, lo.z, hi.z, lo.w, hi.w, b.z, b.w);
     }
+}
+
+// tile_mma over [begin, end) by a whole block: warp w takes the w-th of kWarps runs (multiples of
+// 32), so each warp's loads are all in flight at once even when a tile's 16 rows are few blocks
+// (a decode step at batch 1). The runs' sums, added in warp order, end in warp 0's acc.
+__device__ __forceinline__ void block_tile_mma(const bf16* w_lo, const bf16* w_hi, const bf16* x,
+                                               int begin, int end, float (&acc)[4]) {
+    __shared__ float partial[kWarps - 1][32][4];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int run = (end - begin + 32 * kWarps - 1) / (32 * kWarps) * 32;
+    const int lo = min(end, begin + warp * run), hi = min(end, lo + run);
+#pragma unroll
+    for (int q = 0; q < 4; q++) acc[q] = 0.f;
+    tile_mma(w_lo, w_hi, x, lo, hi, acc);
+    if (warp > 0) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) partial[warp - 1][lane][q] = acc[q];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int w = 0; w < kWarps - 1; w++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[q] += partial[w][lane][q];
+    }
+    __syncthreads();  // partial is free for the next tile
 }
 
 // r = x + attn rounded to TO, and xn = r * rstd * norm_w rounded to TX, for one token row (a warp).
@@ -352,28 +378,27 @@ down_kernel(const TX* __restrict__ h, const TW* __restrict__ w_out, const int* _
     }
 }
 
-// up_kernel and down_kernel on the tensor cores, for bf16 with C and F multiples of 32: a warp's
-// 16 rows (up: 16 units, or SwiGLU's gate rows of 8 units then their up rows) x 8 positions.
+// up_kernel and down_kernel on the tensor cores, for bf16 with C and F multiples of 32: a block
+// per 16 rows (up: 16 units, or SwiGLU's gate rows of 8 units then their up rows) x 8 positions.
 template <bool kSwiglu>
 __global__ void __launch_bounds__(32 * kWarps)
 up_mma_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w_in,
               const int* __restrict__ order, const int* __restrict__ starts, bf16* __restrict__ h,
               int C, int F, int K) {
     constexpr int kUnits = kSwiglu ? 8 : 16;
-    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
-    const int f0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kUnits;
-    if (first == last || f0 >= F) return;
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1], f0 = blockIdx.x * kUnits;
+    if (first == last) return;
     const int g = threadIdx.x % 32 / 4, i = threadIdx.x % 4;
     const bf16* w = w_in + (size_t)e * (kSwiglu ? 2 * F : F) * C;
     const bf16* w_lo = w + (size_t)(f0 + g) * C;
     const bf16* w_hi = w + (size_t)(kSwiglu ? F + f0 + g : f0 + 8 + g) * C;
     for (int p0 = first; p0 < last; p0 += kTile) {
         const int n = min(kTile, last - p0);  // positions past n repeat the last, unwritten
-        float acc[4] = {};
-        tile_mma(w_lo, w_hi, x + (size_t)(order[p0 + min(g, n - 1)] / K) * C, 0, C, acc);
+        float acc[4];
+        block_tile_mma(w_lo, w_hi, x + (size_t)(order[p0 + min(g, n - 1)] / K) * C, 0, C, acc);
 #pragma unroll
         for (int j = 0; j < 2; j++) {  // acc[j]: row g, acc[2 + j]: row g + 8; position 2i + j
-            if (2 * i + j >= n) break;
+            if (threadIdx.x >= 32 || 2 * i + j >= n) break;
             bf16* out = h + (size_t)(p0 + 2 * i + j) * F + f0 + g;
             if (kSwiglu) {
                 out[0] = from_float<bf16>(activation<true>(acc[j], acc[2 + j]));
@@ -388,22 +413,21 @@ up_mma_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w_in,
 __global__ void __launch_bounds__(32 * kWarps)
 down_mma_kernel(const bf16* __restrict__ h, const bf16* __restrict__ w_out,
                 const int* __restrict__ starts, float* __restrict__ y, int M, int C, int F) {
-    const int e = blockIdx.y, first = starts[e], last = starts[e + 1];
-    const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * 16;
-    if (first == last || c0 >= C) return;
+    const int e = blockIdx.y, first = starts[e], last = starts[e + 1], c0 = blockIdx.x * 16;
+    if (first == last) return;
     const int part = (F + 32 * kSplit - 1) / (32 * kSplit) * 32;  // parts past F are empty: 0
-    const int begin = blockIdx.z * part, end = min(F, begin + part);
+    const int begin = min(F, blockIdx.z * part), end = min(F, begin + part);
     const int g = threadIdx.x % 32 / 4, i = threadIdx.x % 4;
     const bf16* w_lo = w_out + ((size_t)e * C + c0 + g) * F;
     float* ys = y + (size_t)blockIdx.z * M * C;
     for (int p0 = first; p0 < last; p0 += kTile) {
         const int n = min(kTile, last - p0);
-        float acc[4] = {};
-        tile_mma(w_lo, w_lo + (size_t)8 * F, h + (size_t)(p0 + min(g, n - 1)) * F, begin, end,
-                 acc);
+        float acc[4];
+        block_tile_mma(w_lo, w_lo + (size_t)8 * F, h + (size_t)(p0 + min(g, n - 1)) * F, begin,
+                       end, acc);
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            if (2 * i + j >= n) break;
+            if (threadIdx.x >= 32 || 2 * i + j >= n) break;
             float* out = ys + (size_t)(p0 + 2 * i + j) * C + c0 + g;
             out[0] = acc[j];
             out[8] = acc[2 + j];
@@ -487,15 +511,13 @@ void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& n
                               C % 32 == 0 && F % 32 == 0 && aligned16({w_in, w_out}) &&
                               arch_major >= 8;
     if (tensor_cores) {
-        const int units = kWarps * (swiglu ? 8 : 16);
         auto up = swiglu ? up_mma_kernel<true> : up_mma_kernel<false>;
-        up<<<dim3((F + units - 1) / units, E), 32 * kWarps, 0, stream()>>>(
+        up<<<dim3(F / (swiglu ? 8 : 16), E), 32 * kWarps, 0, stream()>>>(
             ptr<bf16>(xn), ptr<bf16>(w_in), ptr<int>(order), ptr<int>(starts), ptr<bf16>(h), C, F,
             K);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        down_mma_kernel<<<dim3((C + 16 * kWarps - 1) / (16 * kWarps), E, kSplit), 32 * kWarps, 0,
-                          stream()>>>(ptr<bf16>(h), ptr<bf16>(w_out), ptr<int>(starts),
-                                      ptr<float>(y), M, C, F);
+        down_mma_kernel<<<dim3(C / 16, E, kSplit), 32 * kWarps, 0, stream()>>>(
+            ptr<bf16>(h), ptr<bf16>(w_out), ptr<int>(starts), ptr<float>(y), M, C, F);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
         AVA_DISPATCH(dtype, TX, [&] {
