@@ -133,9 +133,9 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
     block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
-    next drafts) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on the
-    device: the host reads the length once per round of up to sync_every steps (as many as cannot
-    overshoot), so it queues the next steps while the GPU runs."""
+    next drafts) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on
+    the device: the host reads the length once per round of up to sync_every steps (as many as
+    cannot overshoot), so it queues the next steps while the GPU runs."""
     cfg, heads = model.config, model.mtp_heads
     if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)

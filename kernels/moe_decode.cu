@@ -155,8 +155,8 @@ __device__ __forceinline__ void tile_mma(const bf16* w_lo, const bf16* w_hi, con
 }
 
 // tile_mma over [begin, end) by a whole block: warp w takes the w-th of kWarps runs (multiples of
-// 32), so each warp's loads are all in flight at once even when a tile's 16 rows are few blocks
-// (a decode step at batch 1). The runs' sums, added in warp order, end in warp 0's acc.
+// 32), so each warp's loads are all in flight at once even when few blocks run (at batch 1 a
+// decode step reads 2 experts). The runs' sums, added in warp order, end in warp 0's acc.
 __device__ __forceinline__ void block_tile_mma(const bf16* w_lo, const bf16* w_hi, const bf16* x,
                                                int begin, int end, float (&acc)[4]) {
     __shared__ float partial[kWarps - 1][32][4];
