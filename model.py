@@ -10,7 +10,10 @@ Shape legend used in comments:
 """
 
 import math
+import weakref
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 
 import torch
 import torch.nn as nn
@@ -165,6 +168,24 @@ class CUDAGraphed:
             captured.copy_(x)
         self.graph.replay()
         return self.outputs
+
+
+_kept = weakref.WeakKeyDictionary()  # model -> (its tensors' addresses and mode, {key: build()})
+
+
+def kept(model, key, build):
+    """build() once per model and key, then the same result on later calls while the model keeps
+    its tensors and mode: a decode step's CUDA graph (with the cache it writes) takes milliseconds
+    to capture and microseconds to replay. A graph reads tensors at fixed addresses, so casting,
+    moving or reallocating the model's tensors, or train()/eval(), drops what was kept."""
+    stamp = (model.training,
+             [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
+    if model not in _kept or _kept[model][0] != stamp:
+        _kept[model] = (stamp, {})  # the old graphs go first: their memory serves the new ones
+    built = _kept[model][1]
+    if key not in built:
+        built[key] = build()
+    return built[key]
 
 
 class Attention(nn.Module):
@@ -553,6 +574,25 @@ class GPT(nn.Module):
         dtype = kernels.autocast_dtype(self.wte.weight)
         return idx.is_cuda and (not self.config.moe or dtype != torch.float32)
 
+    def decode_step(self, cache, token, pad=None):
+        """Each row's next token (B, 1) against the cache -> its logits (B, V)."""
+        return self(token, cache=cache, pad=pad)[0][:, -1]
+
+    def decoder(self, idx, pad, cuda_graph):
+        """A KV cache for generating from idx (B, T) with left padding pad (B,) or None, and
+        step(token (B, 1)[, pad]) -> logits (B, V) over it. On a GPU in 16 bits the step is a CUDA
+        graph, kept with its cache for the next call with as many rows (kept())."""
+        B, dtype = idx.size(0), kernels.autocast_dtype(self.wte.weight)
+        if not (cuda_graph and self.graphable(idx)):
+            cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
+            return cache, partial(self.decode_step, cache)
+
+        def build():
+            cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
+            inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], pad)
+            return cache, CUDAGraphed(partial(self.decode_step, cache), inputs, [cache.pos])
+        return kept(self, ('generate', B, dtype, pad is None, kernels.enabled), build)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  pad=None, stop=None, penalize=None, use_cache=True, cuda_graph=True,
@@ -563,23 +603,18 @@ class GPT(nn.Module):
         when all rows are finished. penalize(logits (B, V), idx) -> logits reshapes each step's
         logits before sampling (sample.py's repetition penalties). Past block_size the KV cache is
         rebuilt from the last block_size // 2 tokens: no step sees more than the model trained on.
-        On a GPU in 16 bits the one-token step is a CUDA graph; use_cache=False and
+        On a GPU in 16 bits the one-token step is a CUDA graph (decoder()); use_cache=False and
         cuda_graph=False measure what each saves. return_logprobs=True also returns (B, new) each
         token's log-probability under the model, before temperature, filters and penalties (with
         plain sampling, the sampler's own, as RL needs; a finished row's are its filler token's)."""
         B, window = idx.size(0), self.config.block_size
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         check_finished = eos_id is not None or stop is not None  # finished.all() syncs with the GPU
-        dtype = kernels.autocast_dtype(self.wte.weight)
-        cache = KVCache(self.config, B, window, idx.device, dtype) if use_cache else None
-        step, cached, logprobs = None, 0, []  # the one-token step; positions cached; (B, 1) each
+        cache, step = self.decoder(idx, pad, cuda_graph) if use_cache else (None, None)
+        cached, logprobs = 0, []  # positions cached; (B, 1) each
         for _ in range(max_new_tokens):
             if use_cache and 0 < cached < window:  # one new token against the cache
-                inputs = (idx[:, -1:],) if context_pad is None else (idx[:, -1:], context_pad)
-                if step is None:
-                    step = lambda token, pad=None: self(token, cache=cache, pad=pad)[0][:, -1]
-                    if cuda_graph and self.graphable(idx):
-                        step = CUDAGraphed(step, inputs, [cache.pos])
+                inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], context_pad)
                 logits, cached = step(*inputs), cached + 1                          # (B, V)
             else:  # (re)build the cache from the context; without a cache, recompute the context
                 keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window

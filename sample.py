@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import kernels
 from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
                     resolve_device, save_safetensors, trained_data_dir)
 from configurator import configure_or_exit
-from model import Attention, CUDAGraphed, KVCache, MoE, rope_tables
+from model import Attention, CUDAGraphed, KVCache, MoE, kept, rope_tables
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -133,29 +134,47 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
     block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
-    next drafts) is one CUDA graph: a step is one launch. How many tokens a step accepts stays on
-    the device: the host reads the length once per round of up to sync_every steps (as many as
-    cannot overshoot), so it queues the next steps while the GPU runs."""
-    cfg, heads = model.config, model.mtp_heads
+    next drafts) is one CUDA graph, kept with its state for the next call (model.kept): a step is
+    one launch. How many tokens a step accepts stays on the device: the host reads the length once
+    per round of up to sync_every steps (as many as cannot overshoot), so it queues the next steps
+    while the GPU runs."""
+    heads = model.mtp_heads
     if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
         return greedy, max_new_tokens
-    (_, T), n, dev = idx.shape, 1 + len(heads), idx.device
-    out = torch.cat([idx, idx.new_zeros(1, max_new_tokens + n)], dim=1)  # room for a step's drafts
-    length = torch.tensor(T, device=dev)                  # tokens of out that are final (device)
-    cache = KVCache(cfg, 1, cfg.block_size, dev, kernels.autocast_dtype(model.wte.weight))
+    (_, T), n = idx.shape, 1 + len(heads)
+    dtype = kernels.autocast_dtype(model.wte.weight)
+    graphed = cuda_graph and model.graphable(idx)
+    build = partial(speculative_decoder, model, idx.device, dtype, graphed)
+    cache, out, length, candidate, step = (
+        kept(model, ('speculative', dtype, kernels.enabled), build) if graphed else build())
+    cache.pos.zero_()
     hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
-    candidate = propose(model, hidden[:, -1:]).view(1, n)                 # after the prompt
-    step = lambda: speculative_step(model, cache, out, length, candidate)  # noqa: E731
-    if cuda_graph and model.graphable(idx):
-        step = CUDAGraphed(step, (), [cache.pos, length, candidate])
+    out[:, :T] = idx
+    length.fill_(T)
+    candidate.copy_(propose(model, hidden[:, -1:]).view(1, n))           # after the prompt
     passes, generated = 1, 0
     while generated < max_new_tokens:
         for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
             step()
             passes += 1
         generated = int(length) - T  # the one host sync of the round
-    return out[:, :T + max_new_tokens], passes
+    return out[:, :T + max_new_tokens].clone(), passes  # out stays with the kept graph
+
+
+def speculative_decoder(model, device, dtype, cuda_graph):
+    """generate_speculative's state on the device: a one-row KV cache, the output row (1,
+    block_size + 1: room for the prompt, the new tokens and a step's drafts), how much of it is
+    final () and the candidates (1, n); and its step over them, a CUDA graph if cuda_graph."""
+    cfg, n = model.config, 1 + len(model.mtp_heads)
+    cache = KVCache(cfg, 1, cfg.block_size, device, dtype)
+    out = torch.zeros(1, cfg.block_size + 1, dtype=torch.long, device=device)
+    length = torch.zeros((), dtype=torch.long, device=device)
+    candidate = torch.zeros(1, n, dtype=torch.long, device=device)
+    step = partial(speculative_step, model, cache, out, length, candidate)
+    if cuda_graph:
+        step = CUDAGraphed(step, (), [cache.pos, length, candidate])
+    return cache, out, length, candidate, step
 
 
 # ---- weight-only quantization ----

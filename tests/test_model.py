@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import sinkhorn
-from model import GPT, KVCache, MoE, ModelConfig, Router
+from model import GPT, KVCache, MoE, ModelConfig, Router, kept
 
 
 def tiny_config(**overrides):
@@ -548,6 +548,29 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
         assert (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
 
 
+def test_kept_builds_once_per_key_until_the_model_changes():
+    """kept() hands back what it built for a model and key, and builds again after what a captured graph would
+    read wrongly: a cast (new tensors), a mode change; another model or key gets its own."""
+    builds = []
+
+    def build():
+        builds.append(object())
+        return builds[-1]
+    model, other = GPT(tiny_config()).eval(), GPT(tiny_config()).eval()
+    first = kept(model, 'a', build)
+    assert kept(model, 'a', build) is first and len(builds) == 1
+    assert kept(model, 'b', build) is not first and kept(other, 'a', build) is not first and len(builds) == 3
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # in place: a graph reads the new values where it reads the old
+    assert kept(model, 'a', build) is first and len(builds) == 3
+    model.train()
+    assert kept(model, 'a', build) is not first and len(builds) == 4
+    model.eval()
+    again = kept(model, 'a', build)
+    model.double()
+    assert kept(model, 'a', build) is not again and len(builds) == 6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_graph_decoding_equals_eager():
     """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes: the same tokens
@@ -567,6 +590,11 @@ def test_cuda_graph_decoding_equals_eager():
                 torch.manual_seed(1)
                 outs.append(model.generate(batch, 70, temperature=temperature, pad=pad, cuda_graph=graph))
             assert outs[0].shape == (3, 79) and torch.equal(outs[0], outs[1])
+        # the graph and cache kept from the calls above decode other prompts, and leave earlier outputs be
+        first = outs[0].clone()
+        other = torch.randint(0, 97, (3, 9), device='cuda')
+        graphed, eager = (model.generate(other, 30, temperature=0, pad=pad, cuda_graph=graph) for graph in (True, False))
+        assert torch.equal(graphed, eager) and torch.equal(outs[0], first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

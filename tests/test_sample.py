@@ -113,6 +113,13 @@ def test_cuda_graph_speculative_decoding_equals_eager():
             (graphed, passes), (eager, eager_passes) = (generate_speculative(model, prompt, 30, cuda_graph=graph)
                                                         for graph in (True, False))
             assert torch.equal(graphed, eager) and passes == eager_passes
+        # the kept graph and state decode a longer prompt next, and leave the earlier output be
+        earlier, first = graphed, graphed.clone()
+        longer = torch.randint(0, 97, (1, 14), device='cuda')
+        (graphed, passes), (eager, eager_passes) = (generate_speculative(model, longer, 25, cuda_graph=graph)
+                                                    for graph in (True, False))
+        assert torch.equal(graphed, eager) and passes == eager_passes and graphed.shape == (1, 39)
+        assert torch.equal(earlier, first)
 
 
 def test_quantization_round_trip_bounds():
