@@ -57,6 +57,27 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// RMSNorm's scaling of one row by a warp: y = x * rstd * w over C elements (16-byte accesses when
+// vec). The training norm and the fused decode norm share it, so they round alike.
+template <typename Tx, typename Tw, typename Ty>
+__device__ __forceinline__ void scale_row(const Tx* x, const Tw* w, Ty* y, int C, float rstd,
+                                          bool vec) {
+    const int lane = threadIdx.x % 32;
+    if (vec) {
+        for (int c = lane * 8; c < C; c += 256) {
+            float v[8], wv[8];
+            load8(x + c, v);
+            load8(w + c, wv);
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] *= rstd * wv[i];
+            store8(y + c, v);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) y[c] = from_float<Ty>(to_float(x[c]) * rstd *
+                                                                 to_float(w[c]));
+    }
+}
+
 // True when every tensor's data starts on a 16-byte boundary: rows of a multiple of 8 elements then
 // stay aligned.
 inline bool aligned16(std::initializer_list<at::Tensor> tensors) {

@@ -204,20 +204,7 @@ __device__ __forceinline__ void add_norm_row(const TO* x, const TO* attn, const 
             sum_sq += to_float(v) * to_float(v);
         }
     }
-    const float rstd = rsqrtf(warp_sum(sum_sq) / C + eps);
-    if (vec) {
-        for (int c = lane * 8; c < C; c += 256) {
-            float rv[8], gv[8];
-            load8(r + c, rv);
-            load8(norm_w + c, gv);
-#pragma unroll
-            for (int q = 0; q < 8; q++) rv[q] *= rstd * gv[q];
-            store8(xn + c, rv);
-        }
-    } else {
-        for (int c = lane; c < C; c += 32) xn[c] = from_float<TX>(to_float(r[c]) * rstd *
-                                                                   to_float(norm_w[c]));
-    }
+    scale_row(r, norm_w, xn, C, rsqrtf(warp_sum(sum_sq) / C + eps), vec);
 }
 
 template <typename TO, typename TX, typename TR>
@@ -454,6 +441,50 @@ __global__ void combine_kernel(const float* __restrict__ y, const float* __restr
     out[i] = from_float<TO>(to_float(r[i]) + to_float(from_float<TO>(sum)));
 }
 
+// up and down for every assignment: h = act(w_in xn) per expert, then y (kSplit, M, C), on the
+// tensor cores where dtype, sizes, alignment and arch allow, else on the CUDA cores.
+static void project(const at::Tensor& xn, const at::Tensor& w_in, const at::Tensor& w_out,
+                    const at::Tensor& order, const at::Tensor& starts, at::Tensor& h,
+                    at::Tensor& y, int K, bool swiglu) {
+    const int M = h.size(0), F = h.size(1), C = xn.size(1), E = w_in.size(0);
+    int device, arch_major;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&arch_major, cudaDevAttrComputeCapabilityMajor, device));
+    const bool tensor_cores = xn.scalar_type() == at::kBFloat16 &&
+                              w_in.scalar_type() == at::kBFloat16 && C % 32 == 0 && F % 32 == 0 &&
+                              aligned16({w_in, w_out}) && arch_major >= 8;
+    if (tensor_cores) {
+        auto up = swiglu ? up_mma_kernel<true> : up_mma_kernel<false>;
+        up<<<dim3(F / (swiglu ? 8 : 16), E), 32 * kWarps, 0, stream()>>>(
+            ptr<bf16>(xn), ptr<bf16>(w_in), ptr<int>(order), ptr<int>(starts), ptr<bf16>(h), C, F,
+            K);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        down_mma_kernel<<<dim3(C / 16, E, kSplit), 32 * kWarps, 0, stream()>>>(
+            ptr<bf16>(h), ptr<bf16>(w_out), ptr<int>(starts), ptr<float>(y), M, C, F);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+    }
+    const bool vec_up = C % 8 == 0 && aligned16({w_in});  // xn is freshly allocated: aligned
+    const bool vec_down = F % 8 == 0 && aligned16({w_out});
+    const int rows_per_block = kWarps * kRows;
+    const int units_per_block = kWarps * (swiglu ? kRows / 2 : kRows);
+    AVA_DISPATCH(xn.scalar_type(), TX, [&] {
+        AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
+            dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
+            auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
+            up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(xn), ptr<TW>(w_in),
+                                                       ptr<int>(order), ptr<int>(starts),
+                                                       ptr<TX>(h), C, F, K, vec_up);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E, kSplit);
+            down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
+                ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts), ptr<float>(y),
+                M, C, F, vec_down);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    });
+}
+
 void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& norm_w,
                 double eps, const at::Tensor& router_w, const std::optional<at::Tensor>& bias,
                 const at::Tensor& w_in, const at::Tensor& w_out, int64_t top_k, bool swiglu,
@@ -489,10 +520,6 @@ void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& n
         bias_ptr = ptr<float>(bias_f);
     }
     const bool vec_route = C % 8 == 0 && aligned16({x, attn, norm_w, router_w});
-    const bool vec_up = C % 8 == 0 && aligned16({w_in});  // xn is freshly allocated: aligned
-    const bool vec_down = F % 8 == 0 && aligned16({w_out});
-    const int rows_per_block = kWarps * kRows;
-    const int units_per_block = kWarps * (swiglu ? kRows / 2 : kRows);
     AVA_DISPATCH(x.scalar_type(), TO, [&] {
         AVA_DISPATCH(dtype, TX, [&] {
             AVA_DISPATCH(router_w.scalar_type(), TR, [&] {
@@ -504,38 +531,7 @@ void moe_decode(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& n
             });
         });
     });
-    int device, arch_major;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&arch_major, cudaDevAttrComputeCapabilityMajor, device));
-    const bool tensor_cores = dtype == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16 &&
-                              C % 32 == 0 && F % 32 == 0 && aligned16({w_in, w_out}) &&
-                              arch_major >= 8;
-    if (tensor_cores) {
-        auto up = swiglu ? up_mma_kernel<true> : up_mma_kernel<false>;
-        up<<<dim3(F / (swiglu ? 8 : 16), E), 32 * kWarps, 0, stream()>>>(
-            ptr<bf16>(xn), ptr<bf16>(w_in), ptr<int>(order), ptr<int>(starts), ptr<bf16>(h), C, F,
-            K);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        down_mma_kernel<<<dim3(C / 16, E, kSplit), 32 * kWarps, 0, stream()>>>(
-            ptr<bf16>(h), ptr<bf16>(w_out), ptr<int>(starts), ptr<float>(y), M, C, F);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-        AVA_DISPATCH(dtype, TX, [&] {
-            AVA_DISPATCH(w_in.scalar_type(), TW, [&] {
-                dim3 up_grid((F + units_per_block - 1) / units_per_block, E);
-                auto up = swiglu ? up_kernel<TX, TW, true> : up_kernel<TX, TW, false>;
-                up<<<up_grid, 32 * kWarps, 0, stream()>>>(ptr<TX>(xn), ptr<TW>(w_in),
-                                                           ptr<int>(order), ptr<int>(starts),
-                                                           ptr<TX>(h), C, F, K, vec_up);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-                dim3 down_grid((C + rows_per_block - 1) / rows_per_block, E, kSplit);
-                down_kernel<TX, TW><<<down_grid, 32 * kWarps, 0, stream()>>>(
-                    ptr<TX>(h), ptr<TW>(w_out), ptr<int>(order), ptr<int>(starts),
-                    ptr<float>(y), M, C, F, vec_down);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
-        });
-    }
+    project(xn, w_in, w_out, order, starts, h, y, K, swiglu);
     AVA_DISPATCH(x.scalar_type(), TO, [&] {
         combine_kernel<TO><<<(N * C + 255) / 256, 256, 0, stream()>>>(
             ptr<float>(y), ptr<float>(gates), ptr<int>(position), ptr<TO>(r), ptr<TO>(out), N,

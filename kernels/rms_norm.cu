@@ -36,19 +36,7 @@ __global__ void rms_norm_fwd_kernel(const Tx* __restrict__ x, const Tw* __restri
     }
     const float r = rsqrtf(warp_sum(sum_sq) / C + eps);
     if (lane == 0) rstd[row] = r;
-    if (vec) {
-        for (int c = lane * 8; c < C; c += 256) {
-            float v[8], wv[8];
-            load8(xr + c, v);
-            load8(w + c, wv);
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] *= r * wv[i];
-            store8(yr + c, v);
-        }
-    } else {
-        for (int c = lane; c < C; c += 32)
-            yr[c] = from_float<Ty>(to_float(xr[c]) * r * to_float(w[c]));
-    }
+    scale_row(xr, w, yr, C, r, vec);
 }
 
 template <typename Tx, typename Tg>
