@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
-                     moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, router_logits,
-                     sinkhorn_topk)
+                     moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 from kernels.moe_decode import MAX_ASSIGNMENTS
 
 
@@ -277,7 +276,8 @@ class Router(nn.Module):
         cfg, N, E, K = self.config, x.size(0), self.config.n_experts, self.config.top_k
         if self.training and cfg.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits = router_logits(x, self.weight)                   # (N, E) fp32
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: routing is sensitive
         choice = logits.detach()
         probs = logits.softmax(dim=-1)                           # (N, E)
         if cfg.router == 'sinkhorn' and self.training:  # kernels/sinkhorn.py

@@ -83,5 +83,4 @@ from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sor
                                  moe_unpermute, moe_unpermute_ref)
 from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rope import norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref  # noqa: E402
-from kernels.router_logits import router_logits, router_logits_ref  # noqa: E402
 from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402

@@ -20,8 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
-                     moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, router_logits,
-                     sinkhorn_topk)
+                     moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -102,9 +101,6 @@ def cases():
         'qkv_rope': (qkv_rope, kernels.qkv_rope_ref,
                      lambda: [randn(N // T, T, 3 * C, dtype=bf16), angles.cos(), angles.sin(), H],
                      2 * 3 * N * C * 2, 2 * 3 * N * C * 2),
-        'router_logits': (router_logits, kernels.router_logits_ref,
-                          lambda: [randn(N, C, dtype=bf16), randn(E, C) * 0.02],
-                          N * C * 2 + N * E * 4, N * C * (2 + 2) + 2 * N * E * 4),
         'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
                           lambda: [randn(N, E), 8, K, torch.zeros(E, device='cuda')],
                           N * E * 4 + N * K * 8, 0),
@@ -136,8 +132,7 @@ def cases():
 def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
     compiled = torch.compile(ref)
     sets = [make_inputs() for _ in range(3)]  # rotate inputs so no timing reads a warm L2
-    # ys and gates, x and the router's weight; else the input
-    differentiable = (0, 1) if name in ('moe_unpermute', 'router_logits') else (0,)
+    differentiable = (0, 1) if name == 'moe_unpermute' else (0,)  # ys and gates; else the input
     for args in sets:
         for i in differentiable:
             args[i].requires_grad_(bytes_bwd > 0)
@@ -174,7 +169,6 @@ def main():
     only = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--op=')), None)
     if not torch.cuda.is_available() or kernels.build() is not True:
         sys.exit("error: kernels/bench.py needs a CUDA device and the built kernels")
-    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it: the twins' fp32 matmuls
     ceiling = copy_ceiling_gbs()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:,.0f} GB/s "
           "(read + write)")
