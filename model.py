@@ -174,15 +174,18 @@ _kept = weakref.WeakKeyDictionary()  # model -> (its tensors' addresses and mode
 
 
 def kept(model, key, build):
-    """build() once per model and key, then the same result on later calls while the model keeps
-    its tensors and mode: a decode step's CUDA graph (with the cache it writes) takes milliseconds
-    to capture and microseconds to replay. A graph reads tensors at fixed addresses, so casting,
-    moving or reallocating the model's tensors, or train()/eval(), drops what was kept."""
+    """build() once per model, key and autocast setting (and kernels.enabled), then the same result
+    on later calls while the model keeps its tensors and mode: a decode step's CUDA graph (with the
+    cache it writes) takes milliseconds to capture and microseconds to replay. A graph reads
+    tensors at fixed addresses, so casting, moving or reallocating the model's tensors, or
+    train()/eval(), drops what was kept."""
     stamp = (model.training,
              [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
     if model not in _kept or _kept[model][0] != stamp:
         _kept[model] = (stamp, {})  # the old graphs go first: their memory serves the new ones
     built = _kept[model][1]
+    key = (key, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'),
+           kernels.enabled)  # what else a capture depends on
     if key not in built:
         built[key] = build()
     return built[key]
@@ -591,7 +594,7 @@ class GPT(nn.Module):
             cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
             inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], pad)
             return cache, CUDAGraphed(partial(self.decode_step, cache), inputs, [cache.pos])
-        return kept(self, ('generate', B, dtype, pad is None, kernels.enabled), build)
+        return kept(self, ('generate', B, pad is None), build)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,

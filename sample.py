@@ -147,7 +147,7 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     graphed = cuda_graph and model.graphable(idx)
     build = partial(speculative_decoder, model, idx.device, dtype, graphed)
     cache, out, length, candidate, step = (
-        kept(model, ('speculative', dtype, kernels.enabled), build) if graphed else build())
+        kept(model, 'speculative', build) if graphed else build())
     cache.pos.zero_()
     hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
     out[:, :T] = idx

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from kernels import sinkhorn
 from model import GPT, KVCache, MoE, ModelConfig, Router, kept
 
@@ -550,7 +551,7 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
 
 def test_kept_builds_once_per_key_until_the_model_changes():
     """kept() hands back what it built for a model and key, and builds again after what a captured graph would
-    read wrongly: a cast (new tensors), a mode change; another model or key gets its own."""
+    read wrongly: a cast (new tensors), a mode change; another model, key or kernels setting gets its own."""
     builds = []
 
     def build():
@@ -567,8 +568,14 @@ def test_kept_builds_once_per_key_until_the_model_changes():
     assert kept(model, 'a', build) is not first and len(builds) == 4
     model.eval()
     again = kept(model, 'a', build)
+    kernels.enabled = False  # the twins' graph differs from the kernels'
+    try:
+        assert kept(model, 'a', build) is not again and len(builds) == 6
+    finally:
+        kernels.enabled = True
+    assert kept(model, 'a', build) is again
     model.double()
-    assert kept(model, 'a', build) is not again and len(builds) == 6
+    assert kept(model, 'a', build) is not again and len(builds) == 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
