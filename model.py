@@ -170,25 +170,23 @@ class CUDAGraphed:
         return self.outputs
 
 
-_kept = weakref.WeakKeyDictionary()  # model -> (its tensors' addresses and mode, {key: build()})
+_kept = weakref.WeakKeyDictionary()  # model -> (what its kept build depends on, the build)
 
 
 def kept(model, key, build):
-    """build() once per model, key and autocast setting (and kernels.enabled), then the same result
-    on later calls while the model keeps its tensors and mode: a decode step's CUDA graph (with the
-    cache it writes) takes milliseconds to capture and microseconds to replay. A graph reads
-    tensors at fixed addresses, so casting, moving or reallocating the model's tensors, or
-    train()/eval(), drops what was kept."""
-    stamp = (model.training,
+    """build(), kept for the model's next call with the same key: a decode step's CUDA graph (with
+    the cache it writes) takes milliseconds to capture and microseconds to replay. A model keeps
+    one build, the last, so its memory stays that of one decode. A graph reads tensors at fixed
+    addresses and replays the kernels it captured, so casting, moving or reallocating the model's
+    tensors, train()/eval(), another autocast setting or kernels.enabled builds anew."""
+    stamp = (key, model.training, torch.is_autocast_enabled('cuda'),
+             torch.get_autocast_dtype('cuda'), kernels.enabled,
              [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
-    if model not in _kept or _kept[model][0] != stamp:
-        _kept[model] = (stamp, {})  # the old graphs go first: their memory serves the new ones
-    built = _kept[model][1]
-    key = (key, torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'),
-           kernels.enabled)  # what else a capture depends on
-    if key not in built:
-        built[key] = build()
-    return built[key]
+    if model in _kept and _kept[model][0] == stamp:
+        return _kept[model][1]
+    _kept.pop(model, None)  # the old build goes first: its memory serves the new one
+    _kept[model] = (stamp, build())
+    return _kept[model][1]
 
 
 class Attention(nn.Module):
