@@ -189,6 +189,12 @@ def kept(model, key, build):
     return _kept[model][1]
 
 
+def forget(model):
+    """Free what kept() holds for the model: for a caller that trains between decodes, where the
+    memory is worth more than the next call's capture."""
+    _kept.pop(model, None)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from common import (check, fail, load_checkpoint, load_data, load_run_tokenizer, load_torch, pyplot,
                     resolve_device, save_atomic, trained_data_dir)
 from configurator import configure_or_exit, settings_of
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, forget
 
 # -----------------------------------------------------------------------------
 mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (see the docstring)
@@ -229,6 +229,7 @@ def rollout(gpt, prompts):
     ratio and the KL need the policy's own probabilities), with the KV cache -> the tokens (B, R)
     and their log-probabilities (B, R)."""
     seq, logprobs = gpt.generate(prompts, response_len, return_logprobs=True)
+    forget(gpt)  # its decode cache would otherwise sit through the PPO update
     return seq[:, prompts.size(1):], logprobs
 
 

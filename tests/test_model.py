@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import sinkhorn
-from model import GPT, KVCache, MoE, ModelConfig, Router, kept
+from model import GPT, KVCache, MoE, ModelConfig, Router, forget, kept
 
 
 def tiny_config(**overrides):
@@ -552,7 +552,7 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
 def test_kept_builds_once_per_key_until_the_model_changes():
     """kept() hands back what it built for a model and key, and builds again for another key (keeping one build a
     model) and after what a captured graph would get wrong: a cast (new tensors), a mode change, the kernels
-    switched off. Another model keeps its own; weights changed in place keep the build."""
+    switched off; and after forget(). Another model keeps its own; weights changed in place keep the build."""
     builds = []
 
     def build():
@@ -577,8 +577,11 @@ def test_kept_builds_once_per_key_until_the_model_changes():
     finally:
         kernels.enabled = True
     again = kept(model, 'a', build)
-    model.double()
+    forget(model)
     assert kept(model, 'a', build) is not again and len(builds) == 9
+    again = kept(model, 'a', build)
+    model.double()
+    assert kept(model, 'a', build) is not again and len(builds) == 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
