@@ -134,7 +134,7 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
     forward passes). Falls back to generate() without MTP heads or when the text would outgrow
     block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
-    next drafts) is one CUDA graph, kept with its state for the next call (model.kept): a step is
+    next drafts) is one CUDA graph, kept with its state for the next call (model.kept()): a step is
     one launch. How many tokens a step accepts stays on the device: the host reads the length once
     per round of up to sync_every steps (as many as cannot overshoot), so it queues the next steps
     while the GPU runs."""
