@@ -590,15 +590,16 @@ class GPT(nn.Module):
         step(token (B, 1)[, pad]) -> logits (B, V) over it. On a GPU in 16 bits the step is a CUDA
         graph, kept with its cache for the next call with as many rows (kept())."""
         B, dtype = idx.size(0), kernels.autocast_dtype(self.wte.weight)
-        if not (cuda_graph and self.graphable(idx)):
-            cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
-            return cache, partial(self.decode_step, cache)
+        graphed = cuda_graph and self.graphable(idx)
 
         def build():
             cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
+            step = partial(self.decode_step, cache)
+            if not graphed:
+                return cache, step
             inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], pad)
-            return cache, CUDAGraphed(partial(self.decode_step, cache), inputs, [cache.pos])
-        return kept(self, ('generate', B, pad is None), build)
+            return cache, CUDAGraphed(step, inputs, [cache.pos])
+        return kept(self, ('generate', B, pad is None), build) if graphed else build()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
