@@ -1,4 +1,4 @@
-// Helpers shared by Ava's kernels: fp32/bf16 conversion, 8-element vector loads and stores, warp
+// Helpers shared by Ava's kernels: fp32/bf16 conversion, vector loads and stores, warp
 // reductions, and dtype dispatch. Every kernel computes in fp32 registers whatever the storage
 // type.
 #pragma once
@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <torch/extension.h>
+
+#include <type_traits>
 
 using bf16 = __nv_bfloat16;
 
@@ -44,6 +46,35 @@ __device__ __forceinline__ void store8(bf16* p, const float (&v)[8]) {
     for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
     *reinterpret_cast<uint4*>(p) = raw;
 }
+
+// E consecutive elements as stored (8, 16 or 32 bytes: one or two 8- or 16-byte loads), turned
+// into floats where they are used, so rows kept in registers hold only their stored bytes: a bf16
+// tile takes half the registers of an fp32 one. The caller guarantees the alignment of the load.
+template <typename T, int E> struct Chunk {
+    static constexpr int kBytes = sizeof(T) * E;
+    using Word = std::conditional_t<kBytes == 8, uint2, uint4>;
+    Word raw[kBytes == 32 ? 2 : 1];
+    __device__ __forceinline__ void load(const T* p) {
+#pragma unroll
+        for (int i = 0; i < kBytes / (int)sizeof(Word); i++)
+            raw[i] = reinterpret_cast<const Word*>(p)[i];
+    }
+    __device__ __forceinline__ void floats(float (&f)[E]) const {
+        if constexpr (std::is_same_v<T, float>) {
+            const unsigned* u = reinterpret_cast<const unsigned*>(raw);
+#pragma unroll
+            for (int e = 0; e < E; e++) f[e] = __uint_as_float(u[e]);
+        } else {
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw);
+#pragma unroll
+            for (int e = 0; e < E / 2; e++) {
+                const float2 pair = __bfloat1622float2(h[e]);
+                f[2 * e] = pair.x;
+                f[2 * e + 1] = pair.y;
+            }
+        }
+    }
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -44,34 +44,6 @@ constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep lo
 constexpr int kSplit = 4;       // down: parts of F, summed by combine
 constexpr int kRouteThreads = 1024;
 
-// 8 consecutive elements as stored (one 16-byte load for bf16, two for fp32), turned into floats
-// where they are used: a tile's x rows then take half the registers in bf16.
-template <typename T> struct Raw8;
-template <> struct Raw8<bf16> {
-    uint4 v;
-    __device__ __forceinline__ void load(const bf16* p) { v = *reinterpret_cast<const uint4*>(p); }
-    __device__ __forceinline__ void floats(float (&f)[8]) const {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const float2 pair = __bfloat1622float2(h[i]);
-            f[2 * i] = pair.x;
-            f[2 * i + 1] = pair.y;
-        }
-    }
-};
-template <> struct Raw8<float> {
-    float4 a, b;
-    __device__ __forceinline__ void load(const float* p) {
-        a = reinterpret_cast<const float4*>(p)[0];
-        b = reinterpret_cast<const float4*>(p)[1];
-    }
-    __device__ __forceinline__ void floats(float (&f)[8]) const {
-        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-    }
-};
-
 // acc[r][j] += w_r[i] x_j[i] over i in [begin, end), for kRows weight rows w_r and kTile rows x_j
 // (this lane's share; the caller sums over the warp). Rows past the tile's end repeat its last:
 // no branch in the loop, so all kRows + kTile loads of a step are in flight at once.
@@ -82,8 +54,8 @@ __device__ __forceinline__ void row_dots(const TW* const (&w)[kRows], const TX* 
     const int lane = threadIdx.x % 32;
     if (vec) {
         for (int i = begin + lane * 8; i < end; i += 32 * 8) {
-            Raw8<TW> wr[kRows];
-            Raw8<TX> xr[kTile];
+            Chunk<TW, 8> wr[kRows];
+            Chunk<TX, 8> xr[kTile];
 #pragma unroll
             for (int r = 0; r < kRows; r++) wr[r].load(w[r] + i);
 #pragma unroll

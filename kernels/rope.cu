@@ -20,7 +20,6 @@
 // 2 * T*D/2 * 4 bytes of cos/sin, which every batch row and head re-reads from cache.
 // Test: pytest tests/test_kernels_rope.py (CUDA tests need a GPU)
 // Time: python kernels/bench.py --op=qkv_rope (and --op=norm_qkv_rope)
-#include <type_traits>
 
 #include "common.cuh"
 
@@ -156,29 +155,6 @@ constexpr int kWarps = 4;       // per block
 constexpr int kMinBlocks = 4;   // per SM: <= 128 registers, 16 warps to keep loads in flight
 
 namespace {
-
-// E consecutive elements as stored, in one load: 16 bytes (8 bf16 or 4 fp32) or 8 (4 bf16), turned
-// into floats where they are used, so a tile's x rows hold only their stored bytes in registers.
-template <typename T, int E> struct Chunk {
-    using Raw = std::conditional_t<sizeof(T) * E == 16, uint4, uint2>;
-    Raw raw;
-    __device__ __forceinline__ void load(const T* p) { raw = *reinterpret_cast<const Raw*>(p); }
-    __device__ __forceinline__ void floats(float (&f)[E]) const {
-        if constexpr (std::is_same_v<T, float>) {
-            const unsigned* u = reinterpret_cast<const unsigned*>(&raw);
-#pragma unroll
-            for (int e = 0; e < E; e++) f[e] = __uint_as_float(u[e]);
-        } else {
-            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-            for (int e = 0; e < E / 2; e++) {
-                const float2 pair = __bfloat1622float2(h[e]);
-                f[2 * e] = pair.x;
-                f[2 * e + 1] = pair.y;
-            }
-        }
-    }
-};
 
 // Halving steps of warp_sum_scatter, O = M/2, M/4, .., 1: a lane keeps the half of its values that
 // its partner across bit O sends it. O is a template argument so every index of v is a constant:
