@@ -7,6 +7,7 @@ matched dimensions; generation speed with and without the KV cache; the LR range
     python bench.py config/small.py --compile=True         # ... under torch.compile
     python bench.py config/small.py --kernels=ref          # ... with the kernels' PyTorch twins
     python bench.py config/small.py --cuda_graph=True      # ... each step replayed as a CUDA graph
+    python bench.py config/small.py --compile=True --cuda_graph=True   # ... both: compiled, captured
     python bench.py config/small.py --compare=dense        # + the dense twin, eager and compiled
     python bench.py config/small.py --compare=hf           # + MixtralForCausalLM, and the ratio
     python bench.py config/small.py --profile=True         # + torch.profiler's GPU time per kernel
@@ -346,8 +347,6 @@ if __name__ == '__main__':
     configure_or_exit(globals(), ignored=TRAINING_ONLY)
     check([(kernels in ('cuda', 'ref'), "--kernels must be 'cuda' or 'ref'"),
            (compare in ('', 'dense', 'hf'), "--compare must be '', 'dense' or 'hf'"),
-           (not cuda_graph or not compile, "--cuda_graph and --compile exclude each other (compile "
-            "with mode='reduce-overhead' graphs by itself)"),
            (0 < lr_find_start < lr_find_end and lr_find_iters >= 10,
             "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
            (min(warmup_steps, timed_steps, new_tokens) >= 1 and peak_tflops > 0,
