@@ -7,7 +7,7 @@ matched dimensions; generation speed with and without the KV cache; the LR range
     python bench.py config/small.py --compile=True         # ... under torch.compile
     python bench.py config/small.py --kernels=ref          # ... with the kernels' PyTorch twins
     python bench.py config/small.py --cuda_graph=True      # ... each step replayed as a CUDA graph
-    python bench.py config/small.py --compile=True --cuda_graph=True   # ... both: compiled, captured
+    python bench.py config/small.py --compile=True --cuda_graph=True   # ... both: compiled, graphed
     python bench.py config/small.py --compare=dense        # + the dense twin, eager and compiled
     python bench.py config/small.py --compare=hf           # + MixtralForCausalLM, and the ratio
     python bench.py config/small.py --profile=True         # + torch.profiler's GPU time per kernel
