@@ -21,8 +21,9 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bytes_to_unicode, load_tokenizer  # noqa: E402
-from data.prepare import (SHAREGPT_JSON, default_name, dup_5gram_fraction, filter_documents,  # noqa: E402
-                          iter_json, main, read_documents, record_text, split_documents)
+from data.prepare import (SHAREGPT_JSON, default_name, dup_5gram_fraction,  # noqa: E402
+                          filter_documents, iter_json, main, read_documents, record_text,
+                          split_documents)
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by I you don't we'll it's "
          "café naïve über 日本語 テキスト 🙂 👍🏽 1999 3.14 42 1,000 thou thee hath doth king queen night "

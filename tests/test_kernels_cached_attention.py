@@ -1,5 +1,6 @@
-"""Attention over the KV cache: the _ref twin against a float64 loop over queries and keys (CPU), and the CUDA
-kernel against the loop (GPU only), with the cache rows past the new tokens full of NaN that must not be read."""
+"""Attention over the KV cache: the _ref twin against a float64 loop over queries and keys (CPU),
+and the CUDA kernel against the loop (GPU only), with the cache rows past the new tokens full of NaN
+that must not be read."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from model import attention_mask
 
 
 def loop_float64(q, k, v, cache_k, cache_v, pos, mask):
-    """The cache after the write, and y (B, T, H*D): for each query, softmax over the keys its mask allows."""
+    """The cache after the write, and y (B, T, H*D): for each query, softmax over the keys its mask
+    allows."""
     B, H, T, D = q.shape
     cache_k, cache_v = cache_k.double().clone(), cache_v.double().clone()
     cache_k[:, :, pos:pos + T], cache_v[:, :, pos:pos + T] = k.double(), v.double()
@@ -26,27 +28,31 @@ def loop_float64(q, k, v, cache_k, cache_v, pos, mask):
 
 
 def make(B, H, T, D, S, pos, padded, dtype=torch.float32, device='cpu', offset=0):
-    """New q, k, v, a cache holding pos positions and NaN beyond them, the model's mask (with left padding
-    when padded). offset shifts q, k, v by that many elements from a 16-byte boundary."""
+    """New q, k, v, a cache holding pos positions and NaN beyond them, the model's mask (with left
+    padding when padded). offset shifts q, k, v by that many elements from a 16-byte boundary."""
     gen = torch.Generator().manual_seed(B * 100 + T * 10 + pos)
 
     def randn(*shape):
         n = torch.Size(shape).numel()
-        return torch.randn(n + offset, generator=gen)[offset:].view(shape).to(device=device, dtype=dtype)
+        return torch.randn(n + offset, generator=gen)[offset:].view(shape).to(device=device,
+                                                                              dtype=dtype)
 
     q, k, v = randn(B, H, T, D), randn(B, H, T, D), randn(B, H, T, D)
     cache_k, cache_v = randn(B, H, S, D), randn(B, H, S, D)
     cache_k[:, :, pos:], cache_v[:, :, pos:] = float('nan'), float('nan')
     positions = pos + torch.arange(T, device=device)
     pad = torch.randint(0, pos + 1, (B,), generator=gen).to(device) if padded else None
-    return q, k, v, cache_k, cache_v, torch.tensor(pos, device=device), attention_mask(positions, S, pad)
+    return (q, k, v, cache_k, cache_v, torch.tensor(pos, device=device),
+            attention_mask(positions, S, pad))
 
 
-@pytest.mark.parametrize('B,H,T,D,S,pos,padded', [(1, 2, 1, 8, 16, 0, False), (2, 3, 4, 6, 20, 9, True),
+@pytest.mark.parametrize('B,H,T,D,S,pos,padded', [(1, 2, 1, 8, 16, 0, False),
+                                                  (2, 3, 4, 6, 20, 9, True),
                                                   (3, 1, 2, 4, 12, 10, False)])
 def test_ref_matches_loop(B, H, T, D, S, pos, padded):
     q, k, v, cache_k, cache_v, pos_t, mask = make(B, H, T, D, S, pos, padded)
-    cache_k[:, :, pos + T:], cache_v[:, :, pos + T:] = 0, 0  # SDPA multiplies masked values by 0: NaN would spread
+    # SDPA multiplies masked values by 0: NaN would spread
+    cache_k[:, :, pos + T:], cache_v[:, :, pos + T:] = 0, 0
     ref_k, ref_v, ref_y = loop_float64(q, k, v, cache_k, cache_v, pos, mask)
     y = cached_attention_ref(q, k, v, cache_k, cache_v, pos_t, mask)
     torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-6)
@@ -69,7 +75,8 @@ def test_ref_matches_loop(B, H, T, D, S, pos, padded):
 def test_cuda_matches_loop(B, H, T, D, S, pos, padded, offset, dtype, tol):
     built()
     q, k, v, cache_k, cache_v, pos_t, mask = make(B, H, T, D, S, pos, padded, dtype, 'cuda', offset)
-    ref_k, ref_v, ref_y = loop_float64(q.cpu(), k.cpu(), v.cpu(), cache_k.cpu(), cache_v.cpu(), pos, mask.cpu())
+    ref_k, ref_v, ref_y = loop_float64(q.cpu(), k.cpu(), v.cpu(), cache_k.cpu(), cache_v.cpu(), pos,
+                                       mask.cpu())
     poison()
     y = cached_attention(q, k, v, cache_k, cache_v, pos_t, mask)
     assert y.dtype == dtype and y.shape == (B, T, H * D)

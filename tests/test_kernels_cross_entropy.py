@@ -1,5 +1,5 @@
-"""Cross-entropy: the PyTorch twin against a float64 log-sum-exp formula with hand-derived gradients (CPU), and the
-CUDA kernels against the twin in float64 (GPU only)."""
+"""Cross-entropy: the PyTorch twin against a float64 log-sum-exp formula with hand-derived gradients
+(CPU), and the CUDA kernels against the twin in float64 (GPU only)."""
 
 import pytest
 import torch
@@ -17,7 +17,8 @@ def some_targets(N, V, device='cpu'):
 
 
 def cross_entropy_float64(logits, targets):
-    """Mean over kept rows of lse - x[target], and its gradient (softmax - onehot) / kept, 0 in ignored rows."""
+    """Mean over kept rows of lse - x[target], and its gradient (softmax - onehot) / kept, 0 in
+    ignored rows."""
     x = logits.double()
     kept = targets != -1                                                       # (N,)
     row_max = x.max(-1, keepdim=True).values
@@ -45,17 +46,19 @@ def test_ref_matches_float64_formula(N, V, dtype):
 
 @cuda
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize('N,V,offset', [(1, 5, 0), (7, 1000, 0), (300, 4096, 0), (64, 32768, 0), (33, 50257, 0),
-                                        (9, 4160, 1), (5, 13, 0), (0, 100, 0)])
+@pytest.mark.parametrize('N,V,offset', [(1, 5, 0), (7, 1000, 0), (300, 4096, 0), (64, 32768, 0),
+                                        (33, 50257, 0), (9, 4160, 1), (5, 13, 0), (0, 100, 0)])
 def test_cuda_matches_ref(N, V, offset, dtype, tol):
-    """V <= 4096 takes a warp per row, larger V a CTA; offset 1 starts the logits one element past a 16-byte
-    boundary, which forces the scalar path (as does V % 8 != 0)."""
+    """V <= 4096 takes a warp per row, larger V a CTA; offset 1 starts the logits one element past a
+    16-byte boundary, which forces the scalar path (as does V % 8 != 0)."""
     built()
-    logits = (torch.randn(N * V + offset, device='cuda') * 3).to(dtype)[offset:].view(N, V).requires_grad_()
+    logits = ((torch.randn(N * V + offset, device='cuda') * 3).to(dtype)[offset:].view(N, V)
+              .requires_grad_())
     targets = some_targets(N, V, 'cuda')
     logits64 = logits.detach().double().requires_grad_()
     loss64 = cross_entropy_ref(logits64, targets)
-    dlogits64, = torch.autograd.grad(loss64, logits64, torch.tensor(1.7, device='cuda', dtype=torch.float64))
+    dlogits64, = torch.autograd.grad(loss64, logits64, torch.tensor(1.7, device='cuda',
+                                                                    dtype=torch.float64))
     poison()
     loss = cross_entropy(logits, targets)
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -69,7 +72,8 @@ def test_cuda_matches_ref(N, V, offset, dtype, tol):
     assert (dlogits[1::3] == 0).all()
     poison()
     loss_rows, lse = torch.ops.ava.cross_entropy_rows(logits.detach(), targets)
-    assert rel_err(loss_rows, F.cross_entropy(logits64.detach(), targets, ignore_index=-1, reduction='none')) < tol
+    assert rel_err(loss_rows, F.cross_entropy(logits64.detach(), targets, ignore_index=-1,
+                                              reduction='none')) < tol
     assert rel_err(lse, logits64.detach().logsumexp(-1)) < tol
 
 
@@ -93,15 +97,18 @@ def test_cuda_extreme_logits_stay_finite(N, V):
 
 @cuda
 def test_cuda_out_of_range_targets_give_nan():
-    """The kernel's documented answer to a target outside [0, V) that is not -1: NaN loss and gradient rows."""
+    """The kernel's documented answer to a target outside [0, V) that is not -1: NaN loss and
+    gradient rows."""
     built()
     V = 64
     logits = torch.randn(5, V, device='cuda')
     targets = torch.tensor([V, -2, 0, -1, V - 1], device='cuda')
     loss_rows, lse = torch.ops.ava.cross_entropy_rows(logits, targets)
     assert loss_rows[:2].isnan().all() and loss_rows[[2, 4]].isfinite().all() and loss_rows[3] == 0
-    dlogits = torch.ops.ava.cross_entropy_rows_backward(torch.ones(5, device='cuda'), logits, targets, lse)
-    assert dlogits[:2].isnan().all() and dlogits[[2, 4]].isfinite().all() and (dlogits[3] == 0).all()
+    dlogits = torch.ops.ava.cross_entropy_rows_backward(torch.ones(5, device='cuda'), logits,
+                                                        targets, lse)
+    assert (dlogits[:2].isnan().all() and dlogits[[2, 4]].isfinite().all()
+            and (dlogits[3] == 0).all())
 
 
 @cuda
@@ -113,4 +120,5 @@ def test_opcheck_and_compile():
     fn = lambda logits: cross_entropy(logits, targets) * 2  # noqa: E731
     eager, compiled = fn(logits), torch.compile(fn, fullgraph=True)(logits)
     torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, logits)[0], torch.autograd.grad(eager, logits)[0])
+    torch.testing.assert_close(torch.autograd.grad(compiled, logits)[0],
+                               torch.autograd.grad(eager, logits)[0])

@@ -1,6 +1,6 @@
-"""The decode block's second half (residual add, norm, MoE, residual add): the _ref twin against a float64 loop
-over each token's experts and a Block's decode step against its forward (CPU), and the CUDA kernels against the
-float64 loop (GPU only)."""
+"""The decode block's second half (residual add, norm, MoE, residual add): the _ref twin against a
+float64 loop over each token's experts and a Block's decode step against its forward (CPU), and the
+CUDA kernels against the float64 loop (GPU only)."""
 
 import pytest
 import torch
@@ -19,14 +19,16 @@ def loop_float64(x, attn, norm_w, eps, router_w, bias, w_in, w_out, K, act):
     rounding can flip a near-tie in the choice)."""
     stored = lambda t: t.to(x.dtype).double()  # noqa: E731
     Fh, out = w_out.size(2), stored(x.double() + attn.double())
-    norm_w, router_w, w_in, w_out = norm_w.double(), router_w.double(), w_in.double(), w_out.double()
+    norm_w, router_w, w_in, w_out = (norm_w.double(), router_w.double(), w_in.double(),
+                                     w_out.double())
     for n in range(x.size(0)):
         xn = stored(out[n] / out[n].pow(2).mean().add(eps).sqrt() * norm_w)
         logits = router_w @ xn                                                 # (E,)
         scores = (logits + (0 if bias is None else bias.double())).tolist()
         chosen = []
         for _ in range(K):
-            chosen.append(max((e for e in range(len(scores)) if e not in chosen), key=lambda e: scores[e]))
+            chosen.append(max((e for e in range(len(scores)) if e not in chosen),
+                              key=lambda e: scores[e]))
         probs = logits.softmax(0)[chosen]
         moe = torch.zeros_like(xn)
         for gate, e in zip(probs / probs.sum(), chosen):
@@ -37,9 +39,10 @@ def loop_float64(x, attn, norm_w, eps, router_w, bias, w_in, w_out, K, act):
     return out
 
 
-def make(N, C, E, Fh, act, bias, dtype=torch.float32, weight_dtype=torch.float32, device='cpu', offset=0):
-    """Inputs at the scale of a trained layer: x and attn of unit rows, a norm weight near 1, weights
-    ~N(0, 1/fan_in). offset shifts x by that many elements from a 16-byte boundary."""
+def make(N, C, E, Fh, act, bias, dtype=torch.float32, weight_dtype=torch.float32, device='cpu',
+         offset=0):
+    """Inputs at the scale of a trained layer: x and attn of unit rows, a norm weight near 1,
+    weights ~N(0, 1/fan_in). offset shifts x by that many elements from a 16-byte boundary."""
     gen = torch.Generator().manual_seed(N * 1000 + C + E)
     rows = 2 * Fh if act == 'swiglu' else Fh
     x = torch.randn(N * C + offset, generator=gen)[offset:].view(N, C)
@@ -50,8 +53,9 @@ def make(N, C, E, Fh, act, bias, dtype=torch.float32, weight_dtype=torch.float32
     w_out = torch.randn(E, C, Fh, generator=gen) / Fh ** 0.5
     b = torch.randn(E, generator=gen) if bias else None
     to = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
-    return (to(x, dtype), to(attn, dtype), to(norm_w, weight_dtype), 1e-6, to(router_w, weight_dtype),
-            to(b, torch.float32), to(w_in, weight_dtype), to(w_out, weight_dtype))
+    return (to(x, dtype), to(attn, dtype), to(norm_w, weight_dtype), 1e-6,
+            to(router_w, weight_dtype), to(b, torch.float32), to(w_in, weight_dtype),
+            to(w_out, weight_dtype))
 
 
 def cpu(args):
@@ -59,7 +63,8 @@ def cpu(args):
 
 
 @pytest.mark.parametrize('act', ['gelu', 'swiglu'])
-@pytest.mark.parametrize('N,K,E,bias', [(1, 2, 4, False), (5, 1, 3, True), (7, 3, 5, False), (4, 2, 8, True)])
+@pytest.mark.parametrize('N,K,E,bias', [(1, 2, 4, False), (5, 1, 3, True), (7, 3, 5, False),
+                                        (4, 2, 8, True)])
 def test_ref_matches_loop(N, K, E, bias, act):
     args = make(N, 12, E, 10, act, bias)
     out = moe_decode_ref(*args, K, act)
@@ -67,12 +72,15 @@ def test_ref_matches_loop(N, K, E, bias, act):
     torch.testing.assert_close(out.double(), loop_float64(*args, K, act), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('router,act', [('sinkhorn', 'gelu'), ('softmax', 'swiglu'), ('bias', 'gelu')])
+@pytest.mark.parametrize('router,act', [('sinkhorn', 'gelu'), ('softmax', 'swiglu'),
+                                        ('bias', 'gelu')])
 def test_block_decode_equals_forward(router, act):
-    """A Block's decode step (Block.decode: the fused path) against the same block's forward through the sort and
-    grouped GEMMs, which watch_routing forces (it records statistics), each with a fresh KV cache."""
+    """A Block's decode step (Block.decode: the fused path) against the same block's forward through
+    the sort and grouped GEMMs, which watch_routing forces (it records statistics), each with a
+    fresh KV cache."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_embd=32, n_head=4, n_experts=4, top_k=2, ffn_hidden=48, router=router, expert_act=act)
+    cfg = ModelConfig(n_embd=32, n_head=4, n_experts=4, top_k=2, ffn_hidden=48, router=router,
+                      expert_act=act)
     block = Block(cfg).eval()
     if router == 'bias':
         block.ffn.router.bias.copy_(torch.tensor([0.5, -0.3, 0.0, 0.2]))
@@ -116,10 +124,11 @@ def test_cuda_matches_loop(N, K, E, C, Fh, offset, bias, act, dtype, weight_dtyp
 
 @cuda
 def test_cuda_autocast_fp32_stream():
-    """An fp32 model under bf16 autocast: the residual stream stays fp32, the norm and the experts run in bf16,
-    the attention's output comes in bf16; the kernels equal the twin."""
+    """An fp32 model under bf16 autocast: the residual stream stays fp32, the norm and the experts
+    run in bf16, the attention's output comes in bf16; the kernels equal the twin."""
     built()
-    x, attn, norm_w, eps, router_w, b, w_in, w_out = make(5, 64, 4, 96, 'gelu', False, device='cuda')
+    x, attn, norm_w, eps, router_w, b, w_in, w_out = make(5, 64, 4, 96, 'gelu', False,
+                                                          device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
         out = moe_decode(x, attn.bfloat16(), norm_w, eps, router_w, b, w_in, w_out, 2, 'gelu')
         kernels.enabled = False

@@ -1,22 +1,25 @@
-"""MoE sort, permute and unpermute: the _ref twins against slow Python loops (CPU), and the CUDA kernels against the
-twins (the sort exactly, the others in float64, forward and backward; CUDA only)."""
+"""MoE sort, permute and unpermute: the _ref twins against slow Python loops (CPU), and the CUDA
+kernels against the twins (the sort exactly, the others in float64, forward and backward;
+CUDA only)."""
 
 import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.moe_permute import moe_permute, moe_permute_ref, moe_sort, moe_sort_ref, moe_unpermute, moe_unpermute_ref
+from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,
+                                 moe_unpermute, moe_unpermute_ref)
 
 
 def make_layout(N, K, E, drop, shuffle, seed=0):
-    """(row_src (M,), assignment_row (N, K)) int32 as the model builds them: assignments sorted by expert, dropped
-    ones (probability drop) last as unused rows. With shuffle the rows are permuted, so unused rows sit anywhere."""
+    """(row_src (M,), assignment_row (N, K)) int32 as the model builds them: assignments sorted by
+    expert, dropped ones (probability drop) last as unused rows. With shuffle the rows are permuted,
+    so unused rows sit anywhere."""
     gen = torch.Generator().manual_seed(seed)
     M = N * K
     expert = torch.randint(E, (N, K), generator=gen)
     keep = torch.rand(N, K, generator=gen) >= drop
-    flat = torch.where(keep, expert, E).flatten()                  # (M,) dropped -> sentinel expert E
-    order = flat.argsort(stable=True)                              # (M,) assignment in each row
+    flat = torch.where(keep, expert, E).flatten()              # (M,) dropped -> sentinel expert E
+    order = flat.argsort(stable=True)                          # (M,) assignment in each row
     row_src = torch.where(flat[order] < E, order, -1)
     if shuffle:
         row_src = row_src[torch.randperm(M, generator=gen)]
@@ -52,26 +55,29 @@ def loop_reference(x, ys, gates, dxs, dout, row_src, assignment_row):
 def test_refs_match_loops(K, shuffle):
     N, C = 9, 5
     row_src, assignment_row = make_layout(N, K, E=4, drop=0.3, shuffle=shuffle)
-    assert (row_src < 0).any()                                     # some dropped assignments, some unused rows
+    assert (row_src < 0).any()                          # some dropped assignments, some unused rows
     x = torch.randn(N, C, requires_grad=True)
     ys = torch.randn(N * K, C)
-    ys[row_src < 0] = float('nan')                                 # garbage that must never be read
+    ys[row_src < 0] = float('nan')                      # garbage that must never be read
     ys.requires_grad_()
     gates = torch.rand(N, K, requires_grad=True)
     dxs, dout = torch.randn(N * K, C), torch.randn(N, C)
-    xs, out = moe_permute_ref(x, row_src, assignment_row), moe_unpermute_ref(ys, gates, row_src, assignment_row)
+    xs, out = (moe_permute_ref(x, row_src, assignment_row),
+               moe_unpermute_ref(ys, gates, row_src, assignment_row))
     (xs * dxs).sum().backward()
     (out * dout).sum().backward()
-    expected = loop_reference(x.detach(), ys.detach(), gates.detach(), dxs, dout, row_src, assignment_row)
+    expected = loop_reference(x.detach(), ys.detach(), gates.detach(), dxs, dout, row_src,
+                              assignment_row)
     for got, want in zip((xs, out, x.grad, ys.grad, gates.grad), expected):
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-# (N, K, C, drop, shuffle): tiny, odd C (scalar path), C = 512 (vector path), K = 1/2/4, dropped assignments,
-# unused rows anywhere, every assignment dropped, M = 0
-CASES = [(1, 1, 13, 0.0, False), (1, 2, 512, 0.0, False), (37, 4, 13, 0.2, True), (300, 2, 512, 0.1, False),
-         (300, 2, 512, 0.1, True), (50, 3, 24, 0.3, True), (20, 2, 64, 1.0, False), (0, 2, 16, 0.0, False)]
+# (N, K, C, drop, shuffle): tiny, odd C (scalar path), C = 512 (vector path), K = 1/2/4, dropped
+# assignments, unused rows anywhere, every assignment dropped, M = 0
+CASES = [(1, 1, 13, 0.0, False), (1, 2, 512, 0.0, False), (37, 4, 13, 0.2, True),
+         (300, 2, 512, 0.1, False), (300, 2, 512, 0.1, True), (50, 3, 24, 0.3, True),
+         (20, 2, 64, 1.0, False), (0, 2, 16, 0.0, False)]
 
 
 def cuda_case(N, K, C, drop, shuffle, dtype):
@@ -101,12 +107,14 @@ def test_cuda_matches_ref(N, K, C, drop, shuffle, dtype):
     poison()
     dys, dgates = torch.autograd.grad(out, (ys, gates), dout)
     x64, ys64, gates64 = (t.detach().double().requires_grad_() for t in (x, ys, gates))
-    xs_ref, out_ref = moe_permute_ref(x64, row_src, assignment_row), moe_unpermute_ref(ys64, gates64, row_src,
-                                                                                      assignment_row)
+    xs_ref, out_ref = (moe_permute_ref(x64, row_src, assignment_row),
+                       moe_unpermute_ref(ys64, gates64, row_src, assignment_row))
     dx_ref, = torch.autograd.grad(xs_ref, x64, dxs.double())
     dys_ref, dgates_ref = torch.autograd.grad(out_ref, (ys64, gates64), dout.double())
-    assert (xs.dtype, dx.dtype, dys.dtype, out.dtype, dgates.dtype) == (dtype,) * 3 + (torch.float32,) * 2
-    for got, want in ((xs, xs_ref), (out, out_ref), (dx, dx_ref), (dys, dys_ref), (dgates, dgates_ref)):
+    assert ((xs.dtype, dx.dtype, dys.dtype, out.dtype, dgates.dtype)
+            == (dtype,) * 3 + (torch.float32,) * 2)
+    for got, want in ((xs, xs_ref), (out, out_ref), (dx, dx_ref), (dys, dys_ref),
+                      (dgates, dgates_ref)):
         assert rel_err(got, want) < tol
 
 
@@ -123,7 +131,8 @@ def test_cuda_autocast_permute():
     x64 = x.detach().double().requires_grad_()
     dx_ref, = torch.autograd.grad(moe_permute_ref(x64, row_src, assignment_row), x64, dxs.double())
     assert xs.dtype == torch.bfloat16 and dx.dtype == torch.float32
-    assert rel_err(xs, moe_permute_ref(x64, row_src, assignment_row)) < 1e-2 and rel_err(dx, dx_ref) < 1e-5
+    assert (rel_err(xs, moe_permute_ref(x64, row_src, assignment_row)) < 1e-2
+            and rel_err(dx, dx_ref) < 1e-5)
 
 
 @cuda
@@ -131,13 +140,17 @@ def test_cuda_opcheck():
     built()
     row_src, assignment_row, _ = cuda_case(33, 2, 40, 0.2, True, torch.bfloat16)
     x = torch.randn(33, 40, device='cuda', requires_grad=True)
-    ys = torch.randn(66, 40, device='cuda', dtype=torch.bfloat16, requires_grad=True)  # finite: opcheck compares
+    # finite: opcheck compares
+    ys = torch.randn(66, 40, device='cuda', dtype=torch.bfloat16, requires_grad=True)
     gates = torch.rand(33, 2, device='cuda', requires_grad=True)
-    torch.library.opcheck(torch.ops.ava.moe_permute.default, (x, row_src, assignment_row, torch.bfloat16))
+    torch.library.opcheck(torch.ops.ava.moe_permute.default,
+                          (x, row_src, assignment_row, torch.bfloat16))
     torch.library.opcheck(torch.ops.ava.moe_unpermute.default, (ys, gates, row_src, assignment_row))
-    torch.library.opcheck(torch.ops.ava.moe_permute_backward.default, (ys.detach(), assignment_row, torch.float32))
+    torch.library.opcheck(torch.ops.ava.moe_permute_backward.default,
+                          (ys.detach(), assignment_row, torch.float32))
     torch.library.opcheck(torch.ops.ava.moe_unpermute_backward.default,
-                          (torch.randn(33, 40, device='cuda'), ys.detach(), gates.detach(), row_src))
+                          (torch.randn(33, 40, device='cuda'), ys.detach(), gates.detach(),
+                           row_src))
 
 
 @cuda
@@ -146,12 +159,15 @@ def test_cuda_compile():
     row_src, assignment_row, _ = cuda_case(64, 2, 256, 0.1, False, torch.float32)
 
     def layer(x, gates):  # permute, a stand-in for the experts, unpermute
-        return moe_unpermute(moe_permute(x, row_src, assignment_row) * 2 + 1, gates, row_src, assignment_row)
+        return moe_unpermute(moe_permute(x, row_src, assignment_row) * 2 + 1, gates, row_src,
+                             assignment_row)
 
     results = []
     for fn in (layer, torch.compile(layer, fullgraph=True)):
-        x = torch.randn(64, 256, device='cuda', generator=torch.Generator('cuda').manual_seed(0), requires_grad=True)
-        gates = torch.rand(64, 2, device='cuda', generator=torch.Generator('cuda').manual_seed(1), requires_grad=True)
+        x = torch.randn(64, 256, device='cuda', generator=torch.Generator('cuda').manual_seed(0),
+                        requires_grad=True)
+        gates = torch.rand(64, 2, device='cuda', generator=torch.Generator('cuda').manual_seed(1),
+                           requires_grad=True)
         out = fn(x, gates)
         out.square().sum().backward()
         results.append((out, x.grad, gates.grad))
@@ -160,9 +176,11 @@ def test_cuda_compile():
 
 
 def sort_loop(expert_idx, keep, E):
-    """The layout by hand: rows go to expert 0's kept assignments in order, then expert 1's, ..., then the dropped."""
+    """The layout by hand: rows go to expert 0's kept assignments in order, then expert 1's, ...,
+    then the dropped."""
     flat_expert, flat_keep = expert_idx.flatten().tolist(), keep.flatten().tolist()
-    order = [a for e in range(E) for a, (x, k) in enumerate(zip(flat_expert, flat_keep)) if k and x == e]
+    order = [a for e in range(E) for a, (x, k) in enumerate(zip(flat_expert, flat_keep))
+             if k and x == e]
     n_kept = len(order)
     order += [a for a, k in enumerate(flat_keep) if not k]
     offsets = [sum(1 for x, k in zip(flat_expert, flat_keep) if k and x <= e) for e in range(E)]
@@ -174,7 +192,8 @@ def sort_loop(expert_idx, keep, E):
 
 
 def random_routing(N, K, E, drop, seed=0, device='cpu'):
-    """expert_idx (N, K): K distinct experts per token, skewed toward low ids; keep (N, K) with drops."""
+    """expert_idx (N, K): K distinct experts per token, skewed toward low ids; keep (N, K) with
+    drops."""
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(N, E, generator=gen) + torch.linspace(1, 0, E) * 0.5
     keep = torch.rand(N, K, generator=gen) >= drop
@@ -199,7 +218,8 @@ def test_sort_ref_matches_loop(N, K, E, drop):
 @cuda
 @pytest.mark.parametrize('N,K,E,drop', SORT_CASES + [(300_000, 2, 8, 0.05), (70_001, 3, 256, 0.0)])
 def test_cuda_sort_equals_ref(N, K, E, drop):
-    """Integers: the kernel's layout must equal the twin's (a stable sort) exactly, across many blocks too."""
+    """Integers: the kernel's layout must equal the twin's (a stable sort) exactly, across many
+    blocks too."""
     built()
     expert_idx, keep = random_routing(N, K, E, drop, device='cuda')
     poison()

@@ -1,5 +1,5 @@
-"""RMSNorm: the PyTorch twin against a float64 formula with hand-derived gradients (CPU), and the CUDA kernels
-against the twin in float64 (GPU only)."""
+"""RMSNorm: the PyTorch twin against a float64 formula with hand-derived gradients (CPU), and the
+CUDA kernels against the twin in float64 (GPU only)."""
 
 import pytest
 import torch
@@ -29,14 +29,16 @@ def test_ref_matches_float64_formula(shape):
 
 
 @cuda
-@pytest.mark.parametrize('x_dtype,autocast,tol', [(torch.float32, False, 1e-5), (torch.float32, True, 1e-2),
+@pytest.mark.parametrize('x_dtype,autocast,tol', [(torch.float32, False, 1e-5),
+                                                  (torch.float32, True, 1e-2),
                                                   (torch.bfloat16, False, 1e-2)])
-@pytest.mark.parametrize('rows,C,offset', [(1, 8, 0), (7, 13, 0), (300, 512, 0), (4096, 768, 0), (33, 512, 1),
-                                           (0, 64, 0)])
+@pytest.mark.parametrize('rows,C,offset', [(1, 8, 0), (7, 13, 0), (300, 512, 0), (4096, 768, 0),
+                                           (33, 512, 1), (0, 64, 0)])
 def test_cuda_matches_ref(rows, C, offset, x_dtype, autocast, tol):
     """offset 1 starts x one element past a 16-byte boundary, which forces the scalar path."""
     built()
-    x = torch.randn(rows * C + offset, device='cuda').to(x_dtype)[offset:].view(rows, C).requires_grad_()
+    x = (torch.randn(rows * C + offset, device='cuda').to(x_dtype)[offset:].view(rows, C)
+         .requires_grad_())
     w = (torch.rand(C, device='cuda') + 0.5).requires_grad_()
     dy = torch.randn(rows, C, device='cuda')
     y64, dx64, dw64 = rms_norm_float64(x.detach(), w.detach(), 1e-6, dy)
@@ -61,12 +63,14 @@ def test_opcheck_and_compile():
     fn = lambda x: rms_norm(x, w, 1e-6).square().sum()  # noqa: E731
     eager, compiled = fn(x), torch.compile(fn, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0])
+    torch.testing.assert_close(torch.autograd.grad(compiled, x)[0],
+                               torch.autograd.grad(eager, x)[0])
 
 
 @cuda
 def test_cuda_bf16_weight_forward():
-    """A bf16 model's norm weight is read as it is (no cast per call): the same rows as the float64 formula."""
+    """A bf16 model's norm weight is read as it is (no cast per call): the same rows as the float64
+    formula."""
     built()
     x = torch.randn(5, 512, device='cuda', dtype=torch.bfloat16)
     w = (torch.rand(512, device='cuda') + 0.5).bfloat16()

@@ -1,6 +1,6 @@
-"""qkv split + RoPE: the PyTorch twin against complex-number rotation in float64 (CPU), and the CUDA kernels
-against the twin in float64 (GPU only). The decode op norm_qkv_rope (RMSNorm + qkv matmul + RoPE): its twin and
-its kernel against a float64 normalise, matmul and complex rotation."""
+"""qkv split + RoPE: the PyTorch twin against complex-number rotation in float64 (CPU), and the CUDA
+kernels against the twin in float64 (GPU only). The decode op norm_qkv_rope (RMSNorm + qkv matmul +
+RoPE): its twin and its kernel against a float64 normalise, matmul and complex rotation."""
 
 import pytest
 import torch
@@ -12,11 +12,13 @@ from kernels.rope import MAX_TOKENS, norm_qkv_rope, norm_qkv_rope_ref, qkv_rope,
 def angles(T, D, start=0, device='cpu'):
     """theta (T, D/2) float64: position * 10000^(-2j/D), positions start .. start+T-1."""
     pos = torch.arange(start, start + T, dtype=torch.float64, device=device)
-    return pos[:, None] * 10000.0 ** (-2 * torch.arange(D // 2, dtype=torch.float64, device=device) / D)
+    return pos[:, None] * 10000.0 ** (-2 * torch.arange(D // 2, dtype=torch.float64,
+                                                        device=device) / D)
 
 
 def complex_rotate(x, theta):
-    """x (..., T, D) as pairs x1 + i x2 (x1 the first D/2 channels) times e^{i theta}, theta (T, D/2)."""
+    """x (..., T, D) as pairs x1 + i x2 (x1 the first D/2 channels) times e^{i theta},
+    theta (T, D/2)."""
     half = x.size(-1) // 2
     z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(theta), theta)
     return torch.cat([z.real, z.imag], dim=-1)
@@ -38,7 +40,8 @@ def test_ref_matches_complex_rotation(B, T, H, D, start):
     torch.testing.assert_close(q, complex_rotate(q_in, theta), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(k, complex_rotate(k_in, theta), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(v, v_in, rtol=0, atol=0)
-    # backward of a rotation is the inverse rotation e^{-i theta} (dx1 = dq1 cos + dq2 sin, ...); dv is copied
+    # backward of a rotation is the inverse rotation e^{-i theta} (dx1 = dq1 cos + dq2 sin, ...);
+    # dv is copied
     grads = [torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3)]
     dqkv, = torch.autograd.grad((q, k, v), qkv, grads)
     dq_in, dk_in, dv_in = heads(dqkv, H)
@@ -60,8 +63,8 @@ def test_ref_fp32_tables_and_bf16_dtype():
 
 
 def inputs(B, T, H, D, dtype, misaligned=False):
-    """qkv (B, T, 3HD) requiring grad (starting one element past a 16-byte boundary if misaligned, which forces
-    the scalar path), and fp32 cos, sin tables for positions 7 .. 7+T-1."""
+    """qkv (B, T, 3HD) requiring grad (starting one element past a 16-byte boundary if misaligned,
+    which forces the scalar path), and fp32 cos, sin tables for positions 7 .. 7+T-1."""
     theta = angles(T, D, start=7, device='cuda')
     flat = torch.randn(B * T * 3 * H * D + misaligned, device='cuda').to(dtype)[int(misaligned):]
     return flat.view(B, T, 3 * H * D).requires_grad_(), theta.cos().float(), theta.sin().float()
@@ -88,7 +91,8 @@ def test_cuda_matches_ref(B, T, H, D, misaligned, dtype, tol):
         assert o.shape == r.shape and o.dtype == dtype and o.is_contiguous()
         if r.numel():
             assert rel_err(o, r) < tol
-    grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous dq: no layout assumed
+    # non-contiguous dq: no layout assumed
+    grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)
     poison()
     dqkv, = torch.autograd.grad(out, qkv, grads)
     assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
@@ -116,31 +120,35 @@ def test_torch_compile():
     eager_loss = fn(qkv)
     compiled_loss = torch.compile(fn, fullgraph=True)(qkv)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(torch.autograd.grad(compiled_loss, qkv), torch.autograd.grad(eager_loss, qkv))
+    torch.testing.assert_close(torch.autograd.grad(compiled_loss, qkv),
+                               torch.autograd.grad(eager_loss, qkv))
 
 
 # --- norm_qkv_rope: RMSNorm, the qkv projection and RoPE of a decode step ---
 
 
 def norm_qkv_rope_float64(x, norm_w, eps, w_qkv, theta, H):
-    """The op by hand in float64: normalise, matmul, split into heads by indexing, rotate q and k as complex numbers
-    by theta (T, D/2) or (B, 1, T, D/2)."""
+    """The op by hand in float64: normalise, matmul, split into heads by indexing, rotate q and k as
+    complex numbers by theta (T, D/2) or (B, 1, T, D/2)."""
     x, norm_w, w_qkv = x.double(), norm_w.double(), w_qkv.double()
     xn = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * norm_w
     q, k, v = heads(xn @ w_qkv.t(), H)
     return complex_rotate(q, theta), complex_rotate(k, theta), v
 
 
-def make_decode(B, T, C, H, dtype=torch.float32, weight_dtype=torch.float32, device='cpu', offset=0, start=7):
-    """x (B, T, C) at a residual stream's scale, starting offset elements past a 16-byte boundary; norm_w (C,)
-    around 1 and w_qkv (3C, C) ~N(0, 1/C) in weight_dtype; cos, sin (T, D/2) fp32 for positions start ..; theta."""
+def make_decode(B, T, C, H, dtype=torch.float32, weight_dtype=torch.float32, device='cpu', offset=0,
+                start=7):
+    """x (B, T, C) at a residual stream's scale, starting offset elements past a 16-byte boundary;
+    norm_w (C,) around 1 and w_qkv (3C, C) ~N(0, 1/C) in weight_dtype; cos, sin (T, D/2) fp32 for
+    positions start ..; theta."""
     gen = torch.Generator().manual_seed(B * 1000 + T * 100 + C)
-    flat = (3 * torch.randn(B * T * C + offset, generator=gen)).to(device, dtype)  # offset on the device
+    # offset on the device
+    flat = (3 * torch.randn(B * T * C + offset, generator=gen)).to(device, dtype)
     norm_w = 1 + 0.2 * torch.randn(C, generator=gen)
     w_qkv = torch.randn(3 * C, C, generator=gen) / C ** 0.5
     theta = angles(T, C // H, start, device)
-    return (flat[offset:].view(B, T, C), norm_w.to(device, weight_dtype), w_qkv.to(device, weight_dtype),
-            theta.cos().float(), theta.sin().float(), theta)
+    return (flat[offset:].view(B, T, C), norm_w.to(device, weight_dtype),
+            w_qkv.to(device, weight_dtype), theta.cos().float(), theta.sin().float(), theta)
 
 
 @pytest.mark.parametrize('B,T,C,H', [(1, 1, 8, 1), (2, 5, 12, 2), (3, 2, 32, 4)])
@@ -156,7 +164,8 @@ def test_norm_qkv_rope_ref_per_row_tables():
     """Left-padded rows: each row its own positions, tables (B, 1, T, D/2)."""
     B, T, C, H = 3, 4, 16, 2
     x, norm_w, w_qkv, _, _, _ = make_decode(B, T, C, H, torch.float64, torch.float64)
-    theta = torch.stack([angles(T, C // H, start) for start in (0, 5, 11)])[:, None]  # (B, 1, T, D/2)
+    # (B, 1, T, D/2)
+    theta = torch.stack([angles(T, C // H, start) for start in (0, 5, 11)])[:, None]
     out = norm_qkv_rope_ref(x, norm_w, 1e-6, w_qkv, theta.cos(), theta.sin(), H)
     for o, r in zip(out, norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, H)):
         assert rel_err(o, r) < 1e-6
@@ -166,7 +175,8 @@ def test_norm_qkv_rope_ref_per_row_tables():
                                                     (torch.float32, torch.bfloat16, 1e-5),
                                                     (torch.bfloat16, torch.float32, 1e-2)])
 def test_norm_qkv_rope_ref_dtypes(dtype, weight_dtype, tol):
-    """Out in x's dtype outside autocast, whatever the weights' (the twin casts w_qkv to the normed x's)."""
+    """Out in x's dtype outside autocast, whatever the weights' (the twin casts w_qkv to the normed
+    x's)."""
     x, norm_w, w_qkv, cos, sin, theta = make_decode(2, 3, 32, 4, dtype, weight_dtype)
     out = norm_qkv_rope_ref(x, norm_w, 1e-6, w_qkv, cos, sin, 4)
     for o, r in zip(out, norm_qkv_rope_float64(x, norm_w, 1e-6, w_qkv, theta, 4)):
@@ -217,7 +227,8 @@ def test_cuda_norm_qkv_rope_falls_back_to_the_twin():
     """Per-row tables and more than MAX_TOKENS tokens take the twin: its very result."""
     built()
     x, norm_w, w_qkv, _, _, _ = make_decode(3, 4, 64, 4, device='cuda')
-    theta = torch.stack([angles(4, 16, start, 'cuda') for start in (0, 5, 11)])[:, None]  # (B, 1, T, D/2)
+    # (B, 1, T, D/2)
+    theta = torch.stack([angles(4, 16, start, 'cuda') for start in (0, 5, 11)])[:, None]
     args = (x, norm_w, 1e-6, w_qkv, theta.cos().float(), theta.sin().float(), 4)
     assert all(torch.equal(o, r) for o, r in zip(norm_qkv_rope(*args), norm_qkv_rope_ref(*args)))
     x, norm_w, w_qkv, cos, sin, _ = make_decode(MAX_TOKENS + 1, 1, 64, 4, device='cuda')
@@ -230,7 +241,8 @@ def test_cuda_norm_qkv_rope_opcheck_compile_and_graph():
     built()
     x, norm_w, w_qkv, cos, sin, _ = make_decode(6, 1, 64, 4, torch.bfloat16, torch.bfloat16, 'cuda')
     for out_dtype in (torch.bfloat16, torch.float32):
-        torch.library.opcheck(torch.ops.ava.norm_qkv_rope.default, (x, norm_w, 1e-6, w_qkv, cos, sin, 4, out_dtype))
+        torch.library.opcheck(torch.ops.ava.norm_qkv_rope.default,
+                              (x, norm_w, 1e-6, w_qkv, cos, sin, 4, out_dtype))
     op = lambda x: norm_qkv_rope(x, norm_w, 1e-6, w_qkv, cos, sin, 4)  # noqa: E731
     eager = op(x)
     compiled = torch.compile(op, fullgraph=True)(x)

@@ -15,14 +15,16 @@ from model import GPT, KVCache, MoE, ModelConfig, Router, forget, kept
 
 
 def tiny_config(**overrides):
-    settings = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, n_experts=4, top_k=2)
+    settings = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, n_experts=4,
+                    top_k=2)
     settings.update(overrides)
     return ModelConfig(**settings)
 
 
 @pytest.mark.parametrize('router', ['sinkhorn', 'softmax'])
 def test_causality(router):
-    """Changing token t never changes the logits before t (inference routing: plain top-k, no dropping)."""
+    """Changing token t never changes the logits before t (inference routing: plain top-k, no
+    dropping)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(router=router)).eval()
     idx = torch.randint(0, 97, (2, 16))
@@ -36,7 +38,8 @@ def test_causality(router):
 
 
 def test_kv_cache_generation_equals_full_recomputation():
-    """Greedy decoding with the KV cache gives the same tokens as recomputing the whole sequence each step."""
+    """Greedy decoding with the KV cache gives the same tokens as recomputing the whole sequence
+    each step."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompt = torch.randint(0, 97, (3, 5))
@@ -51,26 +54,30 @@ def test_kv_cache_generation_equals_full_recomputation():
 
 
 def test_generate_logprobs_equal_a_full_forward():
-    """return_logprobs: each sampled token's log-probability under the model's own distribution (before the
-    temperature), as a full forward over the finished sequence gives it."""
+    """return_logprobs: each sampled token's log-probability under the model's own distribution
+    (before the temperature), as a full forward over the finished sequence gives it."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompt = torch.randint(0, 97, (3, 5))
     for temperature in (1.0, 0.7):
-        out, logprobs = model.generate(prompt, max_new_tokens=10, temperature=temperature, return_logprobs=True)
-        full = model(out)[0][:, 4:-1].log_softmax(dim=-1).gather(2, out[:, 5:, None]).squeeze(2)  # (3, 10)
+        out, logprobs = model.generate(prompt, max_new_tokens=10, temperature=temperature,
+                                       return_logprobs=True)
+        # (3, 10)
+        full = model(out)[0][:, 4:-1].log_softmax(dim=-1).gather(2, out[:, 5:, None]).squeeze(2)
         assert logprobs.shape == (3, 10) and torch.allclose(logprobs, full, atol=1e-5)
 
 
 def test_watch_routing_records_the_eval_load():
-    """After watch_routing(), an eval forward leaves each layer's load: the share of top-k assignments per expert
-    of its router's logits, counted here by hand from the input the router saw."""
+    """After watch_routing(), an eval forward leaves each layer's load: the share of top-k
+    assignments per expert of its router's logits, counted here by hand from the input the router
+    saw."""
     torch.manual_seed(0)
     model = GPT(tiny_config(router='bias')).eval()
     assert model.router_stats() == [{}, {}]  # off by default: decoding records nothing
     model.watch_routing()
     router = model.blocks[1].ffn.router
-    router.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # as if trained: the load follows logits + bias
+    # as if trained: the load follows logits + bias
+    router.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
     seen = []
     router.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     model(torch.randint(0, 97, (2, 8)))
@@ -80,27 +87,30 @@ def test_watch_routing_records_the_eval_load():
 
 
 def test_bf16_weights_without_autocast_run_in_bf16():
-    """A model cast to bf16 (no autocast) keeps its residual stream in bf16 through the MoE layers, and its logits
-    stay within bf16 rounding of the fp32 model's."""
+    """A model cast to bf16 (no autocast) keeps its residual stream in bf16 through the MoE layers,
+    and its logits stay within bf16 rounding of the fp32 model's."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 97, (2, 8))
     half = GPT(tiny_config()).eval().to(torch.bfloat16)
     half.load_state_dict(model.state_dict())
     logits = half(idx)[0]
-    assert logits.dtype == torch.bfloat16 and torch.allclose(logits.float(), model(idx)[0], atol=2e-2)
+    assert (logits.dtype == torch.bfloat16
+            and torch.allclose(logits.float(), model(idx)[0], atol=2e-2))
     assert half.generate(idx, max_new_tokens=4, temperature=0).shape == (2, 12)
 
 
 def test_left_padded_batch_decodes_like_each_prompt_alone():
-    """Prompts of different lengths, left-padded into one batch: each row's greedy continuation (cached and
-    uncached) equals decoding that prompt on its own, so padding is invisible to RoPE positions and attention."""
+    """Prompts of different lengths, left-padded into one batch: each row's greedy continuation
+    (cached and uncached) equals decoding that prompt on its own, so padding is invisible to RoPE
+    positions and attention."""
     torch.manual_seed(0)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'  # on CUDA: the kernels, in fp32
     model = GPT(tiny_config()).eval().to(device)
     prompts = [torch.randint(0, 97, (n,), device=device) for n in (7, 3, 5)]
     pad = torch.tensor([7 - len(p) for p in prompts], device=device)
-    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96, device=device), p]) for p in prompts])  # (3, 7)
+    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96, device=device), p])
+                         for p in prompts])  # (3, 7)
     for use_cache in (True, False):
         out = model.generate(batch, max_new_tokens=12, temperature=0, pad=pad, use_cache=use_cache)
         for row, prompt in zip(out, prompts):
@@ -109,24 +119,29 @@ def test_left_padded_batch_decodes_like_each_prompt_alone():
 
 
 def test_eos_and_stop_finish_rows():
-    """A row that samples eos_id is finished and repeats eos_id; generation ends once every row is finished."""
+    """A row that samples eos_id is finished and repeats eos_id; generation ends once every row is
+    finished."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompt = torch.randint(0, 97, (2, 4))
     torch.manual_seed(1)
-    free = model.generate(prompt, max_new_tokens=6)  # sampled: the same draws below until row 0 ends
+    # sampled: the same draws below until row 0 ends
+    free = model.generate(prompt, max_new_tokens=6)
     new = free[0, 4:].tolist()
-    j = next((i for i in range(1, len(new)) if new[i] not in new[:i]), 0)  # the first token not seen before
+    # the first token not seen before
+    j = next((i for i in range(1, len(new)) if new[i] not in new[:i]), 0)
     torch.manual_seed(1)
     out = model.generate(prompt, max_new_tokens=6, eos_id=new[j])
     assert torch.equal(out[0, :5 + j], free[0, :5 + j]) and (out[0, 5 + j:] == new[j]).all()
-    stopped = model.generate(prompt, max_new_tokens=6, temperature=0, stop=lambda idx: idx[:, -1] >= 0)
+    stopped = model.generate(prompt, max_new_tokens=6, temperature=0,
+                             stop=lambda idx: idx[:, -1] >= 0)
     assert stopped.shape == (2, 5)  # every row stops after its first token
 
 
 def test_penalize_reshapes_each_steps_logits():
-    """generate(penalize=f) samples from f(logits, tokens so far) at every step, and reports the log-probabilities
-    of the unpenalized logits: a penalty that bans each row's greedy choice gives the second-best token."""
+    """generate(penalize=f) samples from f(logits, tokens so far) at every step, and reports the
+    log-probabilities of the unpenalized logits: a penalty that bans each row's greedy choice gives
+    the second-best token."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     prompt = torch.randint(0, 97, (2, 4))
@@ -136,7 +151,8 @@ def test_penalize_reshapes_each_steps_logits():
         seen.append(idx.size(1))
         return logits.scatter(1, logits.argmax(dim=-1, keepdim=True), float('-inf'))
 
-    out, logprobs = model.generate(prompt, 3, temperature=0, penalize=ban_best, return_logprobs=True)
+    out, logprobs = model.generate(prompt, 3, temperature=0, penalize=ban_best,
+                                   return_logprobs=True)
     assert seen == [4, 5, 6]
     full = model(out)[0][:, 3:-1].log_softmax(dim=-1)                                  # (2, 3, V)
     assert torch.equal(out[:, 4:], full.topk(2, dim=-1).indices[..., 1])
@@ -144,7 +160,8 @@ def test_penalize_reshapes_each_steps_logits():
 
 
 def sinkhorn_float64(logits, n_iters):
-    """The textbook form: P = diag(u) exp(logits) diag(v), alternately fixing row sums 1 and column sums N/E."""
+    """The textbook form: P = diag(u) exp(logits) diag(v), alternately fixing row sums 1 and column
+    sums N/E."""
     kernel = logits.double().exp()
     N, E = kernel.shape
     u, v = torch.ones(N, dtype=torch.float64), torch.ones(E, dtype=torch.float64)
@@ -161,8 +178,10 @@ def test_sinkhorn_is_near_doubly_stochastic_and_spreads_tokens():
     logits[:, 0] += 3.0  # every token prefers expert 0
     balanced = sinkhorn(logits, n_iters=8)
     torch.testing.assert_close(balanced.double(), sinkhorn_float64(logits, 8), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(balanced.sum(dim=0), torch.full((E,), N / E), rtol=1e-4, atol=0)  # columns exact
-    torch.testing.assert_close(balanced.sum(dim=1), torch.ones(N), rtol=0.05, atol=0)           # rows close to 1
+    # columns exact
+    torch.testing.assert_close(balanced.sum(dim=0), torch.full((E,), N / E), rtol=1e-4, atol=0)
+    # rows close to 1
+    torch.testing.assert_close(balanced.sum(dim=1), torch.ones(N), rtol=0.05, atol=0)
     plain = torch.bincount(logits.argmax(dim=1), minlength=E).float()
     even = torch.bincount(balanced.argmax(dim=1), minlength=E).float()
     assert plain.max() / plain.mean() > 4      # plain routing piles onto expert 0 ...
@@ -172,20 +191,24 @@ def test_sinkhorn_is_near_doubly_stochastic_and_spreads_tokens():
 def test_sinkhorn_router_balances_training_load():
     torch.manual_seed(0)
     router = Router(tiny_config(n_experts=8, top_k=2)).train()
-    router.weight.data = torch.randn(8, 32) * 0.3  # logits that vary across tokens (std ~1.7), as after training
-    router.weight.data[0] += 0.1  # tokens with a positive mean (below) now all favour expert 0: logit +3.2
+    # logits that vary across tokens (std ~1.7), as after training
+    router.weight.data = torch.randn(8, 32) * 0.3
+    # tokens with a positive mean (below) now all favour expert 0: logit +3.2
+    router.weight.data[0] += 0.1
     x = torch.randn(4096, 32) + 1.0
     router(x)
     load = router.stats['load']
     assert load.max() / load.mean() < 1.1
-    picked = router.eval()(x)[0]  # inference routing is plain top-k: the favourite is overloaded again
+    # inference routing is plain top-k: the favourite is overloaded again
+    picked = router.eval()(x)[0]
     assert (picked == 0).float().mean() > 1.5 / 8
 
 
 def test_sinkhorn_bias_evens_the_hard_load():
-    """Small logits (std ~0.3, as early in training): the soft matrix is balanced, its hard top-2 is not (max/mean
-    1.09). sinkhorn_bias_rate moves a bias, once per update_bias(), until every expert is within 5% of its share;
-    inference (plain top-k) ignores it. Without a rate there is no bias to save (checkpoints keep their keys)."""
+    """Small logits (std ~0.3, as early in training): the soft matrix is balanced, its hard top-2 is
+    not (max/mean 1.09). sinkhorn_bias_rate moves a bias, once per update_bias(), until every expert
+    is within 5% of its share; inference (plain top-k) ignores it. Without a rate there is no bias
+    to save (checkpoints keep their keys)."""
     torch.manual_seed(0)
     weight, x = torch.randn(8, 32) * 0.05, torch.randn(4096, 32)
     loads = {}
@@ -205,12 +228,15 @@ def test_sinkhorn_bias_evens_the_hard_load():
 
 
 def test_bias_router_hand_computed_step():
-    """Aux-loss-free balancing, one step by hand: 4 tokens all prefer expert 0 (top-1 over 3 experts), so the
-    load is (1, 0, 0) and the bias moves by rate * sign(1/3 - load) = (-1, +1, +1) at rate 1. The bias only picks
-    experts: the gates stay the unbiased probabilities (top-1: 1), and the loss is the z-loss alone."""
+    """Aux-loss-free balancing, one step by hand: 4 tokens all prefer expert 0 (top-1 over 3
+    experts), so the load is (1, 0, 0) and the bias moves by rate * sign(1/3 - load) = (-1, +1, +1)
+    at rate 1. The bias only picks experts: the gates stay the unbiased probabilities (top-1: 1),
+    and the loss is the z-loss alone."""
     rows = [[2.0, 1.0, 0.0], [2.0, 0.0, 1.0], [2.0, 1.0, 0.5], [2.0, 0.5, 1.0]]
-    router = Router(tiny_config(n_embd=4, n_head=1, n_experts=3, top_k=1, router='bias', bias_update_rate=1.0))
-    router.weight.data = torch.tensor(rows).t().contiguous()  # x = identity: the logits are exactly `rows`
+    router = Router(tiny_config(n_embd=4, n_head=1, n_experts=3, top_k=1, router='bias',
+                                bias_update_rate=1.0))
+    # x = identity: the logits are exactly `rows`
+    router.weight.data = torch.tensor(rows).t().contiguous()
     x = torch.eye(4)
     expert_idx, gates, _, loss = router.train()(x)
     assert expert_idx.flatten().tolist() == [0, 0, 0, 0] and torch.equal(gates, torch.ones(4, 1))
@@ -218,13 +244,14 @@ def test_bias_router_hand_computed_step():
     router.update_bias()
     assert torch.equal(router.bias, torch.tensor([-1.0, 1.0, 1.0])) and not router.counts.any()
     torch.testing.assert_close(loss, 0.001 * torch.logsumexp(torch.tensor(rows), -1).pow(2).mean())
-    # logits + bias now: (1, 2, 1), (1, 1, 2), (1, 2, 1.5), (1, 1.5, 2); inference routes by them too
+    # logits + bias now: (1, 2, 1), (1, 1, 2), (1, 2, 1.5), (1, 1.5, 2);
+    # inference routes by them too
     assert router.eval()(x)[0].flatten().tolist() == [1, 2, 1, 2]
 
 
 def test_bias_router_balances_hard_load_over_steps():
-    """On the skewed tokens of the Sinkhorn test, the bias walks the hard top-2 load from 2.6x the mean to
-    within 5% of even over 500 training steps."""
+    """On the skewed tokens of the Sinkhorn test, the bias walks the hard top-2 load from 2.6x the
+    mean to within 5% of even over 500 training steps."""
     torch.manual_seed(0)
     router = Router(tiny_config(n_experts=8, top_k=2, router='bias', bias_update_rate=0.01)).train()
     router.weight.data = torch.randn(8, 32) * 0.3
@@ -239,11 +266,13 @@ def test_bias_router_balances_hard_load_over_steps():
     assert first.max() / first.mean() > 2.5 and load.max() / load.mean() < 1.05
 
 
-@pytest.mark.parametrize('router', [dict(router='bias'), dict(router='sinkhorn', sinkhorn_bias_rate=0.01)])
+@pytest.mark.parametrize('router',
+                         [dict(router='bias'), dict(router='sinkhorn', sinkhorn_bias_rate=0.01)])
 def test_router_bias_moves_once_per_optimizer_step(router):
-    """Two micro-steps (training forwards) leave the bias alone and add up their assignments in counts; one
-    update_router_bias() then moves it by rate * sign(1/E - load) of the load summed over both, by hand here from
-    the experts each router chose, and starts a fresh count. Eval forwards count nothing."""
+    """Two micro-steps (training forwards) leave the bias alone and add up their assignments in
+    counts; one update_router_bias() then moves it by rate * sign(1/E - load) of the load summed
+    over both, by hand here from the experts each router chose, and starts a fresh count. Eval
+    forwards count nothing."""
     torch.manual_seed(0)
     model = GPT(tiny_config(**router)).train()
     routers = [block.ffn.router for block in model.blocks]
@@ -267,8 +296,8 @@ def test_router_bias_moves_once_per_optimizer_step(router):
 
 
 def test_sinkhorn_bias_is_saved_with_the_weights():
-    """With sinkhorn_bias_rate > 0 the bias is part of the model's state: it survives state_dict/load_state_dict
-    (resume continues from it); the counts are not saved."""
+    """With sinkhorn_bias_rate > 0 the bias is part of the model's state: it survives
+    state_dict/load_state_dict (resume continues from it); the counts are not saved."""
     cfg = tiny_config(sinkhorn_bias_rate=0.01)
     model = GPT(cfg)
     model.blocks[1].ffn.router.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
@@ -280,7 +309,8 @@ def test_sinkhorn_bias_is_saved_with_the_weights():
 
 
 def router_with_logits(rows, **overrides):
-    """A softmax router whose logits are exactly `rows` (x = one-hot rows of the identity, W = rows^T)."""
+    """A softmax router whose logits are exactly `rows` (x = one-hot rows of the identity,
+    W = rows^T)."""
     logits = torch.tensor(rows, dtype=torch.float32)
     N, E = logits.shape
     router = Router(tiny_config(n_embd=N, n_head=1, n_experts=E, router='softmax', **overrides))
@@ -289,11 +319,13 @@ def router_with_logits(rows, **overrides):
 
 
 def test_aux_and_z_loss_hand_computed():
-    """logits [ln3, 0] for tokens 0, 1, 3 and [0, ln3] for token 2 give probabilities (.75, .25) / (.25, .75).
-    Top-1: f = (3/4, 1/4); mean probabilities P = (.625, .375); aux = E * sum f*P = 2 * (.46875 + .09375) = 1.125.
-    Every row has logsumexp = ln 4, so z = (ln 4)^2."""
+    """logits [ln3, 0] for tokens 0, 1, 3 and [0, ln3] for token 2 give probabilities
+    (.75, .25) / (.25, .75). Top-1: f = (3/4, 1/4); mean probabilities P = (.625, .375);
+    aux = E * sum f*P = 2 * (.46875 + .09375) = 1.125. Every row has logsumexp = ln 4, so
+    z = (ln 4)^2."""
     l3 = math.log(3)
-    router, x = router_with_logits([[l3, 0], [l3, 0], [0, l3], [l3, 0]], top_k=1, aux_loss_coef=1.0, z_loss_coef=1.0)
+    router, x = router_with_logits([[l3, 0], [l3, 0], [0, l3], [l3, 0]], top_k=1, aux_loss_coef=1.0,
+                                   z_loss_coef=1.0)
     expert_idx, gates, keep, loss = router(x)
     assert expert_idx.flatten().tolist() == [0, 0, 1, 0]
     torch.testing.assert_close(router.stats['aux_loss'], torch.tensor(1.125))
@@ -303,15 +335,16 @@ def test_aux_and_z_loss_hand_computed():
 
 
 def test_capacity_drops_exactly_the_overflow():
-    """6 tokens, 2 experts, capacity factor 1 -> capacity ceil(6*1/2) = 3 per expert (top-1). Five tokens want
-    expert 0: the first three (in token order) get it, tokens 3 and 4 are dropped, token 5 goes to expert 1."""
+    """6 tokens, 2 experts, capacity factor 1 -> capacity ceil(6*1/2) = 3 per expert (top-1). Five
+    tokens want expert 0: the first three (in token order) get it, tokens 3 and 4 are dropped, token
+    5 goes to expert 1."""
     rows = [[1.0, 0.0]] * 5 + [[0.0, 1.0]]
     router, x = router_with_logits(rows, top_k=1, capacity_factor=1.0)
     _, _, keep, _ = router.train()(x)
     assert keep.flatten().tolist() == [True, True, True, False, False, True]
     torch.testing.assert_close(router.stats['dropped'], torch.tensor(2 / 6))
-    # top-2 over 4 experts, capacity ceil(1.0 * 4*2/4) = 2. First choices queue before second choices:
-    # expert 0 gets t0, t1 (firsts), then t3 (first, dropped), t2 (second, dropped);
+    # top-2 over 4 experts, capacity ceil(1.0 * 4*2/4) = 2. First choices queue before second
+    # choices: expert 0 gets t0, t1 (firsts), then t3 (first, dropped), t2 (second, dropped);
     # expert 1 gets t2 (first), t0 (second), then t1 (second, dropped); expert 2 gets t3 (second).
     rows = [[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0]]
     router, x = router_with_logits(rows, top_k=2, capacity_factor=1.0)
@@ -322,8 +355,9 @@ def test_capacity_drops_exactly_the_overflow():
 
 
 def expert_loop_reference(moe, x):
-    """The slow, obvious MoE: for every token, for each of its kept experts, gate * expert(token), in float64.
-    A GELU expert is w_out gelu(w_in x); a SwiGLU one W2 (silu(W1 x) * W3 x), W1 = w_in[:F], W3 = w_in[F:]."""
+    """The slow, obvious MoE: for every token, for each of its kept experts, gate * expert(token),
+    in float64. A GELU expert is w_out gelu(w_in x); a SwiGLU one W2 (silu(W1 x) * W3 x),
+    W1 = w_in[:F], W3 = w_in[F:]."""
     expert_idx, gates, keep, _ = moe.router(x)
     out = torch.zeros_like(x, dtype=torch.float64)
     Fh = moe.w_out.size(2)
@@ -340,8 +374,10 @@ def expert_loop_reference(moe, x):
     return out
 
 
-@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'), ('softmax', 0.0, 'gelu'),
-                                                 ('softmax', 1.0, 'gelu'), ('sinkhorn', 0.0, 'swiglu'),
+@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'),
+                                                 ('softmax', 0.0, 'gelu'),
+                                                 ('softmax', 1.0, 'gelu'),
+                                                 ('sinkhorn', 0.0, 'swiglu'),
                                                  ('softmax', 1.0, 'swiglu')])
 def test_grouped_experts_equal_per_expert_loop(router, capacity, act):
     """Forward and backward of the sorted, grouped-matmul path equal a per-token loop (float64)."""
@@ -372,8 +408,8 @@ def test_grouped_experts_equal_per_expert_loop(router, capacity, act):
 
 @pytest.mark.parametrize('act,matrices', [('gelu', 2), ('swiglu', 3)])
 def test_dense_twin_has_the_moe_active_parameter_count(act, matrices):
-    """moe=False swaps every MoE for a dense FFN of width top_k*F: parameters = the MoE's active ones minus
-    the routers (n_layer * E * C), which the dense model does not need."""
+    """moe=False swaps every MoE for a dense FFN of width top_k*F: parameters = the MoE's active
+    ones minus the routers (n_layer * E * C), which the dense model does not need."""
     cfg = tiny_config(n_experts=8, top_k=2, expert_act=act)
     moe, dense = GPT(cfg), GPT(tiny_config(n_experts=8, top_k=2, moe=False, expert_act=act))
     router_params = cfg.n_layer * cfg.n_experts * cfg.n_embd
@@ -383,13 +419,15 @@ def test_dense_twin_has_the_moe_active_parameter_count(act, matrices):
 
 
 def test_swiglu_parameters_by_hand():
-    """SwiGLU experts: w_in (E, 2F, C) = [W1; W3], w_out (E, C, F) = W2, under the GELU model's state_dict keys.
-    Counted by hand: embeddings V*C, norm_f C; per layer 2 norms 2C, attention 4C^2, router E*C, experts 3*E*C*F;
-    a token uses K of the E experts, and the FLOPs follow the active count."""
+    """SwiGLU experts: w_in (E, 2F, C) = [W1; W3], w_out (E, C, F) = W2, under the GELU model's
+    state_dict keys. Counted by hand: embeddings V*C, norm_f C; per layer 2 norms 2C, attention
+    4C^2, router E*C, experts 3*E*C*F; a token uses K of the E experts, and the FLOPs follow the
+    active count."""
     cfg = tiny_config(expert_act='swiglu', ffn_hidden=40, n_experts=4, top_k=2)
     C, V, L, E, K, Fh, T = cfg.n_embd, cfg.vocab_size, cfg.n_layer, 4, 2, 40, 16
     model, gelu = GPT(cfg), GPT(tiny_config(ffn_hidden=40))
-    assert model.blocks[0].ffn.w_in.shape == (E, 2 * Fh, C) and model.blocks[0].ffn.w_out.shape == (E, C, Fh)
+    assert (model.blocks[0].ffn.w_in.shape == (E, 2 * Fh, C)
+            and model.blocks[0].ffn.w_out.shape == (E, C, Fh))
     assert list(model.state_dict()) == list(gelu.state_dict())
     total = V * C + C + L * (2 * C + 4 * C * C + E * C + 3 * E * C * Fh)
     active = V * C + C + L * (2 * C + 4 * C * C + E * C + 3 * K * C * Fh)
@@ -398,8 +436,8 @@ def test_swiglu_parameters_by_hand():
 
 
 def test_dense_swiglu_equals_the_formula():
-    """The dense twin's SwiGLU: fc (2*K*F, C) holds [W1; W3], proj (C, K*F) is W2, and y = W2 (silu(W1 x) * W3 x),
-    here in float64 from the weights' rows; the router loss is zero."""
+    """The dense twin's SwiGLU: fc (2*K*F, C) holds [W1; W3], proj (C, K*F) is W2, and
+    y = W2 (silu(W1 x) * W3 x), here in float64 from the weights' rows; the router loss is zero."""
     torch.manual_seed(0)
     cfg = tiny_config(moe=False, expert_act='swiglu', ffn_hidden=24)
     mlp = GPT(cfg).blocks[0].ffn
@@ -407,7 +445,8 @@ def test_dense_swiglu_equals_the_formula():
     assert mlp.fc.weight.shape == (2 * width, 32) and mlp.proj.weight.shape == (32, width)
     x = torch.randn(3, 5, 32)
     y, loss = mlp(x)
-    w1, w3, w2 = mlp.fc.weight[:width].double(), mlp.fc.weight[width:].double(), mlp.proj.weight.double()
+    w1, w3, w2 = (mlp.fc.weight[:width].double(), mlp.fc.weight[width:].double(),
+                  mlp.proj.weight.double())
     expected = (F.silu(x.double() @ w1.t()) * (x.double() @ w3.t())) @ w2.t()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-7)
     assert loss.item() == 0
@@ -415,7 +454,8 @@ def test_dense_swiglu_equals_the_formula():
 
 @pytest.mark.parametrize('moe', [True, False])
 def test_swiglu_gpt_trains(moe):
-    """A SwiGLU GPT (experts or the dense twin) fits a tiny repeated batch: the loss falls under AdamW."""
+    """A SwiGLU GPT (experts or the dense twin) fits a tiny repeated batch: the loss falls under
+    AdamW."""
     torch.manual_seed(0)
     model = GPT(tiny_config(expert_act='swiglu', ffn_hidden=48, moe=moe)).train()
     idx, targets = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
@@ -431,7 +471,8 @@ def test_swiglu_gpt_trains(moe):
 
 
 @pytest.mark.parametrize('bad,message', [
-    (dict(top_k=5), 'top_k'), (dict(router='expert_choice'), 'router'), (dict(n_head=3), 'divisible'),
+    (dict(top_k=5), 'top_k'), (dict(router='expert_choice'), 'router'),
+    (dict(n_head=3), 'divisible'),
     (dict(router='sinkhorn', capacity_factor=1.25), 'softmax router only'),
     (dict(n_future_tokens=0), 'n_future_tokens'), (dict(mtp_weight=-0.1), 'mtp_weight'),
     (dict(expert_act='relu'), "expert_act must be 'gelu' or 'swiglu', not 'relu'"),
@@ -458,8 +499,8 @@ def mtp_accuracy(model, idx, targets):
 
 
 def test_mtp_heads_learn_a_predictable_sequence():
-    """On counting sequences tokens t+2 and t+3 are as predictable as t+1: trained heads get them right,
-    untrained ones are at chance (1/32)."""
+    """On counting sequences tokens t+2 and t+3 are as predictable as t+1: trained heads get them
+    right, untrained ones are at chance (1/32)."""
     torch.manual_seed(0)
     V = 32
     model = GPT(tiny_config(vocab_size=V, block_size=16, n_layer=1, n_future_tokens=3))
@@ -477,9 +518,9 @@ def test_mtp_heads_learn_a_predictable_sequence():
 
 
 def test_mtp_losses_equal_a_per_position_loop():
-    """Head i's loss is the mean over positions t with a target t+i (not -1) of -log p(targets[t+i]); the training
-    loss adds the router losses and mtp_weight * their mean; eval returns the plain cross-entropy; generation never
-    runs the heads."""
+    """Head i's loss is the mean over positions t with a target t+i (not -1) of
+    -log p(targets[t+i]); the training loss adds the router losses and mtp_weight * their mean; eval
+    returns the plain cross-entropy; generation never runs the heads."""
     torch.manual_seed(0)
     cfg = tiny_config(router='softmax', n_future_tokens=3, mtp_weight=0.5)
     model = GPT(cfg).train()
@@ -495,7 +536,8 @@ def test_mtp_losses_equal_a_per_position_loop():
                  for b in range(B) for t in range(T - i) if targets[b, t + i] != -1]
         torch.testing.assert_close(model.mtp_losses[i - 1], torch.stack(terms).mean())
     ce = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
-    router = sum(cfg.aux_loss_coef * s['aux_loss'] + cfg.z_loss_coef * s['z_loss'] for s in model.router_stats())
+    router = sum(cfg.aux_loss_coef * s['aux_loss'] + cfg.z_loss_coef * s['z_loss']
+                 for s in model.router_stats())
     mtp = sum(model.mtp_losses) / 2
     torch.testing.assert_close(loss, ce + router + 0.5 * mtp)
     _, eval_loss = model.eval()(idx, targets)
@@ -508,33 +550,39 @@ def test_mtp_losses_equal_a_per_position_loop():
 
 
 def test_mtp_off_leaves_the_model_unchanged():
-    """n_future_tokens=1 adds no state_dict keys and no parameters; each extra head costs C^2 + 2C parameters
-    and the lm_head's FLOPs once more, and leaves the next-token logits alone."""
+    """n_future_tokens=1 adds no state_dict keys and no parameters; each extra head costs C^2 + 2C
+    parameters and the lm_head's FLOPs once more, and leaves the next-token logits alone."""
     cfg = tiny_config()
     C, V, L, E, Fh = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_experts, cfg.ffn_hidden
     off, on = GPT(cfg), GPT(tiny_config(n_future_tokens=3))
     block_keys = ['norm1.weight', 'attn.qkv.weight', 'attn.proj.weight', 'norm2.weight',
                   'ffn.router.weight', 'ffn.w_in', 'ffn.w_out']
-    keys = {'wte.weight', 'lm_head.weight', 'norm_f.weight'} | {f'blocks.{l}.{k}' for l in range(L) for k in block_keys}
+    keys = ({'wte.weight', 'lm_head.weight', 'norm_f.weight'}
+            | {f'blocks.{l}.{k}' for l in range(L) for k in block_keys})
     assert set(off.state_dict()) == keys
     assert off.num_params() == V * C + C + L * (2 * C + 4 * C * C + E * C + 2 * E * C * Fh)
-    head_keys = {f'mtp_heads.{h}.{k}' for h in range(2) for k in ('norm_in.weight', 'proj.weight', 'norm_out.weight')}
+    head_keys = {f'mtp_heads.{h}.{k}' for h in range(2)
+                 for k in ('norm_in.weight', 'proj.weight', 'norm_out.weight')}
     assert set(on.state_dict()) == keys | head_keys
     assert on.num_params(active=True) - off.num_params(active=True) == 2 * (C * C + 2 * C)
     assert on.flops_per_token(16) - off.flops_per_token(16) == 6 * 2 * (C * C + 2 * C + C * V)
-    loaded = on.load_state_dict(off.state_dict(), strict=False)  # a checkpoint without MTP: only the heads are new
+    # a checkpoint without MTP: only the heads are new
+    loaded = on.load_state_dict(off.state_dict(), strict=False)
     assert set(loaded.missing_keys) == head_keys and not loaded.unexpected_keys
     idx = torch.randint(0, V, (2, 8))
     assert torch.equal(off.eval()(idx)[0], on.eval()(idx)[0])
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'), ('softmax', 1.25, 'gelu'),
-                                                 ('sinkhorn', 0.0, 'swiglu'), ('softmax', 1.25, 'swiglu')])
+@pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'),
+                                                 ('softmax', 1.25, 'gelu'),
+                                                 ('sinkhorn', 0.0, 'swiglu'),
+                                                 ('softmax', 1.25, 'swiglu')])
 def test_grouped_experts_cuda_bf16(router, capacity, act):
-    """The CUDA path (grouped GEMM in bf16 under autocast) against the float64 loop: bf16-level agreement."""
+    """The CUDA path (grouped GEMM in bf16 under autocast) against the float64 loop: bf16-level
+    agreement."""
     torch.manual_seed(0)
-    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=8, top_k=2, n_embd=64, ffn_hidden=128,
-                      expert_act=act)
+    cfg = tiny_config(router=router, capacity_factor=capacity, n_experts=8, top_k=2, n_embd=64,
+                      ffn_hidden=128, expert_act=act)
     moe = MoE(cfg).cuda().train()
     x = torch.randn(4, 100, 64, device='cuda', requires_grad=True)
     with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -550,9 +598,10 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
 
 
 def test_kept_builds_once_per_key_until_the_model_changes():
-    """kept() hands back what it built for a model and key, and builds again for another key (keeping one build a
-    model) and after what a captured graph would get wrong: a cast (new tensors), a mode change, the kernels
-    switched off; and after forget(). Another model keeps its own; weights changed in place keep the build."""
+    """kept() hands back what it built for a model and key, and builds again for another key
+    (keeping one build a model) and after what a captured graph would get wrong: a cast (new
+    tensors), a mode change, the kernels switched off; and after forget(). Another model keeps its
+    own; weights changed in place keep the build."""
     builds = []
 
     def build():
@@ -561,11 +610,13 @@ def test_kept_builds_once_per_key_until_the_model_changes():
     model, other = GPT(tiny_config()).eval(), GPT(tiny_config()).eval()
     first = kept(model, 'a', build)
     assert kept(model, 'a', build) is first and len(builds) == 1
-    assert kept(other, 'a', build) is not first and kept(model, 'a', build) is first and len(builds) == 2
+    assert (kept(other, 'a', build) is not first and kept(model, 'a', build) is first
+            and len(builds) == 2)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # in place: a graph reads the new values where it read the old
     assert kept(model, 'a', build) is first and len(builds) == 2
-    assert kept(model, 'b', build) is not first and kept(model, 'a', build) is not first and len(builds) == 4
+    assert (kept(model, 'b', build) is not first and kept(model, 'a', build) is not first
+            and len(builds) == 4)
     again = kept(model, 'a', build)
     model.train()
     assert kept(model, 'a', build) is not again and len(builds) == 5
@@ -586,14 +637,16 @@ def test_kept_builds_once_per_key_until_the_model_changes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_graph_decoding_equals_eager():
-    """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes: the same tokens
-    for a padded batch, sampled (same seed) and greedy, across the cache's slide past block_size
-    (tests/test_sample.py checks sample.generate_speculative's graphed verify pass)."""
+    """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes:
+    the same tokens for a padded batch, sampled (same seed) and greedy, across the cache's slide
+    past block_size (tests/test_sample.py checks sample.generate_speculative's graphed verify
+    pass)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=48, n_future_tokens=3)).eval().cuda()
     prompts = [torch.randint(0, 97, (n,), device='cuda') for n in (9, 4, 6)]
     pad = torch.tensor([9 - len(p) for p in prompts], device='cuda')
-    batch = torch.stack([torch.cat([torch.full((9 - len(p),), 96, device='cuda'), p]) for p in prompts])
+    batch = torch.stack([torch.cat([torch.full((9 - len(p),), 96, device='cuda'), p])
+                         for p in prompts])
     assert not model.graphable(batch)  # fp32 experts: grouped_mm's fallback cannot be captured
     with torch.autocast('cuda', dtype=torch.bfloat16):
         assert model.graphable(batch)
@@ -601,24 +654,29 @@ def test_cuda_graph_decoding_equals_eager():
             outs = []
             for graph in (True, False):
                 torch.manual_seed(1)
-                outs.append(model.generate(batch, 70, temperature=temperature, pad=pad, cuda_graph=graph))
+                outs.append(model.generate(batch, 70, temperature=temperature, pad=pad,
+                                           cuda_graph=graph))
             assert outs[0].shape == (3, 79) and torch.equal(outs[0], outs[1])
-        # the graph and cache kept from the calls above decode other prompts, and leave earlier outputs be
+        # the graph and cache kept from the calls above decode other prompts,
+        # and leave earlier outputs be
         first = outs[0].clone()
         other = torch.randint(0, 97, (3, 9), device='cuda')
-        graphed, eager = (model.generate(other, 30, temperature=0, pad=pad, cuda_graph=graph) for graph in (True, False))
+        graphed, eager = (model.generate(other, 30, temperature=0, pad=pad, cuda_graph=graph)
+                          for graph in (True, False))
         assert torch.equal(graphed, eager) and torch.equal(outs[0], first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('router', ['sinkhorn', 'bias'])
 def test_cuda_decode_kernels_step_like_their_twins(router):
-    """A prompt, six one-token steps and a three-token step over the KV cache, with the decode kernels
-    (moe_decode, cached_attention) and with their twins: the same logits to fp32 rounding."""
+    """A prompt, six one-token steps and a three-token step over the KV cache, with the decode
+    kernels (moe_decode, cached_attention) and with their twins: the same logits to fp32
+    rounding."""
     import kernels
     assert kernels.build() is True
     torch.manual_seed(0)
-    model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, router=router)).cuda().eval()
+    model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4,
+                            router=router)).cuda().eval()
     for r in model.routers():
         if router == 'bias':
             r.bias.normal_()  # as if trained: the choice follows logits + bias
@@ -637,17 +695,19 @@ def test_cuda_decode_kernels_step_like_their_twins(router):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('autocast,tol', [(False, 1e-4), (True, 2e-2)])
-@pytest.mark.parametrize('router', [dict(router='sinkhorn'), dict(router='softmax', capacity_factor=1.25),
+@pytest.mark.parametrize('router', [dict(router='sinkhorn'),
+                                    dict(router='softmax', capacity_factor=1.25),
                                     dict(router='sinkhorn', expert_act='swiglu')])
 def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
-    """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32: to rounding;
-    bf16: the tolerance of bf16 activations)."""
+    """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32:
+    to rounding; bf16: the tolerance of bf16 activations)."""
     import kernels
     assert kernels.build() is True
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, n_future_tokens=2,
                             **router)).cuda()
-    idx, targets = torch.randint(64, (4, 64), device='cuda'), torch.randint(64, (4, 64), device='cuda')
+    idx, targets = (torch.randint(64, (4, 64), device='cuda'),
+                    torch.randint(64, (4, 64), device='cuda'))
     results = []
     for enabled in (True, False):
         kernels.enabled = enabled
@@ -664,8 +724,8 @@ def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('act', ['gelu', 'swiglu'])
 def test_compiled_moe_equals_eager_cuda(act):
-    """torch.compile of an MoE layer (bf16 autocast: the grouped GEMM, the permute kernels, the activation
-    between them) gives eager's output and gradients, to bf16 rounding."""
+    """torch.compile of an MoE layer (bf16 autocast: the grouped GEMM, the permute kernels, the
+    activation between them) gives eager's output and gradients, to bf16 rounding."""
     torch.manual_seed(0)
     moe = MoE(tiny_config(n_experts=8, n_embd=64, ffn_hidden=128, expert_act=act)).cuda().train()
     x = torch.randn(4, 100, 64, device='cuda')

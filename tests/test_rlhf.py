@@ -1,7 +1,8 @@
 """
-rlhf.py: GAE, the adaptive KL controller, the PPO and DPO losses against values worked by hand or written out
-element by element in float64; the lr=0 sanity run (ratio exactly 1, KL exactly 0) on a tiny MoE; and the judge,
-PPO, DPO, best-of-n and frontier modes end to end on a tiny corpus, with one-line errors for bad input.
+rlhf.py: GAE, the adaptive KL controller, the PPO and DPO losses against values worked by hand or
+written out element by element in float64; the lr=0 sanity run (ratio exactly 1, KL exactly 0) on a
+tiny MoE; and the judge, PPO, DPO, best-of-n and frontier modes end to end on a tiny corpus, with
+one-line errors for bad input.
     python -m pytest -q tests/test_rlhf.py
 """
 
@@ -27,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_gae_against_a_hand_computed_example():
@@ -44,34 +46,45 @@ def test_gae_against_a_hand_computed_example():
     values = torch.tensor([[0.5, 0.2, 0.4], [0.3, 0.1, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     advantages, returns = rlhf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
-    assert torch.allclose(advantages, torch.tensor([[0.4315, 0.77, 0.6], [-0.385, -0.3, 0.0]]), atol=1e-6)
-    assert torch.allclose(returns, torch.tensor([[0.9315, 0.97, 1.0], [-0.085, -0.2, 0.0]]), atol=1e-6)
-    # gamma=0.5, lambda=0.5 on row 0: delta2 = 0.6, A2 = 0.6; delta1 = 0.5 * 0.4 - 0.2 = 0, A1 = 0.25 * 0.6 = 0.15;
-    # delta0 = 0.5 * 0.2 - 0.5 = -0.4, A0 = -0.4 + 0.25 * 0.15 = -0.3625
+    assert torch.allclose(advantages, torch.tensor([[0.4315, 0.77, 0.6], [-0.385, -0.3, 0.0]]),
+                          atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[0.9315, 0.97, 1.0], [-0.085, -0.2, 0.0]]),
+                          atol=1e-6)
+    # gamma=0.5, lambda=0.5 on row 0: delta2 = 0.6, A2 = 0.6; delta1 = 0.5 * 0.4 - 0.2 = 0,
+    # A1 = 0.25 * 0.6 = 0.15; delta0 = 0.5 * 0.2 - 0.5 = -0.4, A0 = -0.4 + 0.25 * 0.15 = -0.3625
     advantages, _ = rlhf.gae(rewards[:1], values[:1], mask[:1], gamma=0.5, lam=0.5)
     assert torch.allclose(advantages, torch.tensor([[-0.3625, 0.15, 0.6]]), atol=1e-6)
 
 
 def test_adaptive_kl_controller_against_the_formula_by_hand():
-    # beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon), with beta 0.1, target 2, n 64, horizon 1000
-    assert math.isclose(rlhf.adapt_kl(0.1, 3.0, 2.0, 64, 1000), 0.1 * (1 + 0.2 * 0.064))    # +0.5 clipped to +0.2
-    assert math.isclose(rlhf.adapt_kl(0.1, 1.8, 2.0, 64, 1000), 0.1 * (1 - 0.1 * 0.064))    # -0.1 = 0.09936
-    assert math.isclose(rlhf.adapt_kl(0.1, 0.0, 2.0, 64, 1000), 0.1 * (1 - 0.2 * 0.064))    # -1 clipped to -0.2
-    assert rlhf.adapt_kl(0.1, 2.0, 2.0, 64, 1000) == 0.1                                    # on target: unchanged
+    # beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon),
+    # with beta 0.1, target 2, n 64, horizon 1000
+    assert math.isclose(rlhf.adapt_kl(0.1, 3.0, 2.0, 64, 1000),
+                        0.1 * (1 + 0.2 * 0.064))          # +0.5 clipped to +0.2
+    assert math.isclose(rlhf.adapt_kl(0.1, 1.8, 2.0, 64, 1000),
+                        0.1 * (1 - 0.1 * 0.064))          # -0.1 = 0.09936
+    assert math.isclose(rlhf.adapt_kl(0.1, 0.0, 2.0, 64, 1000),
+                        0.1 * (1 - 0.2 * 0.064))          # -1 clipped to -0.2
+    assert rlhf.adapt_kl(0.1, 2.0, 2.0, 64, 1000) == 0.1  # on target: unchanged
 
 
 def test_ppo_losses_against_element_by_element_float64():
-    # by hand first: A=1, ratio 1.5 -> max(-1.5, -1.2) = -1.2 (clipped); A=-1, ratio 0.5 -> max(0.5, 0.8) = 0.8
+    # by hand first: A=1, ratio 1.5 -> max(-1.5, -1.2) = -1.2 (clipped);
+    # A=-1, ratio 0.5 -> max(0.5, 0.8) = 0.8
     ratio = torch.tensor([[1.5, 0.5]])
-    policy_loss, _, _, clipfrac = rlhf.ppo_losses(ratio.log(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]),
-                                                  torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+    policy_loss, _, _, clipfrac = rlhf.ppo_losses(ratio.log(), torch.zeros(1, 2),
+                                                  torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2),
+                                                  torch.zeros(1, 2), torch.zeros(1, 2),
                                                   torch.ones(1, 2), 0.2, 0.2)
-    assert math.isclose(policy_loss.item(), (-1.2 + 0.8) / 2, rel_tol=1e-6) and clipfrac.item() == 1.0
+    assert (math.isclose(policy_loss.item(), (-1.2 + 0.8) / 2, rel_tol=1e-6)
+            and clipfrac.item() == 1.0)
     g = torch.Generator().manual_seed(0)
     B, R, eps, eps_v = 3, 5, 0.2, 0.3
-    lp, old, adv, v, old_v, ret = (torch.randn(B, R, generator=g, dtype=torch.float64) * 0.5 for _ in range(6))
+    lp, old, adv, v, old_v, ret = (torch.randn(B, R, generator=g, dtype=torch.float64) * 0.5
+                                   for _ in range(6))
     mask = torch.rand(B, R, generator=g) > 0.3
-    policy_loss, value_loss, _, clipfrac = rlhf.ppo_losses(lp, old, adv, v, old_v, ret, mask.double(), eps, eps_v)
+    policy_loss, value_loss, _, clipfrac = rlhf.ppo_losses(lp, old, adv, v, old_v, ret,
+                                                           mask.double(), eps, eps_v)
     pg = vf = clipped = n = 0.0
     for b in range(B):
         for t in range(R):
@@ -90,21 +103,25 @@ def test_ppo_losses_against_element_by_element_float64():
 
 def test_dpo_loss_against_the_formula():
     g = torch.Generator().manual_seed(1)
-    chosen, rejected, ref_chosen, ref_rejected = (torch.randn(4, generator=g, dtype=torch.float64) * 3
-                                                  for _ in range(4))
+    chosen, rejected, ref_chosen, ref_rejected = (torch.randn(4, generator=g, dtype=torch.float64)
+                                                  * 3 for _ in range(4))
     loss, margin = rlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
-    expected = [math.log(1 + math.exp(-0.3 * ((c - rc) - (r - rr))))  # -log sigmoid(x) = log(1 + e^-x)
-                for c, r, rc, rr in zip(*(x.tolist() for x in (chosen, rejected, ref_chosen, ref_rejected)))]
+    # -log sigmoid(x) = log(1 + e^-x)
+    expected = [math.log(1 + math.exp(-0.3 * ((c - rc) - (r - rr))))
+                for c, r, rc, rr
+                in zip(*(x.tolist() for x in (chosen, rejected, ref_chosen, ref_rejected)))]
     assert math.isclose(loss.item(), sum(expected) / 4, rel_tol=1e-9)
     assert torch.allclose(margin, 0.3 * ((chosen - ref_chosen) - (rejected - ref_rejected)))
 
 
 def test_best_of_against_a_loop_over_groups():
-    """best_of: 7 samples for 3 prompts, n = 1, 2, 3 (the 7th sample left out of groups of 2 and 3)."""
+    """best_of: 7 samples for 3 prompts, n = 1, 2, 3 (the 7th sample left out of
+    groups of 2 and 3)."""
     g = torch.Generator().manual_seed(2)
     score, value = torch.randn(7, 3, generator=g), torch.randint(-3, 4, (7, 3), generator=g).float()
     for n in (1, 2, 3):
-        expected = [[value[k * n:(k + 1) * n, j][score[k * n:(k + 1) * n, j].argmax()].item() for j in range(3)]
+        expected = [[value[k * n:(k + 1) * n, j][score[k * n:(k + 1) * n, j].argmax()].item()
+                     for j in range(3)]
                     for k in range(7 // n)]
         assert rlhf.best_of(score, value, n).tolist() == expected
     assert torch.equal(rlhf.best_of(score, value, 1), value)
@@ -165,7 +182,8 @@ def test_line_task_prompts_gold_and_pairs(monkeypatch):
 
 
 def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
-    """A tiny MoE (Sinkhorn router): experience from the KV-cache rollout, then PPO epochs with AdamW at lr=0."""
+    """A tiny MoE (Sinkhorn router): experience from the KV-cache rollout, then PPO epochs with
+    AdamW at lr=0."""
     for key, value in dict(response_len=5, ppo_epochs=2, minibatches=2).items():
         monkeypatch.setattr(rlhf, key, value)
     torch.manual_seed(0)
@@ -182,17 +200,20 @@ def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
     batch = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
     assert torch.equal(batch['kl'], torch.zeros(8)) and batch['advantages'].abs().sum() > 0
     stats = rlhf.ppo_update(policy, critic, optimizer, batch)
-    # the first minibatch is the old log-probs' model on half the batch: equal up to the fp32 rounding of
-    # another matmul shape (exactly 0 on some CPUs, 5e-7 on others)
-    assert stats['ratio_first_max'] < 1e-5 and stats['approxkl'] < 1e-10 and stats['clipfrac'] == 0.0
+    # the first minibatch is the old log-probs' model on half the batch: equal up to the fp32
+    # rounding of another matmul shape (exactly 0 on some CPUs, 5e-7 on others)
+    assert (stats['ratio_first_max'] < 1e-5 and stats['approxkl'] < 1e-10
+            and stats['clipfrac'] == 0.0)
     assert stats['logprob_mismatch'] < 1e-4 and stats['grad_norm'] > 0 and stats['skipped'] == 0
-    assert len(stats['expert_load']) == 2  # per layer: load / even share of each expert, summing to E
+    # per layer: load / even share of each expert, summing to E
+    assert len(stats['expert_load']) == 2
     assert all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     again = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
     assert torch.equal(again['kl'], torch.zeros(8))
-    # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so the first
-    # minibatch (half the batch) routes differently from the full-batch forward that made the old log-probs
+    # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so
+    # the first minibatch (half the batch) routes differently from the full-batch forward that made
+    # the old log-probs
     policy.train()
     moved = rlhf.ppo_update(policy, critic, optimizer, batch)['ratio_first_max']
     assert moved > 1e-3, moved
@@ -200,32 +221,37 @@ def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
-    """A corpus of short comma-ended lines (words from the gold lexicon and made-up ones), a 512-token BPE, and a
-    tiny MoE trained on it for 20 iterations."""
+    """A corpus of short comma-ended lines (words from the gold lexicon and made-up ones), a
+    512-token BPE, and a tiny MoE trained on it for 20 iterations."""
     rng = random.Random(0)
     words = sorted(rlhf.POSITIVE)[:15] + sorted(rlhf.NEGATIVE)[:15] + \
-        [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 6))) for _ in range(60)]
+        [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 6)))
+         for _ in range(60)]
     raw = tmp_path_factory.mktemp('raw')
     for d in range(12):
-        lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 8))).capitalize() + ',' for _ in range(150)]
+        lines = [' '.join(rng.choice(words) for _ in range(rng.randint(3, 8))).capitalize() + ','
+                 for _ in range(150)]
         (raw / f'doc{d}.txt').write_text('\n'.join(lines) + '\n')
     data, out = tmp_path_factory.mktemp('data'), tmp_path_factory.mktemp('nano')
     prepare([f'--input={raw}', f'--out_dir={data}', '--vocab_size=512'])
-    result = run('train.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=8', '--block_size=32',
-                 '--eval_iters=2', '--device=cpu', '--warmup=2', '--max_iters=20', '--eval_interval=20',
-                 '--learning_rate=3e-3', f'--data_dir={data}', f'--out_dir={out}')
+    result = run('train.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=8',
+                 '--block_size=32', '--eval_iters=2', '--device=cpu', '--warmup=2',
+                 '--max_iters=20', '--eval_interval=20', '--learning_rate=3e-3',
+                 f'--data_dir={data}', f'--out_dir={out}')
     assert result.returncode == 0, result.stderr
     return str(out)
 
 
 def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
-    common = ['rlhf.py', f'--init_dir={pretrained}', f'--out_dir={tmp_path}', '--device=cpu', '--prompt_len=8',
-              '--response_len=6', '--batch_size=8', '--eval_prompts=16', '--eval_interval=2']
+    common = ['rlhf.py', f'--init_dir={pretrained}', f'--out_dir={tmp_path}', '--device=cpu',
+              '--prompt_len=8', '--response_len=6', '--batch_size=8', '--eval_prompts=16',
+              '--eval_interval=2']
     judge = run(*common, '--mode=judge', '--n_pairs=32', '--n_val_pairs=16', '--judge_epochs=1')
     assert judge.returncode == 0, judge.stderr
-    assert 'held-out accuracy' in judge.stdout and {'judge.pt', 'pairs.pt'} <= set(os.listdir(tmp_path))
-    ppo = run(*common, '--mode=ppo', '--updates=3', '--ppo_epochs=2', '--minibatches=2', '--kl_coef=0.1',
-              '--kl_target=1.0', '--kl_horizon=100', '--ent_coef=0.01')
+    assert ('held-out accuracy' in judge.stdout
+            and {'judge.pt', 'pairs.pt'} <= set(os.listdir(tmp_path)))
+    ppo = run(*common, '--mode=ppo', '--updates=3', '--ppo_epochs=2', '--minibatches=2',
+              '--kl_coef=0.1', '--kl_target=1.0', '--kl_horizon=100', '--ent_coef=0.01')
     assert ppo.returncode == 0, ppo.stderr
     dpo = run(*common, '--mode=dpo', '--updates=3', '--run=dpo')
     assert dpo.returncode == 0, dpo.stderr
@@ -239,10 +265,11 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
         assert numbers and all(math.isfinite(x) for x in numbers), name
     updates = [r for r in records['ppo_s1337'] if not r.get('eval')]
     assert [r['update'] for r in updates] == [1, 2, 3]
-    assert updates[0]['beta'] == 0.1 and updates[1]['beta'] != 0.1          # the controller moved beta
-    assert updates[0]['ratio_first_max'] < 1e-5 and updates[0]['logprob_mismatch'] < 1e-4  # as above
+    assert updates[0]['beta'] == 0.1 and updates[1]['beta'] != 0.1  # the controller moved beta
+    assert (updates[0]['ratio_first_max'] < 1e-5
+            and updates[0]['logprob_mismatch'] < 1e-4)  # as above
     assert [r['step'] for r in records['ppo_s1337'] if r.get('eval')] == [0, 2, 3]
-    assert records['ppo_s1337'][0]['kl'] == 0                                # the untrained policy is the reference
+    assert records['ppo_s1337'][0]['kl'] == 0  # the untrained policy is the reference
     assert [r['step'] for r in records['dpo'] if not r.get('eval')] == [1, 2, 3]
     assert [r['n'] for r in records['bon']] == [1, 2, 4]
     assert {'ckpt.pt', 'tokenizer.json', 'ppo.png'} <= set(os.listdir(tmp_path / 'ppo_s1337'))
@@ -253,14 +280,15 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
     assert frontier.returncode == 0 and (tmp_path / 'gold_vs_kl.png').exists(), frontier.stderr
     os.remove(tmp_path / 'pairs.pt')  # DPO without the judge's pairs: one line that says so
     dpo = run(*common, '--mode=dpo', '--updates=1', '--run=dpo')
-    assert dpo.returncode != 0 and dpo.stderr.count('\n') == 1 and 'no pairs at' in dpo.stderr, dpo.stderr
+    assert (dpo.returncode != 0 and dpo.stderr.count('\n') == 1
+            and 'no pairs at' in dpo.stderr), dpo.stderr
 
 
 def test_bad_input_gives_one_line_errors(pretrained, tmp_path):
     for args, message in ((['--mode=reinforce'], 'mode must be'),
                           ([f'--init_dir={tmp_path}/none'], 'no checkpoint at'),
-                          ([f'--init_dir={pretrained}', '--mode=ppo', '--prompt_len=8', '--response_len=6'],
-                           'no judge at'),
+                          ([f'--init_dir={pretrained}', '--mode=ppo', '--prompt_len=8',
+                            '--response_len=6'], 'no judge at'),
                           (['--batch_size=8', '--minibatches=3'], 'must divide batch_size=8')):
         result = run('rlhf.py', f'--out_dir={tmp_path}', '--device=cpu', *args)
         assert result.returncode != 0 and message in result.stderr, result.stderr

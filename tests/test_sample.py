@@ -1,6 +1,7 @@
-"""sample.py's decoding and evaluation: penalties against hand-worked logits, self-speculative decoding against
-greedy decoding, quantized weights against their bounds, sliding-window perplexity against a window-by-window loop,
-the sample metrics against hand-counted examples, and the coherence score against the same text shuffled.
+"""sample.py's decoding and evaluation: penalties against hand-worked logits, self-speculative
+decoding against greedy decoding, quantized weights against their bounds, sliding-window perplexity
+against a window-by-window loop, the sample metrics against hand-counted examples, and the coherence
+score against the same text shuffled.
     python -m pytest -q tests/test_sample.py
 """
 
@@ -13,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, ModelConfig
-from sample import (Dequantize, coherence, distinct, generate_speculative, penalize, perplexity, quantize_model,
-                    quantize_weight, repetition_rate)
+from sample import (Dequantize, coherence, distinct, generate_speculative, penalize, perplexity,
+                    quantize_model, quantize_weight, repetition_rate)
 
 
 def tiny_model(block_size=16):
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=50, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(ModelConfig(vocab_size=50, block_size=block_size, n_layer=2, n_head=2,
+                           n_embd=32)).eval()
 
 
 @torch.no_grad()
@@ -29,7 +31,8 @@ def test_perplexity_scores_every_token_once_like_a_window_loop():
         tokens = np.random.default_rng(length).integers(0, 50, length).astype(np.uint16)
         ppl, scored = perplexity(model, tokens, block_size=16, batch_size=3)
         assert scored == length - 1
-        # the slow way: windows of 16 moving by 8, one forward each, scoring only targets not scored before
+        # the slow way: windows of 16 moving by 8, one forward each, scoring only targets
+        # not scored before
         T, total, done = min(16, length - 1), 0.0, 0
         end = T
         while True:
@@ -47,14 +50,14 @@ def test_perplexity_scores_every_token_once_like_a_window_loop():
 
 def test_distinct_and_repetition_hand_counted():
     samples = [[1, 2, 1, 2, 1], [3, 3]]
-    assert distinct(samples, 1) == 3 / 7                      # {1, 2, 3} of 7 tokens
-    assert distinct(samples, 2) == 3 / 5                      # (1,2) (2,1) (1,2) (2,1) (3,3): 3 unique of 5
+    assert distinct(samples, 1) == 3 / 7              # {1, 2, 3} of 7 tokens
+    assert distinct(samples, 2) == 3 / 5              # (1,2) (2,1) (1,2) (2,1) (3,3): 3 unique of 5
     assert repetition_rate([[1, 2, 1, 2, 1, 2]], n=2) == 3 / 5  # (1,2) (2,1) (1,2)* (2,1)* (1,2)*
 
 
 def test_coherence_falls_for_shuffled_sentences():
-    """A text whose neighbouring sentences share words (a chain of topics) scores well above 1; the same
-    sentences in random orders score lower, near 1."""
+    """A text whose neighbouring sentences share words (a chain of topics) scores well above 1; the
+    same sentences in random orders score lower, near 1."""
     words = [f"word{chr(97 + i)}topic" for i in range(26)]
     text = '. '.join(f"{words[i]} {words[i + 1]} {words[(7 * i) % 26]}" for i in range(25)) + '.'
     original = coherence(text)
@@ -69,23 +72,27 @@ def test_coherence_falls_for_shuffled_sentences():
 
 def test_penalties_hand_computed():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2; the pad token 2 (first position) is skipped
+    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2;
+    # the pad token 2 (first position) is skipped
     out = penalize(logits, torch.tensor([[2, 0, 1]]), repetition_penalty=2.0, pad=torch.tensor([1]))
     assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
-    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned (and only 1)
+    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned
+    # (and only 1)
     out = penalize(logits, torch.tensor([[3, 1, 0, 3]]), no_repeat_ngram_size=2)
     assert torch.isinf(out[0, 1]) and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
 
 
 def mtp_model(block_size, device='cpu'):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32, n_future_tokens=3)
+    cfg = ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                      n_future_tokens=3)
     return GPT(cfg).eval().to(device)
 
 
 def test_self_speculative_decoding_equals_greedy():
-    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens, whether the
-    drafts are mostly right (heads at init copy the next-token state) or mostly wrong (heads scrambled)."""
+    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens,
+    whether the drafts are mostly right (heads at init copy the next-token state) or mostly wrong
+    (heads scrambled)."""
     model = mtp_model(block_size=96)
     prompt = torch.randint(0, 97, (1, 5))
     for scramble in (False, True):
@@ -96,13 +103,14 @@ def test_self_speculative_decoding_equals_greedy():
             out, passes = generate_speculative(model, prompt, new_tokens)
             greedy = model.generate(prompt, new_tokens, temperature=0)
             assert torch.equal(out, greedy) and passes <= new_tokens + 1, (new_tokens, scramble)
-    assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)  # too long for the cache: plain greedy
+    # too long for the cache: plain greedy
+    assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_graph_speculative_decoding_equals_eager():
-    """Self-speculative decoding with a CUDA-graphed verify pass (bf16 autocast) equals its eager self, with good
-    and scrambled drafts."""
+    """Self-speculative decoding with a CUDA-graphed verify pass (bf16 autocast) equals its eager
+    self, with good and scrambled drafts."""
     model = mtp_model(block_size=48, device='cuda')
     prompt = torch.randint(0, 97, (1, 9), device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -110,21 +118,24 @@ def test_cuda_graph_speculative_decoding_equals_eager():
             if scramble:
                 for head in model.mtp_heads:
                     torch.nn.init.normal_(head.proj.weight, std=1.0)
-            (graphed, passes), (eager, eager_passes) = (generate_speculative(model, prompt, 30, cuda_graph=graph)
-                                                        for graph in (True, False))
+            (graphed, passes), (eager, eager_passes) = (
+                generate_speculative(model, prompt, 30, cuda_graph=graph)
+                for graph in (True, False))
             assert torch.equal(graphed, eager) and passes == eager_passes
         # the kept graph and state decode a longer prompt next, and leave the earlier output be
         earlier, first = graphed, graphed.clone()
         longer = torch.randint(0, 97, (1, 14), device='cuda')
-        (graphed, passes), (eager, eager_passes) = (generate_speculative(model, longer, 25, cuda_graph=graph)
-                                                    for graph in (True, False))
+        (graphed, passes), (eager, eager_passes) = (
+            generate_speculative(model, longer, 25, cuda_graph=graph)
+            for graph in (True, False))
         assert torch.equal(graphed, eager) and passes == eager_passes and graphed.shape == (1, 39)
         assert torch.equal(earlier, first)
 
 
 def test_quantization_round_trip_bounds():
-    """Every weight comes back within half a quantization step: scale = max|row| / 127 (int8, per output channel)
-    or max|group| / 7 (int4, per 128 inputs), on random 2-D and 3-D (expert) weights."""
+    """Every weight comes back within half a quantization step: scale = max|row| / 127 (int8, per
+    output channel) or max|group| / 7 (int4, per 128 inputs), on random 2-D and 3-D (expert)
+    weights."""
     torch.manual_seed(0)
     for shape in ((96, 256), (4, 64, 384)):
         w = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 3     # rows of different ranges
@@ -139,17 +150,19 @@ def test_quantization_round_trip_bounds():
 
 
 def test_quantized_model_stays_close():
-    """int8 and int4 weight-only quantization of attention and experts: the loss moves little, the bytes shrink,
-    and int4 refuses an input size its groups do not divide."""
+    """int8 and int4 weight-only quantization of attention and experts: the loss moves little, the
+    bytes shrink, and int4 refuses an input size its groups do not divide."""
     cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=128, n_experts=4)
     x = torch.randint(0, 97, (2, 16))
     losses, sizes = [], []
     for bits in (None, 8, 4):
         torch.manual_seed(0)
         model = GPT(cfg).eval()
-        sizes.append(quantize_model(model, bits) if bits else sum(p.numel() * 4 for p in model.parameters()))
+        sizes.append(quantize_model(model, bits) if bits
+                     else sum(p.numel() * 4 for p in model.parameters()))
         losses.append(model(x, x)[1].item())
     assert abs(losses[1] / losses[0] - 1) < 0.002 and abs(losses[2] / losses[0] - 1) < 0.05
     assert sizes[0] > sizes[1] > sizes[2]
     with pytest.raises(ValueError, match='divisible'):
-        quantize_model(GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=96)), 4)
+        quantize_model(GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2,
+                                       n_embd=96)), 4)
