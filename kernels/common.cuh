@@ -51,13 +51,12 @@ __device__ __forceinline__ void store8(bf16* p, const float (&v)[8]) {
 // into floats where they are used, so rows kept in registers hold only their stored bytes: a bf16
 // tile takes half the registers of an fp32 one. The caller guarantees the alignment of the load.
 template <typename T, int E> struct Chunk {
-    static constexpr int kBytes = sizeof(T) * E;
-    using Word = std::conditional_t<kBytes == 8, uint2, uint4>;
-    Word raw[kBytes == 32 ? 2 : 1];
+    using Word = std::conditional_t<sizeof(T) * E == 8, uint2, uint4>;
+    static constexpr int kWords = sizeof(T) * E / sizeof(Word);
+    Word raw[kWords];
     __device__ __forceinline__ void load(const T* p) {
 #pragma unroll
-        for (int i = 0; i < kBytes / (int)sizeof(Word); i++)
-            raw[i] = reinterpret_cast<const Word*>(p)[i];
+        for (int i = 0; i < kWords; i++) raw[i] = reinterpret_cast<const Word*>(p)[i];
     }
     __device__ __forceinline__ void floats(float (&f)[E]) const {
         if constexpr (std::is_same_v<T, float>) {
