@@ -39,11 +39,11 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
-import kernels as cuda_kernels
+import ava_kernels
 from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, load_data, pyplot,
                     resolve_device)
 from configurator import configure_or_exit, settings_of
-from kernels import moe_sort
+from ava_kernels import moe_sort
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
 
@@ -357,7 +357,7 @@ if __name__ == '__main__':
     except ValueError as e:
         fail(e)
     dev, device_type = resolve_device(device)
-    cuda_kernels.enabled = kernels == 'cuda'
+    ava_kernels.enabled = kernels == 'cuda'
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     if lr_find:
@@ -370,7 +370,7 @@ if __name__ == '__main__':
         decode_bench(cfg, dev, new_tokens)
     elif device_type != 'cuda':
         fail("the training benchmark measures a GPU and found none (CUDA unavailable)")
-    elif cuda_kernels.enabled and cuda_kernels.build() is not True:
+    elif ava_kernels.enabled and ava_kernels.build() is not True:
         fail("the CUDA kernels did not build (see above); use --kernels=ref to time the twins")
     else:
         throughput(cfg)

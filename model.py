@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
+import ava_kernels
+from ava_kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
                      moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
-from kernels.moe_decode import MAX_ASSIGNMENTS
+from ava_kernels.moe_decode import MAX_ASSIGNMENTS
 
 
 @dataclass
@@ -178,9 +178,9 @@ def kept(model, key, build):
     the cache it writes) takes milliseconds to capture and microseconds to replay. A model keeps
     one build, the last, so its memory stays that of one decode. A graph reads tensors at fixed
     addresses and replays the kernels it captured, so casting, moving or reallocating the model's
-    tensors, train()/eval(), another autocast setting or kernels.enabled builds anew."""
+    tensors, train()/eval(), another autocast setting or ava_kernels.enabled builds anew."""
     stamp = (key, model.training, torch.is_autocast_enabled('cuda'),
-             torch.get_autocast_dtype('cuda'), kernels.enabled,
+             torch.get_autocast_dtype('cuda'), ava_kernels.enabled,
              [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
     if model in _kept and _kept[model][0] == stamp:
         return _kept[model][1]
@@ -381,7 +381,7 @@ class MoE(nn.Module):
         x = x.view(-1, C)                                                    # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = moe_sort(expert_idx, keep, self.w_in.size(0))
-        dtype = kernels.autocast_dtype(x)                                    # bf16 under autocast
+        dtype = ava_kernels.autocast_dtype(x)                                    # bf16 under autocast
         w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, I)
         w_out = self.w_out.to(dtype).transpose(1, 2)                         # (E, F, C)
         h = grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets)  # (M, I)
@@ -578,7 +578,7 @@ class GPT(nn.Module):
     def graphable(self, idx):
         """Whether decoding idx can run as a CUDA graph: on a GPU, with 16-bit experts (grouped_mm
         in fp32 falls back to a loop that reads the expert offsets on the CPU: not capturable)."""
-        dtype = kernels.autocast_dtype(self.wte.weight)
+        dtype = ava_kernels.autocast_dtype(self.wte.weight)
         return idx.is_cuda and (not self.config.moe or dtype != torch.float32)
 
     def decode_step(self, cache, token, pad=None):
@@ -589,7 +589,7 @@ class GPT(nn.Module):
         """A KV cache for generating from idx (B, T) with left padding pad (B,) or None, and
         step(token (B, 1)[, pad]) -> logits (B, V) over it. On a GPU in 16 bits the step is a CUDA
         graph, kept with its cache for the next call with as many rows (kept())."""
-        B, dtype = idx.size(0), kernels.autocast_dtype(self.wte.weight)
+        B, dtype = idx.size(0), ava_kernels.autocast_dtype(self.wte.weight)
         graphed = cuda_graph and self.graphable(idx)
 
         def build():

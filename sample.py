@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-import kernels
+import ava_kernels
 from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
                     resolve_device, save_safetensors, trained_data_dir)
 from configurator import configure_or_exit
@@ -143,7 +143,7 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
         greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
         return greedy, max_new_tokens
     (_, T), n = idx.shape, 1 + len(heads)
-    dtype = kernels.autocast_dtype(model.wte.weight)
+    dtype = ava_kernels.autocast_dtype(model.wte.weight)
     graphed = cuda_graph and model.graphable(idx)
     build = partial(speculative_decoder, model, idx.device, dtype, graphed)
     cache, out, length, candidate, step = (

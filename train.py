@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import kernels
+import ava_kernels
 from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, first_line,
                     gather_rng, load_checkpoint, load_data, load_run_tokenizer, lock_run_folder,
                     log_record, plot_run, resolve_device, restore, save_checkpoint,
@@ -455,7 +455,7 @@ if __name__ == '__main__':
             sys.stdout = open(os.devnull, 'w')
     accumulation = gradient_accumulation_steps // world_size  # micro-steps per rank per iteration
     if device_type == 'cuda':
-        kernels.build()  # JIT-compile the CUDA kernels (rank 0 first); else the _ref twins run
+        ava_kernels.build()  # JIT-compile the CUDA kernels (rank 0 first); else the _ref twins run
     torch.manual_seed(seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

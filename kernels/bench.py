@@ -18,8 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
-from kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
+import ava_kernels  # noqa: E402
+from ava_kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
                      moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
@@ -154,10 +154,10 @@ def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
             leaves = [a for a in sets[i] if isinstance(a, torch.Tensor) and a.requires_grad]
             torch.autograd.grad(outs, leaves, upstream[i])  # not .backward(): nothing into .grad
 
-        kernels.enabled = fn is op
+        ava_kernels.enabled = fn is op
         row.append(gpu_ms(forward))
         row.append(gpu_ms(forward_backward) if bytes_bwd else float('nan'))
-    kernels.enabled = True
+    ava_kernels.enabled = True
     fwd_gbs = bytes_fwd / row[1] / 1e6
     bwd_gbs = bytes_bwd / (row[2] - row[1]) / 1e6 if bytes_bwd else float('nan')
     print(f"{name:14s} fwd {row[1]:7.3f} ms ({fwd_gbs:6.0f} GB/s, {fwd_gbs / ceiling:4.0%})  "
@@ -167,7 +167,7 @@ def run(name, op, ref, make_inputs, bytes_fwd, bytes_bwd, ceiling):
 
 def main():
     only = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--op=')), None)
-    if not torch.cuda.is_available() or kernels.build() is not True:
+    if not torch.cuda.is_available() or ava_kernels.build() is not True:
         sys.exit("error: kernels/bench.py needs a CUDA device and the built kernels")
     ceiling = copy_ceiling_gbs()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {ceiling:,.0f} GB/s "

@@ -5,7 +5,7 @@ and the transpose make ~7 per layer of a decode step."""
 import torch
 import torch.nn.functional as F
 
-import kernels
+import ava_kernels
 
 MAX_NEW_TOKENS = 16  # longer steps (a prompt) go to SDPA, whose tiled kernels win there
 MAX_POSITIONS, MAX_HEAD_DIM = 8192, 256  # cached_attention.cu's kMaxPositions, kMaxHeadDim
@@ -29,7 +29,7 @@ def cached_attention(q, k, v, cache_k, cache_v, pos, mask):
     (B, H, T, D), S = q.shape, cache_k.size(2)
     fits = T <= MAX_NEW_TOKENS and S <= MAX_POSITIONS and D <= MAX_HEAD_DIM and \
         q.dtype == k.dtype == cache_k.dtype == cache_v.dtype
-    if fits and kernels.use_cuda(q, cache_k, pos, mask):
+    if fits and ava_kernels.use_cuda(q, cache_k, pos, mask):
         return torch.ops.ava.cached_attention(q, k, v, cache_k, cache_v, pos,
                                               mask.reshape(-1, T, S))
     return cached_attention_ref(q, k, v, cache_k, cache_v, pos, mask)

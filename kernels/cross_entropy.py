@@ -8,7 +8,7 @@ A target of -1 marks a row to ignore (no loss, no gradient)."""
 import torch
 import torch.nn.functional as F
 
-import kernels
+import ava_kernels
 
 
 def cross_entropy_ref(logits, targets):
@@ -22,7 +22,7 @@ def cross_entropy_ref(logits, targets):
 def cross_entropy(logits, targets):
     """cross_entropy_ref's function through the CUDA kernels when they are available (fp32 or bf16
     logits)."""
-    if logits.dtype in (torch.float32, torch.bfloat16) and kernels.use_cuda(logits, targets):
+    if logits.dtype in (torch.float32, torch.bfloat16) and ava_kernels.use_cuda(logits, targets):
         loss_rows, _ = torch.ops.ava.cross_entropy_rows(logits, targets)
         return loss_rows.sum() / (targets != -1).sum()
     return cross_entropy_ref(logits, targets)

@@ -6,8 +6,8 @@ unpermute, add) makes ~20 launches that each move a few kilobytes when N is a de
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.rms_norm import rms_norm_ref
+import ava_kernels
+from ava_kernels.rms_norm import rms_norm_ref
 
 MAX_ASSIGNMENTS = 64  # N * K; moe_decode.cu's limit, and the size below which launches dominate
 MAX_EXPERTS = 64      # moe_decode.cu's kMaxExperts
@@ -42,10 +42,10 @@ def moe_decode_ref(x, attn, norm_w, eps, router_w, bias, w_in, w_out, top_k, act
 def moe_decode(x, attn, norm_w, eps, router_w, bias, w_in, w_out, top_k, act):
     """moe_decode_ref's function through the CUDA kernels when they are available."""
     fits = x.size(0) * top_k <= MAX_ASSIGNMENTS and w_in.size(0) <= MAX_EXPERTS
-    if fits and kernels.use_cuda(x, attn, norm_w, router_w, w_in, w_out):
+    if fits and ava_kernels.use_cuda(x, attn, norm_w, router_w, w_in, w_out):
         return torch.ops.ava.moe_decode(x, attn.to(x.dtype), norm_w.to(router_w.dtype), eps,
                                         router_w, bias, w_in, w_out, top_k, act == 'swiglu',
-                                        kernels.autocast_dtype(x))
+                                        ava_kernels.autocast_dtype(x))
     return moe_decode_ref(x, attn, norm_w, eps, router_w, bias, w_in, w_out, top_k, act)
 
 

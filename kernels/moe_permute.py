@@ -10,7 +10,7 @@ moe_sort builds them (and each expert's end row, offsets) in two launches."""
 
 import torch
 
-import kernels
+import ava_kernels
 
 
 def moe_sort_ref(expert_idx, keep, n_experts):
@@ -33,7 +33,7 @@ def moe_sort_ref(expert_idx, keep, n_experts):
 
 def moe_sort(expert_idx, keep, n_experts):
     """moe_sort_ref's function through the CUDA kernels when they are available (E <= 256)."""
-    if kernels.use_cuda(expert_idx, keep) and n_experts <= 256:
+    if ava_kernels.use_cuda(expert_idx, keep) and n_experts <= 256:
         return torch.ops.ava.moe_sort(expert_idx, keep, n_experts)
     return moe_sort_ref(expert_idx, keep, n_experts)
 
@@ -45,7 +45,7 @@ def moe_permute_ref(x, row_src, assignment_row):
     used = row_src >= 0                                                   # (M,)
     compute = torch.promote_types(x.dtype, torch.float32)
     picked = x.to(compute)[torch.where(used, row_src, 0) // K]            # (M, C) row 0 for unused
-    return torch.where(used[:, None], picked, 0).to(kernels.autocast_dtype(x))
+    return torch.where(used[:, None], picked, 0).to(ava_kernels.autocast_dtype(x))
 
 
 def moe_unpermute_ref(ys, gates, row_src, assignment_row):
@@ -62,14 +62,14 @@ def moe_unpermute_ref(ys, gates, row_src, assignment_row):
 
 def moe_permute(x, row_src, assignment_row):
     """moe_permute_ref's function through the CUDA kernels when they are available."""
-    if kernels.use_cuda(x, row_src, assignment_row):
-        return torch.ops.ava.moe_permute(x, row_src, assignment_row, kernels.autocast_dtype(x))
+    if ava_kernels.use_cuda(x, row_src, assignment_row):
+        return torch.ops.ava.moe_permute(x, row_src, assignment_row, ava_kernels.autocast_dtype(x))
     return moe_permute_ref(x, row_src, assignment_row)
 
 
 def moe_unpermute(ys, gates, row_src, assignment_row):
     """moe_unpermute_ref's function through the CUDA kernels when they are available."""
-    if kernels.use_cuda(ys, gates, row_src, assignment_row):
+    if ava_kernels.use_cuda(ys, gates, row_src, assignment_row):
         return torch.ops.ava.moe_unpermute(ys, gates, row_src, assignment_row)
     return moe_unpermute_ref(ys, gates, row_src, assignment_row)
 

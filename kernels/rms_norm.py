@@ -4,7 +4,7 @@ mean, rsqrt, multiply and cast passes."""
 
 import torch
 
-import kernels
+import ava_kernels
 
 
 def rms_norm_ref(x, weight, eps):
@@ -12,13 +12,13 @@ def rms_norm_ref(x, weight, eps):
     dtype (else x's dtype)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return y.to(kernels.autocast_dtype(x))
+    return y.to(ava_kernels.autocast_dtype(x))
 
 
 def rms_norm(x, weight, eps):
     """rms_norm_ref's function through the CUDA kernels when they are available."""
-    if kernels.use_cuda(x, weight):
-        return torch.ops.ava.rms_norm(x, weight, eps, kernels.autocast_dtype(x))[0]
+    if ava_kernels.use_cuda(x, weight):
+        return torch.ops.ava.rms_norm(x, weight, eps, ava_kernels.autocast_dtype(x))[0]
     return rms_norm_ref(x, weight, eps)
 
 

@@ -8,8 +8,8 @@ the split and RoPE) in one launch, where the unfused path makes three that each 
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.rms_norm import rms_norm_ref
+import ava_kernels
+from ava_kernels.rms_norm import rms_norm_ref
 
 MAX_TOKENS = 64  # B*T; rope.cu's kMaxTokens: a decode or speculative step. The kernel re-reads
                  # its weight rows per 8 tokens; longer steps take cuBLAS's tiled GEMM
@@ -36,7 +36,7 @@ def qkv_rope_ref(qkv, cos, sin, n_head):
 def qkv_rope(qkv, cos, sin, n_head):
     """qkv_rope_ref's function through the CUDA kernels when they are available (q, k, v then
     contiguous)."""
-    if kernels.use_cuda(qkv, cos, sin) and cos.dim() == 2:  # per-row (B, 1, T, D/2): the twin
+    if ava_kernels.use_cuda(qkv, cos, sin) and cos.dim() == 2:  # per-row (B, 1, T, D/2): the twin
         return torch.ops.ava.qkv_rope(qkv, cos, sin, n_head)
     return qkv_rope_ref(qkv, cos, sin, n_head)
 
@@ -106,9 +106,9 @@ def norm_qkv_rope(x, norm_w, eps, w_qkv, cos, sin, n_head):
     short (B*T <= 64 tokens), with one (T, D/2) table for all rows."""
     B, T, C = x.shape
     fits = B * T <= MAX_TOKENS and cos.dim() == 2 and C % n_head == 0 and (C // n_head) % 2 == 0
-    if fits and kernels.use_cuda(x, norm_w, w_qkv, cos, sin):
+    if fits and ava_kernels.use_cuda(x, norm_w, w_qkv, cos, sin):
         return torch.ops.ava.norm_qkv_rope(x, norm_w, eps, w_qkv, cos, sin, n_head,
-                                           kernels.autocast_dtype(x))
+                                           ava_kernels.autocast_dtype(x))
     return norm_qkv_rope_ref(x, norm_w, eps, w_qkv, cos, sin, n_head)
 
 

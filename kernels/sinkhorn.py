@@ -21,7 +21,7 @@ import math
 
 import torch
 
-import kernels
+import ava_kernels
 
 
 def sinkhorn_log(logits, n_iters):
@@ -51,7 +51,7 @@ def sinkhorn_topk_ref(logits, n_iters, k, bias):
 def sinkhorn_topk(logits, n_iters, k, bias):
     """sinkhorn_topk_ref's function through the CUDA kernel when it is available (and E <= 64, else
     the twin)."""
-    if kernels.use_cuda(logits, bias) and logits.size(1) <= 64:
+    if ava_kernels.use_cuda(logits, bias) and logits.size(1) <= 64:
         return torch.ops.ava.sinkhorn_topk(logits, bias, n_iters, k)
     return sinkhorn_topk_ref(logits, n_iters, k, bias)
 

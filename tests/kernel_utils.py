@@ -4,7 +4,7 @@ the error metric."""
 import pytest
 import torch
 
-import kernels
+import ava_kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
@@ -12,8 +12,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def built():
     """The CUDA library, built: a failed build fails the test instead of silently testing the _ref
     twin."""
-    assert kernels.build() is True
-    kernels.enabled = True
+    assert ava_kernels.build() is True
+    ava_kernels.enabled = True
 
 
 def poison():

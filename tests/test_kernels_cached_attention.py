@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.cached_attention import cached_attention, cached_attention_ref
+from ava_kernels.cached_attention import cached_attention, cached_attention_ref
 from model import attention_mask
 
 

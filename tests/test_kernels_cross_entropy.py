@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+from ava_kernels.cross_entropy import cross_entropy, cross_entropy_ref
 
 
 def some_targets(N, V, device='cpu'):

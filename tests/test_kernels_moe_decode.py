@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import ava_kernels
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.moe_decode import moe_decode, moe_decode_ref
+from ava_kernels.moe_decode import moe_decode, moe_decode_ref
 from model import Block, KVCache, ModelConfig, attention_mask, rope_tables
 
 
@@ -131,9 +131,9 @@ def test_cuda_autocast_fp32_stream():
                                                           device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
         out = moe_decode(x, attn.bfloat16(), norm_w, eps, router_w, b, w_in, w_out, 2, 'gelu')
-        kernels.enabled = False
+        ava_kernels.enabled = False
         ref = moe_decode(x, attn.bfloat16(), norm_w, eps, router_w, b, w_in, w_out, 2, 'gelu')
-        kernels.enabled = True
+        ava_kernels.enabled = True
     assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-2
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,
+from ava_kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,
                                  moe_unpermute, moe_unpermute_ref)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from ava_kernels.rms_norm import rms_norm, rms_norm_ref
 
 
 def rms_norm_float64(x, w, eps, dy):

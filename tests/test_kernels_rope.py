@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_utils import built, cuda, poison, rel_err
-from kernels.rope import MAX_TOKENS, norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref
+from ava_kernels.rope import MAX_TOKENS, norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref
 
 
 def angles(T, D, start=0, device='cpu'):

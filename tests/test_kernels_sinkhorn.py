@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernel_utils import built, cuda, poison
-from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref
+from ava_kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref
 
 
 def sinkhorn_float64(logits, n_iters):

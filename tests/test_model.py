@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import sinkhorn
+import ava_kernels
+from ava_kernels import sinkhorn
 from model import GPT, KVCache, MoE, ModelConfig, Router, forget, kept
 
 
@@ -622,11 +622,11 @@ def test_kept_builds_once_per_key_until_the_model_changes():
     assert kept(model, 'a', build) is not again and len(builds) == 5
     model.eval()
     again = kept(model, 'a', build)
-    kernels.enabled = False  # the twins' graph is not the kernels'
+    ava_kernels.enabled = False  # the twins' graph is not the kernels'
     try:
         assert kept(model, 'a', build) is not again and len(builds) == 7
     finally:
-        kernels.enabled = True
+        ava_kernels.enabled = True
     again = kept(model, 'a', build)
     forget(model)
     assert kept(model, 'a', build) is not again and len(builds) == 9
@@ -672,8 +672,8 @@ def test_cuda_decode_kernels_step_like_their_twins(router):
     """A prompt, six one-token steps and a three-token step over the KV cache, with the decode
     kernels (moe_decode, cached_attention) and with their twins: the same logits to fp32
     rounding."""
-    import kernels
-    assert kernels.build() is True
+    import ava_kernels
+    assert ava_kernels.build() is True
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4,
                             router=router)).cuda().eval()
@@ -683,13 +683,13 @@ def test_cuda_decode_kernels_step_like_their_twins(router):
     tokens = torch.randint(97, (2, 19), device='cuda')
     results = []
     for enabled in (True, False):
-        kernels.enabled = enabled
+        ava_kernels.enabled = enabled
         cache = KVCache(model.config, 2, 64, 'cuda', torch.float32)
         with torch.no_grad():
             steps = [model(tokens[:, t0:t1], cache=cache)[0]
                      for t0, t1 in [(0, 10)] + [(t, t + 1) for t in range(10, 16)] + [(16, 19)]]
         results.append(torch.cat(steps, dim=1))
-    kernels.enabled = True
+    ava_kernels.enabled = True
     assert ((results[0] - results[1]).norm() / results[1].norm()).item() < 1e-5
 
 
@@ -701,8 +701,8 @@ def test_cuda_decode_kernels_step_like_their_twins(router):
 def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
     """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32:
     to rounding; bf16: the tolerance of bf16 activations)."""
-    import kernels
-    assert kernels.build() is True
+    import ava_kernels
+    assert ava_kernels.build() is True
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, n_future_tokens=2,
                             **router)).cuda()
@@ -710,13 +710,13 @@ def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
                     torch.randint(64, (4, 64), device='cuda'))
     results = []
     for enabled in (True, False):
-        kernels.enabled = enabled
+        ava_kernels.enabled = enabled
         model.zero_grad()
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
             _, loss = model(idx, targets)
         loss.backward()
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    kernels.enabled = True
+    ava_kernels.enabled = True
     for fast, ref in zip(*results):
         assert ((fast - ref).norm() / ref.norm()).item() < tol
 

@@ -1,18 +1,23 @@
 """
-Hand-written CUDA kernels for the hot spots of an Ava training step and decode step
+Ava's hand-written CUDA kernels for the hot spots of an Ava training step and decode step
 (kernels/README.md says which and why). Each op lives in two files: `<op>.cu` (the kernels, with a
 header comment on shapes and testing) and `<op>.py` (its pure-PyTorch `_ref` twin of the same
 signature, and the `torch.library` custom op, with autograd for the ops that train, so
 torch.compile can trace through it).
 
-    from kernels import rms_norm
+    from ava_kernels import rms_norm
     y = rms_norm(x, weight, eps)        # CUDA kernel on a CUDA tensor once built, else rms_norm_ref
 
 The .cu files are JIT-built together into one library the first time a CUDA tensor reaches an op
 (`torch.utils.cpp_extension.load`, for this device's arch, into kernels/build/; cached after the
 first build). Without CUDA or nvcc every op runs its `_ref` twin, and one line says so.
-`kernels.enabled = False` forces the twins (bench.py --kernels=ref, and the tests that compare the
+`ava_kernels.enabled = False` forces the twins (bench.py --kernels=ref, and the tests that compare the
 two).
+
+The ops live in the folder kernels/, imported under this module's name: `kernels` is the import
+name of Hugging Face's kernels package (which transformers imports), and a package of that name in
+the repository would hide it. A module with a `__path__` is a package: `import ava_kernels.rope`
+reads kernels/rope.py.
 """
 
 import glob
@@ -23,7 +28,8 @@ import torch
 
 enabled = True           # False: always use the _ref twins (for comparisons)
 _status = None           # None: not tried yet; True: built and loaded; str: why not
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
+__path__ = [_HERE]  # the package's modules: kernels/*.py
 
 
 def build():
@@ -76,11 +82,11 @@ def autocast_dtype(x):
 
 
 # the ops (they import the helpers above)
-from kernels.cached_attention import cached_attention, cached_attention_ref  # noqa: E402
-from kernels.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
-from kernels.moe_decode import moe_decode, moe_decode_ref  # noqa: E402
-from kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,  # noqa
+from ava_kernels.cached_attention import cached_attention, cached_attention_ref  # noqa: E402
+from ava_kernels.cross_entropy import cross_entropy, cross_entropy_ref  # noqa: E402
+from ava_kernels.moe_decode import moe_decode, moe_decode_ref  # noqa: E402
+from ava_kernels.moe_permute import (moe_permute, moe_permute_ref, moe_sort, moe_sort_ref,  # noqa
                                  moe_unpermute, moe_unpermute_ref)
-from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-from kernels.rope import norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref  # noqa: E402
-from kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402
+from ava_kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from ava_kernels.rope import norm_qkv_rope, norm_qkv_rope_ref, qkv_rope, qkv_rope_ref  # noqa: E402
+from ava_kernels.sinkhorn import sinkhorn, sinkhorn_topk, sinkhorn_topk_ref  # noqa: E402
