@@ -29,11 +29,13 @@ training forward (whole sequences, other batch compositions) route every token a
 train() mode the Sinkhorn router balances over the whole batch, a different function, and the
 PPO ratio would no longer start at 1.
 
-Settings are read one way. The maths that the tests drive with hand-worked numbers
-(gold_score, whiten, gae, adapt_kl, ppo_losses, dpo_loss, explained_variance, best_of) takes
-everything as arguments; everything else reads the settings below as module globals, as
-nanoGPT's train.py does. Sizes come from the tensors (P = prompts.size(1)): prompt_len and
-response_len are read only where prompts and responses are made.
+Settings are read one way: main() reads the settings below as module globals, as nanoGPT's
+train.py does, and hands each function what it needs. The maths that the tests drive with
+hand-worked numbers (gold_score, whiten, gae, adapt_kl, ppo_losses, dpo_loss, explained_variance,
+best_of) and the small steps take plain arguments; a LineTask holds the task's three settings;
+the jobs with many knobs (train_judge, ppo_update, train_ppo, train_dpo, Run) take the settings
+dict s (configurator.settings_of). Sizes come from the tensors (P = prompts.size(1)): prompt_len
+and response_len are read only where prompts and responses are made.
 
 Shape legend: B rows (episodes or pairs), P prompt tokens, R response tokens, T = P + R,
 V vocab, C channels.
@@ -59,7 +61,8 @@ import torch.nn.functional as F
 from common import (check, fail, load_checkpoint, load_data, load_run_tokenizer, load_torch, pyplot,
                     resolve_device, save_atomic, trained_data_dir)
 from configurator import configure_or_exit, settings_of
-from model import GPT, ModelConfig, forget
+from decode import forget, generate
+from model import GPT, ModelConfig
 
 # -----------------------------------------------------------------------------
 mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (see the docstring)
@@ -137,10 +140,13 @@ class LineTask:
     """The line task on the pretrained model's own data: prompts that end at a line break, where
     a response ends (its first token that holds a line break), and the gold score of its line.
     enc: the tokenizer (a tiktoken Encoding); tokens: {'train': ..., 'val': ...} token arrays;
-    vocab_size: the model's V."""
+    vocab_size: the model's V; prompt_len, response_len, label_temperature: the task's settings."""
 
-    def __init__(self, enc, tokens, vocab_size, device):
+    def __init__(self, enc, tokens, vocab_size, device, prompt_len, response_len,
+                 label_temperature):
         self.enc, self.device = enc, device
+        self.prompt_len, self.response_len = prompt_len, response_len
+        self.label_temperature = label_temperature
         self.tokens = {s: np.array(t, dtype=np.int64) for s, t in tokens.items()}
         ends = [b'\n' in enc.decode_single_token_bytes(i) for i in range(vocab_size)]
         self.ends = torch.tensor(ends, device=device)            # (V,) the tokens that end a line
@@ -154,9 +160,9 @@ class LineTask:
     def prompts(self, split, n, generator=None):
         """n prompts (n, P) from a split: the prompt_len tokens up to and including a random line
         break, drawn with generator (None: torch's global one)."""
-        starts, tokens = self.starts[split], self.tokens[split]
+        starts, tokens, P = self.starts[split], self.tokens[split], self.prompt_len
         at = starts[torch.randint(len(starts), (n,), generator=generator).numpy()]
-        rows = np.stack([tokens[i - prompt_len + 1:i + 1] for i in at])
+        rows = np.stack([tokens[i - P + 1:i + 1] for i in at])
         return torch.from_numpy(rows).to(self.device)
 
     def line_end(self, responses):
@@ -180,20 +186,20 @@ class LineTask:
         """n prompts, two samples of gpt each, their gold scores and a sampled Bradley-Terry label
         (1: a preferred)."""
         p = self.prompts(split, n, generator)
-        responses = sample_responses(gpt, p.repeat(2, 1))
+        responses = sample_responses(gpt, p.repeat(2, 1), self.response_len)
         g = self.gold(responses, *self.line_end(responses)[:2]).sum(0)  # (2n,)
-        prob = torch.sigmoid((g[:n] - g[n:]) / label_temperature)
+        prob = torch.sigmoid((g[:n] - g[n:]) / self.label_temperature)
         label = (torch.rand(n, generator=generator) < prob.cpu()).float().to(self.device)
         return dict(prompts=p, a=responses[:n], b=responses[n:], gold_a=g[:n], gold_b=g[n:],
                     prob=prob, label=label)
 
 
-def load_task(data_dir, vocab_size, dev):
+def load_task(init_dir, data_dir, vocab_size, dev, prompt_len, response_len, label_temperature):
     """The LineTask of the pretrained model: its tokenizer (init_dir/tokenizer.json), its data."""
     enc = load_run_tokenizer(init_dir, vocab_size)
     _, tokens = load_data(data_dir)
     check([(len(enc.encode_ordinary('\n')) == 1, "the tokenizer has no single line-break token")])
-    task = LineTask(enc, tokens, vocab_size, dev)
+    task = LineTask(enc, tokens, vocab_size, dev, prompt_len, response_len, label_temperature)
     check([(min(map(len, task.starts.values())) >= 2,
             f"{data_dir} has too few line breaks after {prompt_len} tokens to make prompts")])
     return task
@@ -224,18 +230,18 @@ def response_logprobs(gpt, seq, P):
     return logp.gather(-1, seq[:, P:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def rollout(gpt, prompts):
+def rollout(gpt, prompts, response_len):
     """Sample response_len tokens after each prompt (B, P) at temperature 1, no top-k/top-p (the
     ratio and the KL need the policy's own probabilities), with the KV cache -> the tokens (B, R)
     and their log-probabilities (B, R)."""
-    seq, logprobs = gpt.generate(prompts, response_len, return_logprobs=True)
+    seq, logprobs = generate(gpt, prompts, response_len, return_logprobs=True)
     forget(gpt)  # its decode cache would otherwise sit through the PPO update
     return seq[:, prompts.size(1):], logprobs
 
 
-def sample_responses(gpt, prompts, chunk=512):
+def sample_responses(gpt, prompts, response_len, chunk=512):
     """rollout()'s tokens (B, R) for many prompts, chunk rows at a time (a KV cache per chunk)."""
-    return torch.cat([rollout(gpt, rows)[0] for rows in prompts.split(chunk)])
+    return torch.cat([rollout(gpt, rows, response_len)[0] for rows in prompts.split(chunk)])
 
 
 @torch.no_grad()
@@ -334,27 +340,41 @@ def judge_accuracy(judge, task, pairs):
                 gold_order=gold_order.float().mean().item())
 
 
-def train_judge(task, gpt):
-    """Sample and label the pairs, train the judge with the Bradley-Terry loss, report held-out
-    accuracy, then normalise its scores to mean 0 and std 1 on the pretrained model's samples
-    (folded into the head)."""
-    t0, path = time.time(), os.path.join(out_dir, 'judge.pt')
+def train_judge(task, gpt, s):
+    """Sample and label the pairs (out_dir/pairs.pt), train the judge on them, report held-out
+    accuracy, normalise its scores, and save it (out_dir/judge.pt)."""
+    t0, seed, n_pairs, n_val_pairs = time.time(), s['seed'], s['n_pairs'], s['n_val_pairs']
     pairs = task.sample_pairs(gpt, 'train', n_pairs, torch.Generator().manual_seed(seed))
     val = task.sample_pairs(gpt, 'val', n_val_pairs, torch.Generator().manual_seed(seed + 1))
-    save_atomic(dict(train=pairs, val=val), os.path.join(out_dir, 'pairs.pt'))
+    save_atomic(dict(train=pairs, val=val), os.path.join(s['out_dir'], 'pairs.pt'))
     g = torch.cat([pairs['gold_a'], pairs['gold_b']])
     ties = (pairs['gold_a'] == pairs['gold_b']).float().mean()
     print(f"sampled {n_pairs} + {n_val_pairs} pairs in {time.time() - t0:.0f}s; pretrained gold "
           f"{g.mean():+.3f} (sd {g.std():.3f}); {ties:.0%} of pairs tie on gold")
     judge = HeadedGPT(copy.deepcopy(gpt).requires_grad_(True)).to(gpt.wte.weight.device)
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=judge_lr, betas=(0.9, 0.95),
-                                  weight_decay=0)
-    steps, step = judge_epochs * math.ceil(n_pairs / batch_size), 0
-    for epoch in range(judge_epochs):
+    held_out = fit_judge(judge, task, pairs, val, s['judge_epochs'], s['judge_lr'],
+                         s['batch_size'], s['max_grad_norm'])
+    normalise_judge(judge, task, pairs)
+    path = os.path.join(s['out_dir'], 'judge.pt')
+    state = dict(model=judge.state_dict(), model_config=asdict(gpt.config),
+                 train=judge_accuracy(judge, task, pairs), val=held_out,
+                 tokenizer=tokenizer_digest(s['init_dir']))
+    save_atomic(state, path)
+    print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; "
+          f"train accuracy {state['train']['accuracy']:.3f}")
+
+
+def fit_judge(judge, task, pairs, val, epochs, lr, batch_size, max_grad_norm):
+    """The Bradley-Terry loss on the labelled pairs: epochs passes of batch_size pairs, AdamW at lr
+    annealed linearly to 0. -> the held-out accuracies on val after the last epoch."""
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0)
+    n = len(pairs['label'])
+    steps, step = epochs * math.ceil(n / batch_size), 0
+    for epoch in range(epochs):
         losses = []
-        for idx in torch.randperm(n_pairs).split(batch_size):
+        for idx in torch.randperm(n).split(batch_size):
             for group in optimizer.param_groups:
-                group['lr'] = judge_lr * (1 - step / steps)
+                group['lr'] = lr * (1 - step / steps)
             sign = 2 * pairs['label'][idx] - 1                   # +1: a preferred
             loss = -F.logsigmoid(sign * pair_margins(judge, task, pairs, idx)).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -367,21 +387,21 @@ def train_judge(task, gpt):
         print(f"judge epoch {epoch + 1}: loss {np.mean(losses):.4f}, held-out accuracy "
               f"{held_out['accuracy']:.3f} (Bayes {held_out['bayes']:.3f}; agrees with gold's "
               f"order on {held_out['gold_order']:.3f} of untied pairs)")
+    return held_out
+
+
+def normalise_judge(judge, task, pairs):
+    """Fold into the head the normalisation of the judge's scores to mean 0 and std 1 on the
+    pretrained model's samples (both responses of every pair)."""
     responses = torch.cat([pairs['a'], pairs['b']])
     seq = torch.cat([pairs['prompts'].repeat(2, 1), responses], 1)
     raw = judge_scores(judge, seq, task.line_end(responses)[0], pairs['prompts'].size(1))
     with torch.no_grad():  # score' = (score - mean) / std, as the head's own weights
         judge.head.weight /= raw.std()
         judge.head.bias.sub_(raw.mean()).div_(raw.std())
-    state = dict(model=judge.state_dict(), model_config=asdict(gpt.config),
-                 train=judge_accuracy(judge, task, pairs), val=held_out,
-                 tokenizer=tokenizer_digest())
-    save_atomic(state, path)
-    print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; "
-          f"train accuracy {state['train']['accuracy']:.3f}")
 
 
-def load_from_judge_mode(name, what):
+def load_from_judge_mode(out_dir, name, what):
     """out_dir/name, which --mode=judge writes -> (its path, its contents)."""
     path = os.path.join(out_dir, name)
     check([(os.path.exists(path),
@@ -389,45 +409,47 @@ def load_from_judge_mode(name, what):
     return path, load_torch(path, f'the {what} from rlhf.py --mode=judge')
 
 
-def tokenizer_digest():
+def tokenizer_digest(init_dir):
     """The SHA-1 of init_dir/tokenizer.json: a judge scores token ids, so it fits only the
     pretrained models of that tokenizer."""
     return hashlib.sha1(open(os.path.join(init_dir, 'tokenizer.json'), 'rb').read()).hexdigest()
 
 
-def load_judge(dev):
+def load_judge(out_dir, init_dir, dev):
     """The judge that --mode=judge wrote to out_dir, frozen; one made with another tokenizer than
     init_dir's is refused."""
-    path, saved = load_from_judge_mode('judge.pt', 'judge')
+    path, saved = load_from_judge_mode(out_dir, 'judge.pt', 'judge')
     try:
         judge = HeadedGPT(GPT(ModelConfig(**saved['model_config'])))
         judge.load_state_dict(saved['model'])
     except Exception as e:
         fail(f"cannot load {path} ({type(e).__name__}); is it a judge from rlhf.py --mode=judge?")
-    check([(saved.get('tokenizer', tokenizer_digest()) == tokenizer_digest(),
+    digest = tokenizer_digest(init_dir)
+    check([(saved.get('tokenizer', digest) == digest,
             f"{path} was trained on another tokenizer than {init_dir}/tokenizer.json; run "
             "--mode=judge again with this --init_dir (or another --out_dir)")])
     return judge.eval().requires_grad_(False).to(dev)
 
 
-def load_pairs(dev):
+def load_pairs(out_dir, dev):
     """The training pairs that --mode=judge wrote to out_dir."""
-    _, pairs = load_from_judge_mode('pairs.pt', 'pairs')
+    _, pairs = load_from_judge_mode(out_dir, 'pairs.pt', 'pairs')
     return {k: v.to(dev) for k, v in pairs['train'].items()}
 
 
 # ---- PPO ----
 
 @torch.no_grad()
-def experience(policy, critic, ref, judge, task, prompts, beta):
+def experience(policy, critic, ref, judge, task, prompts, *, beta, gamma, lam,
+               missing_eos_penalty):
     """One PPO batch: sample responses from the policy, score them with the judge (minus
     missing_eos_penalty without a line break), put the score on the last token on top of the
-    per-token KL penalty, and run GAE. Old log-probabilities come from a full forward of the
-    policy (what training recomputes); the rollout's own (KV-cache) log-probabilities are kept
-    to measure the difference. The critic's value of the state before response token t is its
-    output at the token before it."""
+    per-token KL penalty (beta), and run GAE (gamma, lam). Old log-probabilities come from a full
+    forward of the policy (what training recomputes); the rollout's own (KV-cache)
+    log-probabilities are kept to measure the difference. The critic's value of the state before
+    response token t is its output at the token before it."""
     P = prompts.size(1)
-    responses, rollout_lp = rollout(policy, prompts)
+    responses, rollout_lp = rollout(policy, prompts, task.response_len)
     end, has_eos, mask = task.line_end(responses)
     seq = torch.cat([prompts, responses], 1)                     # (B, T)
     old_lp, ref_lp = response_logprobs(policy, seq, P)[0], response_logprobs(ref, seq, P)[0]
@@ -443,37 +465,43 @@ def experience(policy, critic, ref, judge, task, prompts, beta):
                 kl=kl.sum(1), advantages=whiten(advantages, mask.float()), returns=returns)
 
 
-def ppo_update(policy, critic, optimizer, batch):
-    """ppo_epochs passes of minibatches over one experience() batch. The first minibatch is
-    checked before any step: its ratio must be 1, and its log-probabilities those of the
-    rollout. -> statistics."""
+def first_minibatch_checks(policy, logprobs, ratio, mb):
+    """Before any step, on the first minibatch: how far its ratio is from 1, how far its
+    log-probabilities are from the rollout's, and each MoE layer's expert load / even share."""
+    loads = policy.router_stats()  # [{'load': (E,)}] per MoE layer, once watch_routing() ran
+    mask = mb['mask']
+    return dict(ratio_first_max=((ratio - 1).abs() * mask).max().item(),
+                logprob_mismatch=((logprobs - mb['rollout_lp']).abs() * mask).max().item(),
+                **({'expert_load': [(layer['load'] * len(layer['load'])).tolist()
+                                    for layer in loads]} if loads else {}))
+
+
+def ppo_update(policy, critic, optimizer, batch, s):
+    """s['ppo_epochs'] passes of s['minibatches'] minibatches over one experience() batch. The
+    first minibatch is checked before any step: its ratio must be 1, and its log-probabilities
+    those of the rollout. -> statistics."""
     B, P = batch['responses'].shape[0], batch['seq'].size(1) - batch['responses'].size(1)
     keys = ('policy_loss', 'value_loss', 'clipfrac', 'approxkl', 'entropy', 'grad_norm')
     stats, first, skipped = {k: [] for k in keys}, {}, 0
-    for epoch in range(ppo_epochs):
-        for idx in torch.randperm(B, device=batch['seq'].device).chunk(minibatches):
+    for epoch in range(s['ppo_epochs']):
+        for idx in torch.randperm(B, device=batch['seq'].device).chunk(s['minibatches']):
             mb = {k: v[idx] for k, v in batch.items()}
             logprobs, entropy = response_logprobs(policy, mb['seq'], P)
             values = critic(mb['seq'])[:, P - 1:-1]
             mask = mb['mask']
             policy_loss, value_loss, ratio, clipfrac = ppo_losses(
                 logprobs, mb['old_lp'], mb['advantages'], values, mb['old_values'],
-                mb['returns'], mask, clip_range, clip_range_value)
+                mb['returns'], mask, s['clip_range'], s['clip_range_value'])
             if not first:
-                loads = policy.router_stats()  # [{'load': (E,)}] per MoE layer: watch_routing()
-                first = dict(
-                    ratio_first_max=((ratio - 1).abs() * mask).max().item(),
-                    logprob_mismatch=((logprobs - mb['rollout_lp']).abs() * mask).max().item(),
-                    **({'expert_load': [(s['load'] * len(s['load'])).tolist() for s in loads]}
-                       if loads else {}))  # load / even share, per layer and expert
-            if not masked_mean(ratio, mask) < ratio_threshold:  # also catches NaN
+                first = first_minibatch_checks(policy, logprobs, ratio, mb)
+            if not masked_mean(ratio, mask) < s['ratio_threshold']:  # also catches NaN
                 skipped += 1
                 continue
-            loss = policy_loss + value_loss - ent_coef * masked_mean(entropy, mask)
+            loss = policy_loss + value_loss - s['ent_coef'] * masked_mean(entropy, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s['max_grad_norm'])
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), s['max_grad_norm'])
             optimizer.step()
             log_ratio = (logprobs - mb['old_lp']).detach()
             approxkl = masked_mean(log_ratio.exp() - 1 - log_ratio, mask)  # the k3 estimator
@@ -493,17 +521,17 @@ class Run:
     each evaluation, the evaluated policy as a train.py-style ckpt.pt (sample.py
     --out_dir=<folder> reads it) and the curves so far, <mode>.png: a run stopped early keeps
     both. The held-out prompts are the same for every run; ref (the pretrained model) and the
-    judge are frozen."""
+    judge are frozen. s: the settings, saved in the checkpoint with data_dir."""
 
-    def __init__(self, task, ref, judge, data_dir):
-        self.task, self.ref, self.judge = task, ref, judge
-        self.config = {**settings_of(globals()), 'data_dir': data_dir}
-        self.eval_set = task.prompts('val', eval_prompts, torch.Generator().manual_seed(0))
-        self.folder = os.path.join(out_dir, run or f'{mode}_s{seed}')
+    def __init__(self, task, ref, judge, data_dir, s):
+        self.task, self.ref, self.judge, self.mode = task, ref, judge, s['mode']
+        self.config = {**s, 'data_dir': data_dir}
+        self.eval_set = task.prompts('val', s['eval_prompts'], torch.Generator().manual_seed(0))
+        self.folder = os.path.join(s['out_dir'], s['run'] or f"{s['mode']}_s{s['seed']}")
         os.makedirs(self.folder, exist_ok=True)
         self.metrics = os.path.join(self.folder, 'metrics.jsonl')
         open(self.metrics, 'w').close()
-        shutil.copy(os.path.join(init_dir, 'tokenizer.json'), self.folder)
+        shutil.copy(os.path.join(s['init_dir'], 'tokenizer.json'), self.folder)
 
     def log(self, record):
         with open(self.metrics, 'a') as f:
@@ -514,14 +542,15 @@ class Run:
         """One sample per held-out prompt: gold, judge, sequence KL to the pretrained model, line
         ends, length; show samples printed; then the checkpoint and the plot."""
         task, prompts, P = self.task, self.eval_set, self.eval_set.size(1)
-        responses = sample_responses(policy, prompts)
+        responses = sample_responses(policy, prompts, task.response_len)
         end, has_eos, mask = task.line_end(responses)
         seq = torch.cat([prompts, responses], 1)
-        kl = torch.cat([((response_logprobs(policy, s, P)[0] - response_logprobs(self.ref, s, P)[0])
-                         * m).sum(1) for s, m in zip(seq.split(128), mask.split(128))])
+        kl = torch.cat([((response_logprobs(policy, rows, P)[0]
+                          - response_logprobs(self.ref, rows, P)[0]) * m).sum(1)
+                        for rows, m in zip(seq.split(128), mask.split(128))])
         sentiment, fluency = task.gold(responses, end, has_eos)
         g, score = sentiment + fluency, judge_scores(self.judge, seq, end, P)
-        r = dict(eval=True, mode=mode, step=step, kl=kl.mean().item(), gold=g.mean().item(),
+        r = dict(eval=True, mode=self.mode, step=step, kl=kl.mean().item(), gold=g.mean().item(),
                  gold_sd=g.std().item(), sentiment=sentiment.mean().item(),
                  fluency=fluency.mean().item(), judge=score.mean().item(),
                  eos_rate=has_eos.float().mean().item(), length=(end + 1).float().mean().item())
@@ -538,87 +567,105 @@ class Run:
                      iter_num=step, config=self.config)
         save_atomic(state, os.path.join(self.folder, 'ckpt.pt'))
         records = [json.loads(line) for line in open(self.metrics)]
-        plot_run(records, os.path.join(self.folder, f'{mode}.png'))
+        plot_policy_run(records, os.path.join(self.folder, f'{self.mode}.png'), self.mode)
 
 
-def adamw(*models):
+def rl_optimizer(models, lr):
     """AdamW for RL fine-tuning: no weight decay (the KL to the reference is the regulariser),
     eps 1e-5."""
-    return torch.optim.AdamW([p for m in models for p in m.parameters()], lr=learning_rate,
+    return torch.optim.AdamW([p for m in models for p in m.parameters()], lr=lr,
                              betas=(0.9, 0.95), eps=1e-5, weight_decay=0)
 
 
-def annealed_steps(job, policy, optimizer):
-    """Steps 0 .. updates-1 of PPO or DPO, each after setting the LR, annealed linearly to 0; the
-    policy is evaluated every eval_interval steps and after the last (showing 3 samples then)."""
+def annealed_steps(job, policy, optimizer, lr, updates, eval_interval):
+    """Steps 0 .. updates-1 of PPO or DPO, each after setting the LR, annealed linearly from lr to
+    0; the policy is evaluated every eval_interval steps and after the last (showing 3 samples
+    then)."""
     for step in range(updates + 1):
         if step % eval_interval == 0 or step == updates:
             job.evaluate(policy, step, show=3 if step == updates else 0)
         if step == updates:
             return
         for group in optimizer.param_groups:
-            group['lr'] = learning_rate * (1 - step / updates)
+            group['lr'] = lr * (1 - step / updates)
         yield step
 
 
-def train_ppo(task, job, policy, critic):
-    """updates PPO iterations: experience, ppo_update, adaptive beta, one log line each;
+def train_ppo(task, job, policy, critic, s):
+    """s['updates'] PPO iterations: experience, ppo_update, adaptive beta, one log line each;
     evaluations between."""
-    optimizer, beta = adamw(policy, critic), kl_coef
+    optimizer, beta = rl_optimizer([policy, critic], s['learning_rate']), s['kl_coef']
     policy.watch_routing()
-    for update in annealed_steps(job, policy, optimizer):
+    for update in annealed_steps(job, policy, optimizer, s['learning_rate'], s['updates'],
+                                 s['eval_interval']):
         t0 = time.time()
-        prompts = task.prompts('train', batch_size)
-        batch = experience(policy, critic, job.ref, job.judge, task, prompts, beta)
+        prompts = task.prompts('train', s['batch_size'])
+        batch = experience(policy, critic, job.ref, job.judge, task, prompts, beta=beta,
+                           gamma=s['gamma'], lam=s['lam'],
+                           missing_eos_penalty=s['missing_eos_penalty'])
         t1 = time.time()
-        stats = ppo_update(policy, critic, optimizer, batch)
+        stats = ppo_update(policy, critic, optimizer, batch, s)
         t2 = time.time()
-        kl, score, end, has_eos = (batch['kl'].mean().item(), batch['score'], batch['end'],
-                                   batch['has_eos'])
-        r = dict(update=update + 1, score=score.mean().item(), kl=kl, beta=beta,
-                 gold=task.gold(batch['responses'], end, has_eos).sum(0).mean().item(),
-                 rlhf_reward=(score - beta * batch['kl']).mean().item(),
-                 explained_variance=explained_variance(batch['old_values'], batch['returns'],
-                                                       batch['mask']),
-                 length=(end + 1).float().mean().item(), eos_rate=has_eos.float().mean().item(),
-                 t_rollout=t1 - t0, t_train=t2 - t1, lr=optimizer.param_groups[0]['lr'], **stats)
+        r = dict(update=update + 1, **batch_record(task, batch, beta), t_rollout=t1 - t0,
+                 t_train=t2 - t1, lr=optimizer.param_groups[0]['lr'], **stats)
         if 'expert_load' in r:
             r['load_max_mean'] = [max(layer) for layer in r['expert_load']]
-        print(f"update {update + 1}: judge {r['score']:+.3f}, gold {r['gold']:+.3f}, KL {kl:.3f}, "
-              f"beta {beta:.4f}, entropy {r['entropy']:.3f}, clipfrac {r['clipfrac']:.3f}, "
-              f"approxkl {r['approxkl']:.4f}, value loss {r['value_loss']:.4f}, expl.var "
-              f"{r['explained_variance']:.2f}, length {r['length']:.1f}, eos {r['eos_rate']:.0%}, "
-              f"ratio-1 {r['ratio_first_max']:.1e}, rollout/train logprob gap "
-              f"{r['logprob_mismatch']:.1e}, load max/mean "
-              f"{max(r.get('load_max_mean', [1])):.2f}, {t1 - t0:.1f}s + {t2 - t1:.1f}s"
-              + (f", {r['skipped']} minibatches skipped" if r['skipped'] else ''))
+        print(update_line(r))
         job.log(r)
-        if kl_target > 0:
-            beta = adapt_kl(beta, kl, kl_target, batch_size, kl_horizon)
+        if s['kl_target'] > 0:
+            beta = adapt_kl(beta, r['kl'], s['kl_target'], s['batch_size'], s['kl_horizon'])
 
 
-def train_dpo(task, job, policy, pairs):
-    """updates DPO steps of batch_size pairs (the label picks chosen and rejected), the reference
-    log-probabilities computed once up front."""
-    optimizer, P, n = adamw(policy), pairs['prompts'].size(1), len(pairs['label'])
+def batch_record(task, batch, beta):
+    """What one experience() batch scored: judge, KL, gold, the KL-penalised reward, the critic's
+    explained variance, line lengths and ends."""
+    score, end, has_eos = batch['score'], batch['end'], batch['has_eos']
+    return dict(score=score.mean().item(), kl=batch['kl'].mean().item(), beta=beta,
+                gold=task.gold(batch['responses'], end, has_eos).sum(0).mean().item(),
+                rlhf_reward=(score - beta * batch['kl']).mean().item(),
+                explained_variance=explained_variance(batch['old_values'], batch['returns'],
+                                                      batch['mask']),
+                length=(end + 1).float().mean().item(), eos_rate=has_eos.float().mean().item())
+
+
+def update_line(r):
+    """One PPO iteration's record r as the line train_ppo prints."""
+    skipped = f", {r['skipped']} minibatches skipped" if r['skipped'] else ''
+    return (f"update {r['update']}: judge {r['score']:+.3f}, gold {r['gold']:+.3f}, "
+            f"KL {r['kl']:.3f}, beta {r['beta']:.4f}, entropy {r['entropy']:.3f}, clipfrac "
+            f"{r['clipfrac']:.3f}, approxkl {r['approxkl']:.4f}, value loss "
+            f"{r['value_loss']:.4f}, expl.var {r['explained_variance']:.2f}, length "
+            f"{r['length']:.1f}, eos {r['eos_rate']:.0%}, ratio-1 {r['ratio_first_max']:.1e}, "
+            f"rollout/train logprob gap {r['logprob_mismatch']:.1e}, load max/mean "
+            f"{max(r.get('load_max_mean', [1])):.2f}, {r['t_rollout']:.1f}s + "
+            f"{r['t_train']:.1f}s{skipped}")
+
+
+def train_dpo(task, job, policy, pairs, s):
+    """s['updates'] DPO steps of s['batch_size'] pairs (the label picks chosen and rejected), the
+    reference log-probabilities computed once up front."""
+    updates, batch_size = s['updates'], s['batch_size']
+    optimizer = rl_optimizer([policy], s['learning_rate'])
+    P, n = pairs['prompts'].size(1), len(pairs['label'])
     chosen = torch.where(pairs['label'][:, None] == 1, pairs['a'], pairs['b'])
     rejected = torch.where(pairs['label'][:, None] == 1, pairs['b'], pairs['a'])
     seq = torch.cat([torch.cat([pairs['prompts'], chosen], 1),
                      torch.cat([pairs['prompts'], rejected], 1)])  # (2n, T)
     mask = torch.cat([task.line_end(chosen)[2], task.line_end(rejected)[2]]).float()
     with torch.no_grad():
-        ref_lp = torch.cat([(response_logprobs(job.ref, s, P)[0] * m).sum(1)
-                            for s, m in zip(seq.split(256), mask.split(256))])
+        ref_lp = torch.cat([(response_logprobs(job.ref, rows, P)[0] * m).sum(1)
+                            for rows, m in zip(seq.split(256), mask.split(256))])
     order = torch.cat([torch.randperm(n) for _ in range(math.ceil(updates * batch_size / n))])
-    for step in annealed_steps(job, policy, optimizer):
+    for step in annealed_steps(job, policy, optimizer, s['learning_rate'], updates,
+                               s['eval_interval']):
         idx = order[step * batch_size:(step + 1) * batch_size].to(seq.device)
         rows = torch.cat([idx, idx + n])                         # chosen, then rejected
         lp = (response_logprobs(policy, seq[rows], P)[0] * mask[rows]).sum(1)
         loss, margin = dpo_loss(lp[:len(idx)], lp[len(idx):], ref_lp[idx], ref_lp[idx + n],
-                                dpo_beta)
+                                s['dpo_beta'])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), s['max_grad_norm'])
         optimizer.step()
         r = dict(step=step + 1, loss=loss.item(),
                  reward_accuracy=(margin > 0).float().mean().item(), margin=margin.mean().item(),
@@ -629,13 +676,13 @@ def train_dpo(task, job, policy, pairs):
 
 
 @torch.no_grad()
-def best_of_n(task, job):
+def best_of_n(task, job, bon_n):
     """bon_n pretrained samples per held-out prompt; for n = 1, 2, 4, ...: the gold of the judge's
     favourite among n, at the analytic KL bound log n - (n-1)/n (Beirami et al. 2024: the true
     KL is at most this), averaged over the bon_n // n disjoint groups of n. n = 1 is the
     pretrained model's gold over all bon_n samples: the baseline."""
     N, prompts = len(job.eval_set), job.eval_set.repeat(bon_n, 1)
-    responses = sample_responses(job.ref, prompts)
+    responses = sample_responses(job.ref, prompts, task.response_len)
     end, has_eos, _ = task.line_end(responses)
     seq = torch.cat([prompts, responses], 1)
     score = judge_scores(job.judge, seq, end, prompts.size(1)).view(bon_n, N)
@@ -656,8 +703,8 @@ def best_of_n(task, job):
 
 # ---- plots ----
 
-def plot_run(records, path):
-    """The per-update curves of a PPO or DPO run, and its evaluations."""
+def plot_policy_run(records, path, mode):
+    """The per-update curves of a PPO or DPO run (mode), and its evaluations."""
     plt = pyplot()
     steps = [r for r in records if not r.get('eval')]
     evals = [r for r in records if r.get('eval')]
@@ -684,7 +731,7 @@ def plot_run(records, path):
     plt.close(fig)
 
 
-def frontier():
+def frontier(out_dir):
     """Gold and judge score against KL for every run in out_dir (PPO and DPO along their
     evaluations, best-of-n): the top row up to 4.5 nats, where the methods compete; the bottom
     row everything (KL on a log scale past 4)."""
@@ -723,33 +770,39 @@ def frontier():
 
 # ---- main ----
 
-def check_settings():
-    """Impossible settings end the run before any work, with one line."""
+def check_settings(s):
+    """Impossible settings s end the run before any work, with one line."""
+    sizes = ('prompt_len', 'response_len', 'batch_size', 'ppo_epochs', 'minibatches',
+             'eval_interval', 'eval_prompts', 'bon_n', 'n_pairs', 'n_val_pairs', 'judge_epochs')
     check([
-        (mode in ('judge', 'ppo', 'dpo', 'bon', 'frontier'),
-         f"mode must be judge, ppo, dpo, bon or frontier, not {mode!r}"),
-        (min(prompt_len, response_len, batch_size, ppo_epochs, minibatches, eval_interval,
-             eval_prompts, bon_n, n_pairs, n_val_pairs, judge_epochs) >= 1,
-         "sizes, counts and intervals must be >= 1"),
-        (updates >= 0 and learning_rate >= 0 and judge_lr > 0,
+        (s['mode'] in ('judge', 'ppo', 'dpo', 'bon', 'frontier'),
+         f"mode must be judge, ppo, dpo, bon or frontier, not {s['mode']!r}"),
+        (min(s[k] for k in sizes) >= 1, "sizes, counts and intervals must be >= 1"),
+        (s['updates'] >= 0 and s['learning_rate'] >= 0 and s['judge_lr'] > 0,
          "need updates >= 0, learning_rate >= 0, judge_lr > 0"),
-        (batch_size % minibatches == 0,
-         f"minibatches={minibatches} must divide batch_size={batch_size}"),
-        (min(kl_coef, kl_target, ent_coef, missing_eos_penalty) >= 0 and kl_horizon > 0,
+        (s['batch_size'] % s['minibatches'] == 0,
+         f"minibatches={s['minibatches']} must divide batch_size={s['batch_size']}"),
+        (min(s[k] for k in ('kl_coef', 'kl_target', 'ent_coef', 'missing_eos_penalty')) >= 0
+         and s['kl_horizon'] > 0,
          "kl_coef, kl_target, ent_coef, missing_eos_penalty must be >= 0 and kl_horizon > 0"),
-        (clip_range > 0 and clip_range_value > 0 and ratio_threshold > 1 and max_grad_norm > 0,
+        (s['clip_range'] > 0 and s['clip_range_value'] > 0 and s['ratio_threshold'] > 1
+         and s['max_grad_norm'] > 0,
          "need clip_range, clip_range_value, max_grad_norm > 0 and ratio_threshold > 1"),
-        (0 <= gamma <= 1 and 0 <= lam <= 1 and label_temperature > 0 and dpo_beta > 0,
+        (0 <= s['gamma'] <= 1 and 0 <= s['lam'] <= 1 and s['label_temperature'] > 0
+         and s['dpo_beta'] > 0,
          "need gamma and lam in [0, 1], label_temperature > 0, dpo_beta > 0"),
-        (device in ('auto', 'cpu') or device.startswith('cuda'),
+        (s['device'] in ('auto', 'cpu') or s['device'].startswith('cuda'),
          "device must be auto, cpu or cuda[:N]"),
     ])
 
 
 def main():
-    check_settings()
+    """The one reader of the settings (this module's globals): checks them, loads the pretrained
+    model, the task and what --mode=judge wrote, and runs the mode."""
+    s = settings_of(globals())
+    check_settings(s)
     if mode == 'frontier':
-        return frontier()
+        return frontier(out_dir)
     dev, _ = resolve_device(device)
     torch.manual_seed(seed)
     ckpt, cfg, gpt = load_checkpoint(os.path.join(init_dir, 'ckpt.pt'))
@@ -758,22 +811,23 @@ def main():
             f"prompt_len + response_len = {prompt_len + response_len} exceeds the model's "
             f"block_size {cfg.block_size}")])
     data_dir = trained_data_dir(ckpt)
-    task = load_task(data_dir, cfg.vocab_size, dev)
+    task = load_task(init_dir, data_dir, cfg.vocab_size, dev, prompt_len, response_len,
+                     label_temperature)
     os.makedirs(out_dir, exist_ok=True)
     if mode == 'judge':
-        return train_judge(task, gpt)
-    judge = load_judge(dev)
-    pairs = load_pairs(dev) if mode == 'dpo' else None
-    job = Run(task, gpt, judge, data_dir)
+        return train_judge(task, gpt, s)
+    judge = load_judge(out_dir, init_dir, dev)
+    pairs = load_pairs(out_dir, dev) if mode == 'dpo' else None
+    job = Run(task, gpt, judge, data_dir, s)
     if mode == 'bon':
-        return best_of_n(task, job)
+        return best_of_n(task, job, bon_n)
     policy = copy.deepcopy(gpt).requires_grad_(True)
     if mode == 'dpo':
-        train_dpo(task, job, policy, pairs)
+        train_dpo(task, job, policy, pairs, s)
     else:
         # the critic starts as a copy of the judge (Huang et al. 2024): its values mean something
         # from the start
-        train_ppo(task, job, policy, copy.deepcopy(judge).requires_grad_(True))
+        train_ppo(task, job, policy, copy.deepcopy(judge).requires_grad_(True), s)
     print(f"wrote {job.folder}/ckpt.pt, metrics.jsonl and {mode}.png")
 
 

@@ -20,7 +20,7 @@ import tiktoken
 import torch
 
 import rlhf
-from configurator import configure
+from configurator import configure, settings_of
 from data.prepare import main as prepare
 from model import GPT, ModelConfig
 
@@ -127,14 +127,15 @@ def test_best_of_against_a_loop_over_groups():
     assert torch.equal(rlhf.best_of(score, value, 1), value)
 
 
-def byte_task(text):
+def byte_task(text, prompt_len=6, response_len=5, label_temperature=0.5):
     """A LineTask on text (both splits) with a byte-level tokenizer: token b is byte b, and 256 ends
     a document, so the line-ending tokens are 10 and 256."""
     enc = tiktoken.Encoding('bytes', pat_str=r"[^\n]+|\n",
                             mergeable_ranks={bytes([b]): b for b in range(256)},
                             special_tokens={'<|endoftext|>': 256})
     ids = np.array(enc.encode_ordinary(text))
-    return rlhf.LineTask(enc, {'train': ids, 'val': ids}, 257, 'cpu')
+    return rlhf.LineTask(enc, {'train': ids, 'val': ids}, 257, 'cpu', prompt_len, response_len,
+                         label_temperature)
 
 
 def test_line_end_and_gold_score():
@@ -150,13 +151,12 @@ def test_line_end_and_gold_score():
     assert rlhf.gold_score('', known, True) == (0, -1)                        # not a line
 
 
-def test_line_task_prompts_gold_and_pairs(monkeypatch):
+def test_line_task_prompts_gold_and_pairs():
     """Prompts are the prompt_len tokens up to a line break of their split; gold is gold_score of a
-    response's text up to its line break; pairs carry the gold of both and a Bradley-Terry label."""
-    monkeypatch.setattr(rlhf, 'prompt_len', 6)
-    monkeypatch.setattr(rlhf, 'response_len', 5)
+    response's text up to its line break; pairs carry the gold of both and a Bradley-Terry label
+    at the task's own temperature (not the module's default)."""
     text = 'my sweet love\nand the death\nof hope\nand\n'
-    task = byte_task(text)
+    task = byte_task(text, prompt_len=6, response_len=5, label_temperature=0.7)
     assert task.known == {'my', 'sweet', 'love', 'and', 'the', 'death', 'of', 'hope'}
     assert task.ends.nonzero().flatten().tolist() == [10, 256]
     assert task.starts['train'].tolist() == [i for i, c in enumerate(text) if c == '\n' and i >= 5]
@@ -177,29 +177,29 @@ def test_line_task_prompts_gold_and_pairs(monkeypatch):
     for k in 'ab':
         gold = task.gold(pairs[k], *task.line_end(pairs[k])[:2]).sum(0)
         assert torch.equal(pairs[f'gold_{k}'], gold)
-    prob = torch.sigmoid((pairs['gold_a'] - pairs['gold_b']) / rlhf.label_temperature)
+    prob = torch.sigmoid((pairs['gold_a'] - pairs['gold_b']) / 0.7)
     assert torch.equal(pairs['prob'], prob) and set(pairs['label'].tolist()) <= {0.0, 1.0}
 
 
-def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
+def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero():
     """A tiny MoE (Sinkhorn router): experience from the KV-cache rollout, then PPO epochs with
     AdamW at lr=0."""
-    for key, value in dict(response_len=5, ppo_epochs=2, minibatches=2).items():
-        monkeypatch.setattr(rlhf, key, value)
+    settings = {**settings_of(vars(rlhf)), 'ppo_epochs': 2, 'minibatches': 2}
+    shaping = dict(beta=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0)
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4,
                          top_k=2)
     ref = GPT(config).eval()
     policy, judge = copy.deepcopy(ref), rlhf.HeadedGPT(GPT(config)).eval()
     critic = copy.deepcopy(judge)
-    task = byte_task('one line\n')
+    task = byte_task('one line\n', response_len=5)
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=0.0)
     before = copy.deepcopy(policy.state_dict())
     policy.watch_routing()
     prompts = torch.randint(11, 256, (8, 6))
-    batch = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
+    batch = rlhf.experience(policy, critic, ref, judge, task, prompts, **shaping)
     assert torch.equal(batch['kl'], torch.zeros(8)) and batch['advantages'].abs().sum() > 0
-    stats = rlhf.ppo_update(policy, critic, optimizer, batch)
+    stats = rlhf.ppo_update(policy, critic, optimizer, batch, settings)
     # the first minibatch is the old log-probs' model on half the batch: equal up to the fp32
     # rounding of another matmul shape (exactly 0 on some CPUs, 5e-7 on others)
     assert (stats['ratio_first_max'] < 1e-5 and stats['approxkl'] < 1e-10
@@ -209,13 +209,13 @@ def test_with_lr_zero_the_ratio_is_one_and_the_kl_zero(monkeypatch):
     assert len(stats['expert_load']) == 2
     assert all(math.isclose(sum(layer), 4, rel_tol=1e-5) for layer in stats['expert_load'])
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    again = rlhf.experience(policy, critic, ref, judge, task, prompts, beta=0.1)
+    again = rlhf.experience(policy, critic, ref, judge, task, prompts, **shaping)
     assert torch.equal(again['kl'], torch.zeros(8))
     # ... and the check can fail: in train() mode the Sinkhorn router balances over the batch, so
     # the first minibatch (half the batch) routes differently from the full-batch forward that made
     # the old log-probs
     policy.train()
-    moved = rlhf.ppo_update(policy, critic, optimizer, batch)['ratio_first_max']
+    moved = rlhf.ppo_update(policy, critic, optimizer, batch, settings)['ratio_first_max']
     assert moved > 1e-3, moved
 
 
@@ -276,6 +276,11 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
     assert 'dpo.png' in os.listdir(tmp_path / 'dpo')
     weights = torch.load(tmp_path / 'ppo_s1337' / 'ckpt.pt', weights_only=True)
     GPT(ModelConfig(**weights['model_config'])).load_state_dict(weights['model'])
+    # the checkpoint records the run's settings, overrides included, and its data
+    assert (weights['config']['response_len'] == 6 and weights['config']['kl_coef'] == 0.1
+            and weights['config']['mode'] == 'ppo' and 'data_dir' in weights['config'])
+    assert [line.split(':')[0] for line in ppo.stdout.splitlines()
+            if line.startswith('update ')] == ['update 1', 'update 2', 'update 3']
     frontier = run(*common, '--mode=frontier')
     assert frontier.returncode == 0 and (tmp_path / 'gold_vs_kl.png').exists(), frontier.stderr
     os.remove(tmp_path / 'pairs.pt')  # DPO without the judge's pairs: one line that says so
