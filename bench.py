@@ -23,7 +23,7 @@ timed_steps after warmup_steps. MFU counts 6 FLOPs per active weight plus attent
 token (GPT.flops_per_token, the same formula for both models) over peak_tflops. The dense twin is
 the same config with moe=False: one FFN of width top_k * ffn_hidden, the MoE's active parameters.
 The routing time is the routers' forward and backward plus the sort by expert, timed alone, as in
-a training step that logs nothing (no statistics). --decode=True times model.generate instead
+a training step that logs nothing (no statistics). --decode=True times decode.generate instead
 (greedy, random weights in bf16 on a GPU, a 16-token prompt) for batch 1 and 32.
 --lr_find=True trains on data_dir with an exponentially growing LR and suggests one
 (lr_find.png/.json in out_dir).
@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 import ava_kernels
-from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, load_data, pyplot,
-                    resolve_device)
-from configurator import configure_or_exit, settings_of
 from ava_kernels import moe_sort
+from common import PEAK_TFLOPS, Batches, autocast, check, fail, load_data, pyplot, resolve_device
+from configurator import configure_or_exit, settings_of
+from decode import GraphedSteps, generate
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
 
@@ -101,10 +101,10 @@ def decode_bench(cfg, dev, new_tokens):
         rates = {}
         for mode, options in modes.items():
             with autocast(dev.split(':')[0]):
-                model.generate(prompt, 8, temperature=0, **options)  # warm-up
+                generate(model, prompt, 8, temperature=0, **options)  # warm-up
                 synchronize(dev)
                 start = time.perf_counter()
-                model.generate(prompt, new_tokens, temperature=0, **options)
+                generate(model, prompt, new_tokens, temperature=0, **options)
                 synchronize(dev)
             rates[mode] = batch * new_tokens / (time.perf_counter() - start)
         print(f"decode batch {batch}, {new_tokens} new tokens: " + ", ".join(
@@ -116,7 +116,7 @@ def decode_bench(cfg, dev, new_tokens):
         prompt = torch.randint(cfg.vocab_size, (batch, 16), device=dev)
         print(f"decode batch {batch}, 64 new tokens (the first 3 eager):")
         with autocast('cuda'):
-            gpu_profile(lambda: model.generate(prompt, 64, temperature=0))
+            gpu_profile(lambda: generate(model, prompt, 64, temperature=0))
 
 
 def gpu_profile(run, rows=40):
@@ -159,7 +159,7 @@ def with_bf16(loss_of):
 
 def time_steps(loss_of, model, optimizer, batches, accumulation, warmup, timed, graph=False):
     """Median seconds per optimizer step of `accumulation` micro-steps, eager or replayed as a
-    CUDA graph (common.GraphedSteps); and the step."""
+    CUDA graph (decode.GraphedSteps); and the step."""
     def micro_batches(i):  # (A, B, T) inputs and targets
         xs = torch.stack([batches[(i * accumulation + m) % len(batches)]
                           for m in range(accumulation)])

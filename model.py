@@ -1,7 +1,9 @@
 """
 Ava's model: a GPT whose feed-forward layers are Mixtures of Experts. RMSNorm, rotary attention,
 three routers (softmax top-k with an aux loss, Sinkhorn-Knopp balanced, aux-loss-free bias), grouped
-experts, multi-token prediction heads, a KV cache and generate(); no training loops, no files.
+experts, multi-token prediction heads; no training loops, no decoding, no files. GPT.forward takes
+an optional KV cache and hands each block to it: decode.py holds the cache, the fused per-token
+path a decode step takes through a block, and generate().
 
 Shape legend used in comments:
   B batch, T time (sequence), C channels (n_embd), H heads, D head dim (C // H), V vocab,
@@ -10,19 +12,15 @@ Shape legend used in comments:
 """
 
 import math
-import weakref
 from dataclasses import dataclass
-from functools import partial
-from itertools import chain
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ava_kernels
-from ava_kernels import (cached_attention, cross_entropy, moe_decode, moe_permute, moe_sort,
-                     moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
-from ava_kernels.moe_decode import MAX_ASSIGNMENTS
+from ava_kernels import (cross_entropy, moe_permute, moe_sort, moe_unpermute, qkv_rope, rms_norm,
+                         sinkhorn_topk)
 
 
 @dataclass
@@ -116,85 +114,6 @@ def attention_mask(query, n_keys, pad=None):
     return mask
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated to max_len, for positions [0, pos), where pos is
-    a device tensor: writes and masks read it on the GPU, so a decode step has the same shapes and
-    launches at every position, and one CUDA graph can replay it (CUDAGraphed)."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, S, D)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions already stored
-        self.max_len = max_len
-        # RoPE's cos and sin at every position the cache can hold: a step looks its rows up in
-        # two launches where rope_tables() takes eight
-        self.cos, self.sin = rope_tables(shape[-1], torch.arange(max_len, device=device))
-
-    def positions(self, T):
-        return self.pos + torch.arange(T, device=self.pos.device)  # (T,) of the next T tokens
-
-    def attend(self, layer, q, k, v, mask):
-        """Store layer's new k, v (B, H, T, D) at positions(T), then attend q (B, H, T, D) to all
-        the layer's positions under mask, which hides what is not written yet -> y (B, T, C).
-        One launch for a decode step (kernels/cached_attention.py). GPT.trunk() advances pos
-        after the last layer."""
-        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.pos, mask)
-
-
-class CUDAGraphed:
-    """fn(*inputs) captured once as a CUDA graph, then replayed: a decode step's many small launches
-    become one, and the GPU stops waiting on Python. A call copies its inputs into the captured ones
-    and returns the captured outputs, valid until the next call. fn may update the tensors of state
-    in place (cache.pos, a decoder's length): the warm-up runs are undone."""
-
-    def __init__(self, fn, inputs, state):
-        self.inputs = [x.clone() for x in inputs]
-        before = [t.clone() for t in state]
-        side = torch.cuda.Stream()  # capture wants the warm-up off the default stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*self.inputs)
-                for t, saved in zip(state, before):
-                    t.copy_(saved)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the launches; runs nothing
-            self.outputs = fn(*self.inputs)
-
-    def __call__(self, *inputs):
-        for captured, x in zip(self.inputs, inputs):
-            captured.copy_(x)
-        self.graph.replay()
-        return self.outputs
-
-
-_kept = weakref.WeakKeyDictionary()  # model -> (what its kept build depends on, the build)
-
-
-def kept(model, key, build):
-    """build(), kept for the model's next call with the same key: a decode step's CUDA graph (with
-    the cache it writes) takes milliseconds to capture and microseconds to replay. A model keeps
-    one build, the last, so its memory stays that of one decode. A graph reads tensors at fixed
-    addresses and replays the kernels it captured, so casting, moving or reallocating the model's
-    tensors, train()/eval(), another autocast setting or ava_kernels.enabled builds anew."""
-    stamp = (key, model.training, torch.is_autocast_enabled('cuda'),
-             torch.get_autocast_dtype('cuda'), ava_kernels.enabled,
-             [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
-    if model in _kept and _kept[model][0] == stamp:
-        return _kept[model][1]
-    _kept.pop(model, None)  # the old build goes first: its memory serves the new one
-    _kept[model] = (stamp, build())
-    return _kept[model][1]
-
-
-def forget(model):
-    """Free what kept() holds for the model: for a caller that trains between decodes, where the
-    memory is worth more than the next call's capture."""
-    _kept.pop(model, None)
-
-
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -205,7 +124,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         """x (B, T, C); mask from attention_mask(), or None: causal within x (training: SDPA's own
-        mask, nothing to build). With a KVCache, the queries attend to the cached keys too."""
+        mask, nothing to build). With a KV cache (decode.py), the queries attend to the cached keys
+        too."""
         B, T, C = x.size()
         q, k, v = qkv_rope(self.qkv(x), cos, sin, self.n_head)  # 3 x (B, H, T, D), q, k rotated
         if cache is not None:
@@ -329,14 +249,6 @@ class Router(nn.Module):
         self.counts.zero_()
 
 
-def grouped_mm(x, w, offsets):
-    """Rows offsets[g-1]:offsets[g] of x times w[g], for every g (expert) in one call.
-    x: (M, in), w: (E, in, out), offsets: (E,) int32 cumulative row counts -> (M, out)."""
-    if x.is_cuda and hasattr(torch, '_grouped_mm') and not hasattr(F, 'grouped_mm'):  # torch < 2.10
-        return torch._grouped_mm(x, w, offs=offsets)
-    return F.grouped_mm(x, w, offs=offsets)
-
-
 def expert_counts(expert_idx, n_experts):
     """expert_idx (N, K) -> (E,) float: how many of the N*K assignments chose each expert (a
     scatter-add: no one-hot, no host sync)."""
@@ -362,8 +274,8 @@ class MoE(nn.Module):
     weighted by its gate (unpermute + combine). GELU experts: w_out gelu(w_in x); SwiGLU experts:
     w_in holds W1 (gate, rows :F) over W3 (up, rows F:), and an expert is W2 (silu(W1 x) * W3 x)
     with W2 = w_out: the same two grouped matmuls, the first one twice as wide. A decode step
-    (Block.decode) takes kernels/moe_decode.py instead: the same function without the sort, where
-    sorting and grouping cost more than the matmuls."""
+    takes kernels/moe_decode.py instead (decode.py's decode_block): the same function without the
+    sort, where sorting and grouping cost more than the matmuls."""
 
     def __init__(self, config):
         super().__init__()
@@ -381,12 +293,14 @@ class MoE(nn.Module):
         x = x.view(-1, C)                                                    # (N, C)
         expert_idx, gates, keep, router_loss = self.router(x)
         offsets, row_src, assignment_row = moe_sort(expert_idx, keep, self.w_in.size(0))
-        dtype = ava_kernels.autocast_dtype(x)                                    # bf16 under autocast
+        dtype = ava_kernels.autocast_dtype(x)                                # bf16 under autocast
         w_in = self.w_in.to(dtype).transpose(1, 2)                           # (E, C, I)
         w_out = self.w_out.to(dtype).transpose(1, 2)                         # (E, F, C)
-        h = grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offsets)  # (M, I)
+        # grouped matmuls: rows offsets[e-1]:offsets[e] (expert e's, in order) times expert e's
+        # matrix, every expert in one call; offsets (E,) int32 cumulative row counts
+        h = F.grouped_mm(moe_permute(x, row_src, assignment_row), w_in, offs=offsets)  # (M, I)
         h = ffn_activation(h, self.act)                                      # (M, F)
-        y = grouped_mm(h, w_out, offsets)                                    # (M, C)
+        y = F.grouped_mm(h, w_out, offs=offsets)                             # (M, C)
         # out[t] = sum over t's kept assignments of gate * expert output (kernels/moe_permute.py)
         out = moe_unpermute(y, gates, row_src, assignment_row)               # (N, C) gates' fp32
         # back in the residual stream's dtype, the model's own (a bf16 model stays bf16)
@@ -404,35 +318,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        if cache is not None and self.decodes(x):
-            return self.decode(x, cos, sin, mask, cache, layer), 0.0
         x = x + self.dropout(self.attn(self.norm1(x), cos, sin, mask, cache, layer))
         y, router_loss = self.ffn(self.norm2(x))
         return x + self.dropout(y), router_loss
-
-    def decodes(self, x):
-        """Whether x (B, T, C) is a decode step for decode(): few tokens (N*K <= 64), at inference,
-        through an MoE whose router records nothing."""
-        if not isinstance(self.ffn, MoE) or self.training or torch.is_grad_enabled():
-            return False
-        router = self.ffn.router
-        return x.size(0) * x.size(1) * router.config.top_k <= MAX_ASSIGNMENTS and not router.watch
-
-    def decode(self, x, cos, sin, mask, cache, layer):
-        """forward()'s function with a KV cache for a few tokens, in 7 launches: the norms and the
-        residual adds ride in the kernels beside them (kernels/rope.py's norm_qkv_rope,
-        kernels/moe_decode.py) and the experts run without the sort, since at this size each
-        launch, not its bytes, costs the time. No router loss, not even a zero tensor."""
-        B, T, C = x.shape
-        attn, moe, router = self.attn, self.ffn, self.ffn.router
-        q, k, v = norm_qkv_rope(x, self.norm1.weight, self.norm1.eps, attn.qkv.weight, cos, sin,
-                                attn.n_head)                                 # 3 x (B, H, T, D)
-        y = attn.proj(cache.attend(layer, q, k, v, mask))                    # (B, T, C)
-        bias = router.bias if router.config.router == 'bias' else None
-        out = moe_decode(x.view(-1, C), y.view(-1, C), self.norm2.weight, self.norm2.eps,
-                         router.weight, bias, moe.w_in, moe.w_out, router.config.top_k, moe.act)
-        return out.view(B, T, C)
-
 
 class MTPHead(nn.Module):
     """Turns the trunk's state at t into one for predicting token t+1+i (Gloeckle et al. 2024) that
@@ -525,7 +413,8 @@ class GPT(nn.Module):
 
     def trunk(self, idx, cache=None, pad=None):
         """idx (B, T) -> the last block's hidden states (B, T, C), before norm_f, and the summed
-        router loss. With a KVCache, idx continues the cached sequence at cache.pos. With pad (B,),
+        router loss. With a KV cache (decode.py's KVCache), idx continues the cached sequence at
+        cache.pos, and the cache runs each block (a decode step takes a fused path). With pad (B,),
         row b starts with pad[b] padding tokens: RoPE starts its text at 0, attention skips them."""
         B, T = idx.size()
         positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
@@ -543,7 +432,10 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         router_loss = 0.0
         for layer, block in enumerate(self.blocks):
-            x, block_router_loss = block(x, cos, sin, mask, cache, layer)
+            if cache is None:
+                x, block_router_loss = block(x, cos, sin, mask)
+            else:
+                x, block_router_loss = cache.run(layer, block, x, cos, sin, mask)
             router_loss = router_loss + block_router_loss
         if cache is not None:
             cache.pos += T  # a device tensor: no sync
@@ -574,91 +466,3 @@ class GPT(nn.Module):
         if mtp_losses:
             loss = loss + self.config.mtp_weight * sum(mtp_losses) / len(mtp_losses)
         return logits, loss + router_loss
-
-    def graphable(self, idx):
-        """Whether decoding idx can run as a CUDA graph: on a GPU, with 16-bit experts (grouped_mm
-        in fp32 falls back to a loop that reads the expert offsets on the CPU: not capturable)."""
-        dtype = ava_kernels.autocast_dtype(self.wte.weight)
-        return idx.is_cuda and (not self.config.moe or dtype != torch.float32)
-
-    def decode_step(self, cache, token, pad=None):
-        """Each row's next token (B, 1) against the cache -> its logits (B, V)."""
-        return self(token, cache=cache, pad=pad)[0][:, -1]
-
-    def decoder(self, idx, pad, cuda_graph):
-        """A KV cache for generating from idx (B, T) with left padding pad (B,) or None, and
-        step(token (B, 1)[, pad]) -> logits (B, V) over it. On a GPU in 16 bits the step is a CUDA
-        graph, kept with its cache for the next call with as many rows (kept())."""
-        B, dtype = idx.size(0), ava_kernels.autocast_dtype(self.wte.weight)
-        graphed = cuda_graph and self.graphable(idx)
-
-        def build():
-            cache = KVCache(self.config, B, self.config.block_size, idx.device, dtype)
-            step = partial(self.decode_step, cache)
-            if not graphed:
-                return cache, step
-            inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], pad)
-            return cache, CUDAGraphed(step, inputs, [cache.pos])
-        return kept(self, ('generate', B, pad is None), build) if graphed else build()
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 pad=None, stop=None, penalize=None, use_cache=True, cuda_graph=True,
-                 return_logprobs=False):
-        """Continue idx (B, T) by up to max_new_tokens tokens from sample_next(temperature, top_k,
-        top_p); pad (B,): each row's left padding. A row finishes when it samples eos_id or when
-        stop(idx) -> (B,) bool says so, then repeats eos_id (or its last token); generation ends
-        when all rows are finished. penalize(logits (B, V), idx) -> logits reshapes each step's
-        logits before sampling (sample.py's repetition penalties). Past block_size the KV cache is
-        rebuilt from the last block_size // 2 tokens: no step sees more than the model trained on.
-        On a GPU in 16 bits the one-token step is a CUDA graph (decoder()); use_cache=False and
-        cuda_graph=False measure what each saves. return_logprobs=True also returns (B, new) each
-        token's log-probability under the model, before temperature, filters and penalties (with
-        plain sampling, the sampler's own, as RL needs; a finished row's are its filler token's)."""
-        B, window = idx.size(0), self.config.block_size
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        check_finished = eos_id is not None or stop is not None  # finished.all() syncs with the GPU
-        cache, step = self.decoder(idx, pad, cuda_graph) if use_cache else (None, None)
-        cached, logprobs = 0, []  # positions cached; (B, 1) each
-        for _ in range(max_new_tokens):
-            if use_cache and 0 < cached < window:  # one new token against the cache
-                inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], context_pad)
-                logits, cached = step(*inputs), cached + 1                          # (B, V)
-            else:  # (re)build the cache from the context; without a cache, recompute the context
-                keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
-                context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
-                if use_cache:
-                    cache.pos.zero_()
-                logits, cached = self(idx[:, -keep:], cache=cache, pad=context_pad)[0][:, -1], keep
-            logits = logits.float()
-            scores = logits if penalize is None else penalize(logits, idx)
-            next_token = sample_next(scores, temperature, top_k, top_p)           # (B, 1)
-            done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
-            next_token = torch.where(finished[:, None], done_token, next_token)
-            if return_logprobs:
-                logprobs.append(logits.log_softmax(dim=-1).gather(1, next_token))
-            idx = torch.cat((idx, next_token), dim=1)
-            if eos_id is not None:
-                finished |= next_token[:, 0] == eos_id
-            if stop is not None:
-                finished |= stop(idx)
-            if check_finished and finished.all():
-                break
-        return (idx, torch.cat(logprobs, dim=1)) if return_logprobs else idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token per row of logits (B, V): greedy if temperature == 0, else from softmax(logits /
-    temperature) over the top_k most likely tokens and the smallest set whose mass reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # once the mass before >= p
-        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)

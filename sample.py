@@ -9,9 +9,9 @@ Sample from a trained Ava model, and evaluate it.
 
 Many prompts (one per line of a FILE:, with \\n standing for a newline) run as one batch,
 left-padded; each gets num_samples continuations. A continuation ends at the end-of-text token, at a
-stop string, or after max_new_tokens. Beside model.generate, this file holds what only sampling
-uses: repetition penalties, self-speculative decoding and weight-only quantization; and the export
-of a SwiGLU model to a folder that transformers loads as Mixtral, with no Ava code.
+stop string, or after max_new_tokens. Beside decode.py's generate, this file holds what only
+sampling uses: repetition penalties, self-speculative decoding and weight-only quantization; and the
+export of a SwiGLU model to a folder that transformers loads as Mixtral, with no Ava code.
 """
 
 import inspect
@@ -32,9 +32,10 @@ from torch.nn.utils import parametrize
 
 import ava_kernels
 from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
-                    resolve_device, save_safetensors, trained_data_dir)
-from configurator import configure_or_exit
-from model import Attention, CUDAGraphed, KVCache, MoE, kept, rope_tables
+                    resolve_device, trained_data_dir, write_atomic)
+from configurator import configure_or_exit, settings_of
+from decode import CUDAGraphed, KVCache, generate, graphable, kept
+from model import Attention, MoE, rope_tables
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -66,7 +67,7 @@ export = ''              # 'hf:FOLDER': write the model as a transformers Mixtra
 # -----------------------------------------------------------------------------
 
 
-# ---- decoding beyond model.generate ----
+# ---- decoding beyond decode.generate ----
 
 def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
     """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping
@@ -131,20 +132,20 @@ def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every
     with the main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al.
     2018). Each step feeds the next token and the heads' n-1 drafts through the model at once and
     keeps the drafts the main head agrees with, plus the main head's own next token: the output
-    equals model.generate(temperature=0) token for token, in fewer forward passes. Returns (idx,
-    forward passes). Falls back to generate() without MTP heads or when the text would outgrow
+    equals generate(model, idx, temperature=0) token for token, in fewer forward passes. Returns
+    (idx, forward passes). Falls back to generate() without MTP heads or when the text would outgrow
     block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
-    next drafts) is one CUDA graph, kept with its state for the next call (model.kept()): a step is
+    next drafts) is one CUDA graph, kept with its state for the next call (decode.kept()): a step is
     one launch. How many tokens a step accepts stays on the device: the host reads the length once
     per round of up to sync_every steps (as many as cannot overshoot), so it queues the next steps
     while the GPU runs."""
     heads = model.mtp_heads
     if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
-        greedy = model.generate(idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
+        greedy = generate(model, idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
         return greedy, max_new_tokens
     (_, T), n = idx.shape, 1 + len(heads)
     dtype = ava_kernels.autocast_dtype(model.wte.weight)
-    graphed = cuda_graph and model.graphable(idx)
+    graphed = cuda_graph and graphable(model, idx)
     build = partial(speculative_decoder, model, idx.device, dtype, graphed)
     cache, out, length, candidate, step = (
         kept(model, 'speculative', build) if graphed else build())
@@ -311,6 +312,37 @@ def mean_entropy(model, rows):
 
 # ---- export to Hugging Face transformers ----
 
+# safetensors' dtype names. The format is little-endian, as every machine torch runs on is.
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file, written atomically: 8 bytes (little-endian u64) of
+    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
+    {str: str}} padded with spaces to 8 bytes, then each tensor's raw bytes in header order. Ava
+    writes it itself: weights then need neither pickle nor a dependency (transformers reads it)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {'__metadata__': dict(metadata or {})}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer does
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(len(text).to_bytes(8, 'little'))
+            f.write(text)
+            for raw in blobs:
+                f.write(raw)
+    write_atomic(os.fspath(path), write)
+
+
 def mixtral_weights(model):
     """Ava's weights under the names of Mixtral's original checkpoints, in fp32. The experts go
     out one by one as block_sparse_moe.experts.{j}.w1 (gate), w3 (up), w2 (down): the layout vLLM,
@@ -410,6 +442,50 @@ def export_hf(model, run_dir, folder):
 
 # ---- the script's steps ----
 
+def check_settings(temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                   num_samples, max_new_tokens, speculative, quantize, dtype, export, out, report,
+                   **_):
+    """Every bad setting, as one line, before anything loads."""
+    check([(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+           (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+           (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+           (repetition_penalty > 0,
+            f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
+           (no_repeat_ngram_size >= 0,
+            f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
+           (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
+           (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+           (not speculative or num_samples == 1,
+            "--speculative=True decodes one prompt once: pass --num_samples=1"),
+           (quantize in ('', 'int8', 'int4'),
+            f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
+           (dtype in ('auto', 'float32', 'bfloat16'),
+            f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}"),
+           (export == '' or export.startswith('hf:') and len(export) > 3,
+            f"export must be 'hf:FOLDER' (a transformers folder), got {export!r}")])
+    check([(os.path.isdir(os.path.dirname(os.path.abspath(path))),
+            f"--{key}={path}: the folder {os.path.dirname(path)} does not exist; create it first")
+           for key, path in (('out', out), ('report', report)) if path])
+
+
+def ready_model(model, quantize, dev, top_k, speculative, out_dir):
+    """The loaded model quantized (if asked), in eval mode on dev, checked against the settings
+    that depend on it -> the bytes its weights take."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    if quantize:
+        try:
+            model_bytes = quantize_model(model, bits=int(quantize[3:]))
+        except ValueError as e:
+            fail(e)
+    model.eval().to(dev)
+    vocab = model.config.vocab_size
+    check([(top_k <= vocab, f"top_k={top_k} is above the model's vocabulary of {vocab} tokens; "
+            "use 0 (all) or fewer"),
+           (not speculative or model.mtp_heads, f"--speculative=True drafts with the multi-token "
+            f"heads, and {out_dir}/ckpt.pt has none: train with --n_future_tokens=2 or more")])
+    return model_bytes
+
+
 def load_val_tokens(folder, vocab_size, n_tokens):
     """The first n_tokens + 1 tokens of folder's val.bin (all when n_tokens is 0), checked against
     the model's vocabulary before any generating."""
@@ -442,13 +518,35 @@ def read_prompts(start):
     return prompts
 
 
+def prompt_batch(model, enc, prompts, num_samples, max_new_tokens, speculative, start, dev):
+    """Each prompt num_samples times, encoded and left-padded with the end-of-text token, so that
+    every prompt ends where generation starts -> x (B, longest), pad (B,). Checks first that
+    speculative decoding has one prompt and room for it."""
+    check([(not speculative or len(prompts) == 1,
+            f"--speculative=True decodes one prompt; {start} holds {len(prompts)}")])
+    encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
+               for _ in range(num_samples)]
+    longest, context = max(map(len, encoded)), model.config.block_size
+    room = speculative_room(model, longest)
+    check([(not speculative or max_new_tokens <= room, f"--speculative=True keeps the prompt "
+            f"({longest} tokens), max_new_tokens and {len(model.mtp_heads)} drafts in one cache "
+            f"of block_size {context}: " + (f"use --max_new_tokens={room} or fewer" if room > 0
+                                            else "use a shorter prompt"))])
+    if longest >= context:
+        print(f"note: a prompt has {longest} tokens, more than the context of {context}: "
+              f"the model sees its last {context // 2}")
+    pad = torch.tensor([longest - len(e) for e in encoded], device=dev)
+    x = torch.tensor([[enc.eot_token] * (longest - len(e)) + e for e in encoded], device=dev)
+    return x, pad
+
+
 def time_speculative(model, x, max_new_tokens, precision, cuda, runs=5):
     """Speculative and plain greedy decoding of x (1, T), each timed runs times after a warm-up
     run (a decode of nano takes ~0.1 s on a GPU: one timing is noise) -> {name: (median seconds,
     forward passes, tokens)}."""
     timings = {}
     for name, decode in (
-            ('greedy', lambda: (model.generate(x, max_new_tokens, temperature=0), max_new_tokens)),
+            ('greedy', lambda: (generate(model, x, max_new_tokens, temperature=0), max_new_tokens)),
             ('speculative', lambda: generate_speculative(model, x, max_new_tokens))):
         seconds = []
         with precision:
@@ -465,6 +563,22 @@ def time_speculative(model, x, max_new_tokens, precision, cuda, runs=5):
     return timings
 
 
+def print_speculative(model, x, prompt, enc, max_new_tokens, precision, cuda):
+    """The speculative continuation of x (1, T), and its speed next to plain greedy decoding."""
+    timings = time_speculative(model, x, max_new_tokens, precision, cuda)
+    (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
+    print(prompt + enc.decode(spec[0, x.size(1):].tolist()))
+    print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.3f} s; "
+          f"greedy {t_greedy:.3f} s ({t_greedy / t_spec:.2f}x; medians of 5); identical: "
+          f"{torch.equal(spec, greedy)}")
+
+
+def contains_stop(enc, stops, prompt_len, idx):
+    """(B,) bool: the row of idx (B, T) holds a stop string after its first prompt_len tokens."""
+    texts = [enc.decode(row[prompt_len:]) for row in idx.tolist()]
+    return torch.tensor([any(s in text for s in stops) for text in texts], device=idx.device)
+
+
 def finish(tokens, enc, stops, stop_at_eos):
     """A continuation's tokens -> (text, tokens, finish reason), cut at the end-of-text token (when
     stop_at_eos) and at the first stop string."""
@@ -478,6 +592,19 @@ def finish(tokens, enc, stops, stop_at_eos):
     return text, tokens, reason
 
 
+def print_samples(y, prompt_len, prompts, num_samples, enc, stops, stop_at_eos):
+    """Print each continuation in y (B, prompt_len + new) after its prompt -> the records (prompt,
+    sample, tokens, finish reason), num_samples in a row for each prompt."""
+    records = []
+    for i, row in enumerate(y.tolist()):
+        text, tokens, reason = finish(row[prompt_len:], enc, stops, stop_at_eos)
+        prompt = prompts[i // num_samples]
+        records.append(dict(prompt=prompt, sample=text, tokens=tokens, finish=reason))
+        print(prompt + text)
+        print('---------------')
+    return records
+
+
 def write_jsonl(records, path):
     try:
         with open(path, 'w') as f:
@@ -487,10 +614,12 @@ def write_jsonl(records, path):
         fail(f"cannot write {path}: {e.strerror}")
 
 
-def evaluate(model, tokens, records, rows, precision):
-    """Perplexity on tokens, and the metrics of the samples (records) whose full token lists and
-    prompt lengths are rows."""
+def evaluate(model, tokens, records, x, pad, precision):
+    """Perplexity on tokens, and the metrics of the samples (records) generated from the prompts x
+    (B, T) left-padded by pad (B,)."""
     samples = [r['tokens'] for r in records]
+    rows = [(x[i, pad[i]:].tolist() + r['tokens'], x.size(1) - int(pad[i]))  # (tokens, prompt len)
+            for i, r in enumerate(records) if r['tokens']]
     with torch.no_grad(), precision:
         ppl, scored = perplexity(model, tokens, model.config.block_size)
         entropy = mean_entropy(model, rows)
@@ -502,124 +631,56 @@ def evaluate(model, tokens, records, rows, precision):
                 coherence_samples=len(scores))
 
 
+def write_report(result, path):
+    """The evaluation as JSON at path, and its main metrics as a Markdown table."""
+    try:
+        with open(path, 'w') as f:
+            json.dump(result, f, indent=2)
+    except OSError as e:
+        fail(f"cannot write the report {path}: {e.strerror}")
+    print("\n| metric | value |\n|---|---|")
+    for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1',
+                'distinct_2', 'repetition_rate_4', 'entropy_nats', 'coherence'):
+        value = result[key]
+        print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    print(f"report: {path}")
+
+
 if __name__ == '__main__':
     configure_or_exit(globals())
-    check([(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
-           (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
-           (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
-           (repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
-           (no_repeat_ngram_size >= 0,
-            f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
-           (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
-           (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
-           (not speculative or num_samples == 1,
-            "--speculative=True decodes one prompt once: pass --num_samples=1"),
-           (quantize in ('', 'int8', 'int4'),
-            f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
-           (dtype in ('auto', 'float32', 'bfloat16'),
-            f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}"),
-           (export == '' or export.startswith('hf:') and len(export) > 3,
-            f"export must be 'hf:FOLDER' (a transformers folder), got {export!r}")])
-    check([(os.path.isdir(os.path.dirname(os.path.abspath(path))),
-            f"--{key}={path}: the folder {os.path.dirname(path)} does not exist; create it first")
-           for key, path in (('out', out), ('report', report)) if path])
+    check_settings(**settings_of(globals()))
     dev, device_type = resolve_device(device)
     torch.manual_seed(seed)
     bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
     precision = autocast(device_type, bf16)
-
-    # load: the checkpoint (quantized if asked), its tokenizer, the evaluation data, the prompts
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     if export:  # instead of sampling
         export_hf(model, out_dir, export[3:])
         sys.exit(0)
-    model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    if quantize:
-        try:
-            model_bytes = quantize_model(model, bits=int(quantize[3:]))
-        except ValueError as e:
-            fail(e)
-    model.eval().to(dev)
-    vocab = model.config.vocab_size
-    check([(top_k <= vocab, f"top_k={top_k} is above the model's vocabulary of {vocab} tokens; "
-            "use 0 (all) or fewer"),
-           (not speculative or model.mtp_heads, f"--speculative=True drafts with the multi-token "
-            f"heads, and {out_dir}/ckpt.pt has none: train with --n_future_tokens=2 or more")])
-    enc = load_run_tokenizer(out_dir, vocab)
+    model_bytes = ready_model(model, quantize, dev, top_k, speculative, out_dir)
+    enc = load_run_tokenizer(out_dir, model.config.vocab_size)
     folder = data_dir or trained_data_dir(ckpt)
     val_tokens = load_val_tokens(folder, model.config.vocab_size, eval_tokens) if eval else None
     prompts = read_prompts(start)
-    check([(not speculative or len(prompts) == 1,
-            f"--speculative=True decodes one prompt; {start} holds {len(prompts)}")])
-    encoded = [enc.encode_ordinary(p) or [enc.eot_token] for p in prompts
-               for _ in range(num_samples)]
-    longest, context = max(map(len, encoded)), model.config.block_size
-    room = speculative_room(model, longest)
-    check([(not speculative or max_new_tokens <= room, f"--speculative=True keeps the prompt "
-            f"({longest} tokens), max_new_tokens and {len(model.mtp_heads)} drafts in one cache "
-            f"of block_size {context}: " + (f"use --max_new_tokens={room} or fewer" if room > 0
-                                            else "use a shorter prompt"))])
-    if longest >= context:
-        print(f"note: a prompt has {longest} tokens, more than the context of {context}: "
-              f"the model sees its last {context // 2}")
-    # left padding with the end-of-text token: every prompt ends where generation starts
-    pad = torch.tensor([longest - len(e) for e in encoded], device=dev)
-    x = torch.tensor([[enc.eot_token] * (longest - len(e)) + e for e in encoded], device=dev)
+    x, pad = prompt_batch(model, enc, prompts, num_samples, max_new_tokens, speculative, start, dev)
     stops = [s.replace('\\n', '\n') for s in stop.split('|') if s]
-
-    # generate
     if speculative:
-        timings = time_speculative(model, x, max_new_tokens, precision, device_type == 'cuda')
-        (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
-        print(prompts[0] + enc.decode(spec[0, longest:].tolist()))
-        print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.3f} s; "
-              f"greedy {t_greedy:.3f} s ({t_greedy / t_spec:.2f}x; medians of 5); identical: "
-              f"{torch.equal(spec, greedy)}")
+        cuda = device_type == 'cuda'
+        print_speculative(model, x, prompts[0], enc, max_new_tokens, precision, cuda)
         sys.exit(0)
 
-    def stopped(idx):
-        """(B,) bool: the row's continuation contains a stop string."""
-        texts = [enc.decode(row[longest:]) for row in idx.tolist()]
-        return torch.tensor([any(s in text for s in stops) for text in texts], device=idx.device)
-
-    def penalized(logits, idx):
-        return penalize(logits, idx, repetition_penalty, no_repeat_ngram_size, pad)
-
     with precision:
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                           top_p=top_p, eos_id=enc.eot_token if stop_at_eos else None, pad=pad,
-                           stop=stopped if stops else None, penalize=penalized)
-
-    # write
-    records = []
-    for i, row in enumerate(y.tolist()):
-        text, tokens, reason = finish(row[longest:], enc, stops, stop_at_eos)
-        prompt = prompts[i // num_samples]
-        records.append(dict(prompt=prompt, sample=text, tokens=tokens, finish=reason))
-        print(prompt + text)
-        print('---------------')
+        y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                     top_p=top_p, eos_id=enc.eot_token if stop_at_eos else None, pad=pad,
+                     stop=partial(contains_stop, enc, stops, x.size(1)) if stops else None,
+                     penalize=partial(penalize, repetition_penalty=repetition_penalty,
+                                      no_repeat_ngram_size=no_repeat_ngram_size, pad=pad))
+    records = print_samples(y, x.size(1), prompts, num_samples, enc, stops, stop_at_eos)
     if out:
         write_jsonl(records, out)
-
-    # evaluate
     if eval:
-        rows = [(x[i, pad[i]:].tolist() + r['tokens'], longest - int(pad[i]))
-                for i, r in enumerate(records) if r['tokens']]
         result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'),
                       data_dir=folder, quantize=quantize or 'none', model_bytes=model_bytes,
                       temperature=temperature, top_k=top_k, top_p=top_p)
-        result.update(evaluate(model, val_tokens, records, rows, precision))
-        path = report or os.path.join(out_dir, 'eval.json')
-        try:
-            with open(path, 'w') as f:
-                json.dump(result, f, indent=2)
-        except OSError as e:
-            fail(f"cannot write the report {path}: {e.strerror}")
-        print("\n| metric | value |\n|---|---|")
-        for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1',
-                    'distinct_2', 'repetition_rate_4', 'entropy_nats', 'coherence'):
-            value = result[key]
-            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else
-                  f"| {key} | {value} |")
-        print(f"report: {path}")
+        result.update(evaluate(model, val_tokens, records, x, pad, precision))
+        write_report(result, report or os.path.join(out_dir, 'eval.json'))

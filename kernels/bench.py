@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ava_kernels  # noqa: E402
 from ava_kernels import (cached_attention, cross_entropy, moe_decode, moe_permute,  # noqa: E402
-                     moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
+                         moe_sort, moe_unpermute, norm_qkv_rope, qkv_rope, rms_norm, sinkhorn_topk)
 
 N, C, V, E, K, H, T = 32 * 1024, 512, 32768, 8, 2, 8, 1024
 M = N * K
@@ -67,7 +67,7 @@ def routing():
     them out."""
     expert = torch.rand(N, E, device='cuda').topk(K, dim=-1).indices            # (N, K)
     keep = torch.ones_like(expert, dtype=torch.bool)
-    _, row_src, assignment_row = kernels.moe_sort_ref(expert, keep, E)
+    _, row_src, assignment_row = ava_kernels.moe_sort_ref(expert, keep, E)
     return row_src, assignment_row
 
 
@@ -84,44 +84,44 @@ def cases():
     Fh, S, pos = 4 * C, T, T // 2  # decode: expert width, cache length, cached positions
     decode_q = lambda: randn(32, H, 1, C // H, dtype=bf16)  # noqa: E731
     return {
-        'rms_norm': (rms_norm, kernels.rms_norm_ref,
+        'rms_norm': (rms_norm, ava_kernels.rms_norm_ref,
                      lambda: [randn(N, C), torch.rand(C, device='cuda') + 0.5, 1e-6],
                      N * C * (4 + 2), N * C * (2 + 4 + 4)),
-        'cross_entropy': (cross_entropy, kernels.cross_entropy_ref,
+        'cross_entropy': (cross_entropy, ava_kernels.cross_entropy_ref,
                           lambda: [randn(N, V, dtype=bf16) * 3,
                                    torch.randint(V, (N,), device='cuda')],
                           N * V * 2, N * V * (2 + 2)),
-        'moe_permute': (moe_permute, kernels.moe_permute_ref,
+        'moe_permute': (moe_permute, ava_kernels.moe_permute_ref,
                         lambda: [randn(N, C, dtype=bf16), row_src, assignment_row],
                         (N + M) * C * 2, (M + N) * C * 2),
-        'moe_unpermute': (moe_unpermute, kernels.moe_unpermute_ref,
+        'moe_unpermute': (moe_unpermute, ava_kernels.moe_unpermute_ref,
                           lambda: [randn(M, C, dtype=bf16), torch.rand(N, K, device='cuda'),
                                    row_src, assignment_row],
                           M * C * 2 + N * C * 4, N * C * 4 + M * C * (2 + 2)),
-        'qkv_rope': (qkv_rope, kernels.qkv_rope_ref,
+        'qkv_rope': (qkv_rope, ava_kernels.qkv_rope_ref,
                      lambda: [randn(N // T, T, 3 * C, dtype=bf16), angles.cos(), angles.sin(), H],
                      2 * 3 * N * C * 2, 2 * 3 * N * C * 2),
-        'sinkhorn_topk': (sinkhorn_topk, kernels.sinkhorn_topk_ref,
+        'sinkhorn_topk': (sinkhorn_topk, ava_kernels.sinkhorn_topk_ref,
                           lambda: [randn(N, E), 8, K, torch.zeros(E, device='cuda')],
                           N * E * 4 + N * K * 8, 0),
-        'moe_sort': (moe_sort, kernels.moe_sort_ref,
+        'moe_sort': (moe_sort, ava_kernels.moe_sort_ref,
                      lambda: [torch.rand(N, E, device='cuda').topk(K, dim=-1).indices,
                               torch.ones(N, K, dtype=torch.bool, device='cuda'), E],
                      2 * M * 9 + M * 8, 0),
-        'moe_decode': (moe_decode, kernels.moe_decode_ref,
+        'moe_decode': (moe_decode, ava_kernels.moe_decode_ref,
                        lambda: [randn(32, C, dtype=bf16), randn(32, C, dtype=bf16),
                                 1 + randn(C, dtype=bf16) / 10, 1e-6, randn(E, C, dtype=bf16),
                                 None, randn(E, Fh, C, dtype=bf16) * 0.02,
                                 randn(E, C, Fh, dtype=bf16) * 0.02, K, 'gelu'],
                        2 * E * C * Fh * 2, 0),  # every expert's weights, once (batch 32 hits all)
-        'cached_attention': (cached_attention, kernels.cached_attention_ref,
+        'cached_attention': (cached_attention, ava_kernels.cached_attention_ref,
                              lambda: [decode_q(), decode_q(), decode_q(),
                                       randn(32, H, S, C // H, dtype=bf16),
                                       randn(32, H, S, C // H, dtype=bf16),
                                       torch.tensor(pos, device='cuda'),
                                       torch.arange(S, device='cuda')[None] <= pos],
                              2 * 32 * (pos + 1) * C * 2, 0),  # the cached keys and values, once
-        'norm_qkv_rope': (norm_qkv_rope, kernels.norm_qkv_rope_ref,
+        'norm_qkv_rope': (norm_qkv_rope, ava_kernels.norm_qkv_rope_ref,
                           lambda: [randn(32, 1, C, dtype=bf16), 1 + randn(C, dtype=bf16) / 10,
                                    1e-6, randn(3 * C, C, dtype=bf16) / C ** 0.5,
                                    angles[pos:pos + 1].cos(), angles[pos:pos + 1].sin(), H],

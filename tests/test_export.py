@@ -2,33 +2,37 @@
 The export to Hugging Face transformers against the real thing: tiny SwiGLU models (random fp32
 weights, softmax and Sinkhorn routers) written by `sample.py --export=hf:FOLDER` and loaded by
 AutoModelForCausalLM and AutoTokenizer with no Ava code give Ava's logits to 1e-5 (a left-padded
-batch too), the same greedy tokens and the same token ids. Also common.py's safetensors writer and
-reader, against the safetensors package where it is installed, and the one-line errors.
+batch too), the same greedy tokens and the same token ids. Also sample.py's safetensors writer and
+the reader here, against the safetensors package where it is installed, and the one-line errors.
     python -m pytest -q tests/test_export.py
 transformers is a test-only extra (.ci/run installs it); without it those tests skip.
 """
 
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
-from common import load_run_tokenizer, load_safetensors, save_safetensors
+from common import load_run_tokenizer
 from data.prepare import train_tokenizer
+from decode import generate
 from model import GPT, ModelConfig
+from sample import SAFETENSORS_DTYPES, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_transformers = pytest.mark.skipif(
     importlib.util.find_spec('transformers') is None,
     reason="transformers is not installed: it is a test-only extra, "
-           "pip install transformers==5.24.0 (as .ci/run does)")
+           "pip install transformers==5.25.0 (as .ci/run does)")
 TEXT = "ROMEO: What's  this?\n\nJULIET. ünïcödé 123, 4.5 \t end-of-line\n  spaces  "
 
 
@@ -88,6 +92,30 @@ def exported(request, tokenizer_file, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp)) == ['hf', 'run']  # the temporary folder is gone
     return model, tmp / 'hf', result.stdout
+
+
+def load_safetensors(path):
+    """A .safetensors file -> ({name: tensor on the CPU}, metadata dict), read by the format's
+    definition (save_safetensors' docstring). A malformed file raises ValueError."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], 'little')
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if len(data) < 8 + n or not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+    metadata, body, tensors = header.pop('__metadata__', {}), memoryview(data)[8 + n:], {}
+    for name, spec in header.items():
+        dtype = SAFETENSORS_DTYPES.get(spec.get('dtype'))
+        begin, end = spec.get('data_offsets', (0, -1))
+        size = math.prod(spec.get('shape', ())) * (dtype.itemsize if dtype else 0)
+        if dtype is None or end - begin != size or not 0 <= begin <= end <= len(body):
+            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or offsets: {spec}")
+        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8) if size else None
+        tensors[name] = (raw.view(dtype) if size else torch.empty(0, dtype=dtype)).view(
+            spec['shape'])
+    return tensors, metadata
 
 
 def test_safetensors_round_trip_and_layout(tmp_path):
@@ -191,10 +219,10 @@ def test_transformers_greedy_generate_equals_avas(exported):
     eos = load_run_tokenizer(folder).eot_token
     pad = torch.tensor([0, 2, 5])
     x, mask, _ = left_padded(model.config.vocab_size, pad, 10, seed=4)
-    ours = model.generate(x, 20, temperature=0, eos_id=eos, pad=pad)
+    ours = generate(model, x, 20, temperature=0, eos_id=eos, pad=pad)
     theirs = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=20, do_sample=False)
     assert torch.equal(theirs, ours)
-    one = model.generate(x[:1], 40, temperature=0, eos_id=eos)  # one prompt, no mask
+    one = generate(model, x[:1], 40, temperature=0, eos_id=eos)  # one prompt, no mask
     assert torch.equal(hf.generate(input_ids=x[:1], max_new_tokens=40, do_sample=False), one)
 
 

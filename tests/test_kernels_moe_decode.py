@@ -1,6 +1,6 @@
 """The decode block's second half (residual add, norm, MoE, residual add): the _ref twin against a
-float64 loop over each token's experts and a Block's decode step against its forward (CPU), and the
-CUDA kernels against the float64 loop (GPU only)."""
+float64 loop over each token's experts and a Block's fused decode step (decode.py) against its
+forward (CPU), and the CUDA kernels against the float64 loop (GPU only)."""
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import ava_kernels
 from kernel_utils import built, cuda, poison, rel_err
 from ava_kernels.moe_decode import moe_decode, moe_decode_ref
-from model import Block, KVCache, ModelConfig, attention_mask, rope_tables
+from decode import KVCache, decodes
+from model import Block, ModelConfig, attention_mask, rope_tables
 
 
 def loop_float64(x, attn, norm_w, eps, router_w, bias, w_in, w_out, K, act):
@@ -75,9 +76,9 @@ def test_ref_matches_loop(N, K, E, bias, act):
 @pytest.mark.parametrize('router,act', [('sinkhorn', 'gelu'), ('softmax', 'swiglu'),
                                         ('bias', 'gelu')])
 def test_block_decode_equals_forward(router, act):
-    """A Block's decode step (Block.decode: the fused path) against the same block's forward through
-    the sort and grouped GEMMs, which watch_routing forces (it records statistics), each with a
-    fresh KV cache."""
+    """A Block's decode step through the KV cache (KVCache.run: decode_block, the fused path)
+    against the same block's forward through the sort and grouped GEMMs, which watch_routing forces
+    (it records statistics), each with a fresh KV cache."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_embd=32, n_head=4, n_experts=4, top_k=2, ffn_hidden=48, router=router,
                       expert_act=act)
@@ -88,12 +89,15 @@ def test_block_decode_equals_forward(router, act):
     positions = torch.arange(7)
     cos, sin = rope_tables(8, positions)
     mask = attention_mask(positions, 16)
-    outs = []
+    outs, moe_calls = [], []
+    block.ffn.register_forward_hook(lambda *args: moe_calls.append(1))
     with torch.no_grad():
         for watch in (None, True):
             block.ffn.router.watch = watch
-            assert block.decodes(x) == (watch is None)
-            outs.append(block(x, cos, sin, mask, KVCache(cfg, 2, 16, 'cpu', torch.float32))[0])
+            assert decodes(block, x) == (watch is None)
+            cache = KVCache(cfg, 2, 16, 'cpu', torch.float32)
+            outs.append(cache.run(0, block, x, cos, sin, mask)[0])
+            assert len(moe_calls) == (watch is not None)  # the fused path skips MoE.forward
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 

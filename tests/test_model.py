@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import ava_kernels
 from ava_kernels import sinkhorn
-from model import GPT, KVCache, MoE, ModelConfig, Router, forget, kept
+from decode import generate
+from model import GPT, MoE, ModelConfig, Router
 
 
 def tiny_config(**overrides):
@@ -35,36 +36,6 @@ def test_causality(router):
         logits_changed, _ = model(changed)
         assert torch.equal(logits[:, :t], logits_changed[:, :t])
         assert not torch.allclose(logits[:, t], logits_changed[:, t])
-
-
-def test_kv_cache_generation_equals_full_recomputation():
-    """Greedy decoding with the KV cache gives the same tokens as recomputing the whole sequence
-    each step."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (3, 5))
-    cached = model.generate(prompt, max_new_tokens=20, temperature=0)
-    full = prompt
-    for _ in range(20):
-        logits, _ = model(full)
-        full = torch.cat([full, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, full)
-    # past block_size the cache slides instead of failing
-    assert model.generate(prompt, max_new_tokens=40, temperature=0).shape == (3, 45)
-
-
-def test_generate_logprobs_equal_a_full_forward():
-    """return_logprobs: each sampled token's log-probability under the model's own distribution
-    (before the temperature), as a full forward over the finished sequence gives it."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (3, 5))
-    for temperature in (1.0, 0.7):
-        out, logprobs = model.generate(prompt, max_new_tokens=10, temperature=temperature,
-                                       return_logprobs=True)
-        # (3, 10)
-        full = model(out)[0][:, 4:-1].log_softmax(dim=-1).gather(2, out[:, 5:, None]).squeeze(2)
-        assert logprobs.shape == (3, 10) and torch.allclose(logprobs, full, atol=1e-5)
 
 
 def test_watch_routing_records_the_eval_load():
@@ -97,66 +68,7 @@ def test_bf16_weights_without_autocast_run_in_bf16():
     logits = half(idx)[0]
     assert (logits.dtype == torch.bfloat16
             and torch.allclose(logits.float(), model(idx)[0], atol=2e-2))
-    assert half.generate(idx, max_new_tokens=4, temperature=0).shape == (2, 12)
-
-
-def test_left_padded_batch_decodes_like_each_prompt_alone():
-    """Prompts of different lengths, left-padded into one batch: each row's greedy continuation
-    (cached and uncached) equals decoding that prompt on its own, so padding is invisible to RoPE
-    positions and attention."""
-    torch.manual_seed(0)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # on CUDA: the kernels, in fp32
-    model = GPT(tiny_config()).eval().to(device)
-    prompts = [torch.randint(0, 97, (n,), device=device) for n in (7, 3, 5)]
-    pad = torch.tensor([7 - len(p) for p in prompts], device=device)
-    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 96, device=device), p])
-                         for p in prompts])  # (3, 7)
-    for use_cache in (True, False):
-        out = model.generate(batch, max_new_tokens=12, temperature=0, pad=pad, use_cache=use_cache)
-        for row, prompt in zip(out, prompts):
-            alone = model.generate(prompt[None], max_new_tokens=12, temperature=0)[0]
-            assert torch.equal(row[-12:], alone[-12:])
-
-
-def test_eos_and_stop_finish_rows():
-    """A row that samples eos_id is finished and repeats eos_id; generation ends once every row is
-    finished."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (2, 4))
-    torch.manual_seed(1)
-    # sampled: the same draws below until row 0 ends
-    free = model.generate(prompt, max_new_tokens=6)
-    new = free[0, 4:].tolist()
-    # the first token not seen before
-    j = next((i for i in range(1, len(new)) if new[i] not in new[:i]), 0)
-    torch.manual_seed(1)
-    out = model.generate(prompt, max_new_tokens=6, eos_id=new[j])
-    assert torch.equal(out[0, :5 + j], free[0, :5 + j]) and (out[0, 5 + j:] == new[j]).all()
-    stopped = model.generate(prompt, max_new_tokens=6, temperature=0,
-                             stop=lambda idx: idx[:, -1] >= 0)
-    assert stopped.shape == (2, 5)  # every row stops after its first token
-
-
-def test_penalize_reshapes_each_steps_logits():
-    """generate(penalize=f) samples from f(logits, tokens so far) at every step, and reports the
-    log-probabilities of the unpenalized logits: a penalty that bans each row's greedy choice gives
-    the second-best token."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (2, 4))
-    seen = []
-
-    def ban_best(logits, idx):
-        seen.append(idx.size(1))
-        return logits.scatter(1, logits.argmax(dim=-1, keepdim=True), float('-inf'))
-
-    out, logprobs = model.generate(prompt, 3, temperature=0, penalize=ban_best,
-                                   return_logprobs=True)
-    assert seen == [4, 5, 6]
-    full = model(out)[0][:, 3:-1].log_softmax(dim=-1)                                  # (2, 3, V)
-    assert torch.equal(out[:, 4:], full.topk(2, dim=-1).indices[..., 1])
-    assert torch.allclose(logprobs, full.gather(2, out[:, 4:, None]).squeeze(2), atol=1e-5)
+    assert generate(half, idx, max_new_tokens=4, temperature=0).shape == (2, 12)
 
 
 def sinkhorn_float64(logits, n_iters):
@@ -482,7 +394,6 @@ def test_config_rejects_impossible_combinations(bad, message):
         tiny_config(**bad)
 
 
-
 def counting_sequences(batch, length, vocab):
     """Rows start at a random token and count up mod vocab, so token t fixes every later token."""
     start = torch.randint(0, vocab, (batch, 1))
@@ -545,7 +456,7 @@ def test_mtp_losses_equal_a_per_position_loop():
     assert len(model.mtp_losses) == 2
     calls = []
     model.mtp_heads[0].register_forward_hook(lambda *args: calls.append(1))
-    model.generate(idx[:, :4], max_new_tokens=3, temperature=0)
+    generate(model, idx[:, :4], max_new_tokens=3, temperature=0)
     assert calls == [] and model.mtp_losses == []
 
 
@@ -572,6 +483,7 @@ def test_mtp_off_leaves_the_model_unchanged():
     idx = torch.randint(0, V, (2, 8))
     assert torch.equal(off.eval()(idx)[0], on.eval()(idx)[0])
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('router,capacity,act', [('sinkhorn', 0.0, 'gelu'),
                                                  ('softmax', 1.25, 'gelu'),
@@ -595,102 +507,6 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
     grads_ref = torch.autograd.grad(reference, [x, moe.w_in], grad.double())
     for g, g_ref in zip(grads, grads_ref):
         assert (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
-
-
-def test_kept_builds_once_per_key_until_the_model_changes():
-    """kept() hands back what it built for a model and key, and builds again for another key
-    (keeping one build a model) and after what a captured graph would get wrong: a cast (new
-    tensors), a mode change, the kernels switched off; and after forget(). Another model keeps its
-    own; weights changed in place keep the build."""
-    builds = []
-
-    def build():
-        builds.append(object())
-        return builds[-1]
-    model, other = GPT(tiny_config()).eval(), GPT(tiny_config()).eval()
-    first = kept(model, 'a', build)
-    assert kept(model, 'a', build) is first and len(builds) == 1
-    assert (kept(other, 'a', build) is not first and kept(model, 'a', build) is first
-            and len(builds) == 2)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2)  # in place: a graph reads the new values where it read the old
-    assert kept(model, 'a', build) is first and len(builds) == 2
-    assert (kept(model, 'b', build) is not first and kept(model, 'a', build) is not first
-            and len(builds) == 4)
-    again = kept(model, 'a', build)
-    model.train()
-    assert kept(model, 'a', build) is not again and len(builds) == 5
-    model.eval()
-    again = kept(model, 'a', build)
-    ava_kernels.enabled = False  # the twins' graph is not the kernels'
-    try:
-        assert kept(model, 'a', build) is not again and len(builds) == 7
-    finally:
-        ava_kernels.enabled = True
-    again = kept(model, 'a', build)
-    forget(model)
-    assert kept(model, 'a', build) is not again and len(builds) == 9
-    again = kept(model, 'a', build)
-    model.double()
-    assert kept(model, 'a', build) is not again and len(builds) == 10
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_graph_decoding_equals_eager():
-    """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes:
-    the same tokens for a padded batch, sampled (same seed) and greedy, across the cache's slide
-    past block_size (tests/test_sample.py checks sample.generate_speculative's graphed verify
-    pass)."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=48, n_future_tokens=3)).eval().cuda()
-    prompts = [torch.randint(0, 97, (n,), device='cuda') for n in (9, 4, 6)]
-    pad = torch.tensor([9 - len(p) for p in prompts], device='cuda')
-    batch = torch.stack([torch.cat([torch.full((9 - len(p),), 96, device='cuda'), p])
-                         for p in prompts])
-    assert not model.graphable(batch)  # fp32 experts: grouped_mm's fallback cannot be captured
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        assert model.graphable(batch)
-        for temperature in (0.0, 1.0):
-            outs = []
-            for graph in (True, False):
-                torch.manual_seed(1)
-                outs.append(model.generate(batch, 70, temperature=temperature, pad=pad,
-                                           cuda_graph=graph))
-            assert outs[0].shape == (3, 79) and torch.equal(outs[0], outs[1])
-        # the graph and cache kept from the calls above decode other prompts,
-        # and leave earlier outputs be
-        first = outs[0].clone()
-        other = torch.randint(0, 97, (3, 9), device='cuda')
-        graphed, eager = (model.generate(other, 30, temperature=0, pad=pad, cuda_graph=graph)
-                          for graph in (True, False))
-        assert torch.equal(graphed, eager) and torch.equal(outs[0], first)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('router', ['sinkhorn', 'bias'])
-def test_cuda_decode_kernels_step_like_their_twins(router):
-    """A prompt, six one-token steps and a three-token step over the KV cache, with the decode
-    kernels (moe_decode, cached_attention) and with their twins: the same logits to fp32
-    rounding."""
-    import ava_kernels
-    assert ava_kernels.build() is True
-    torch.manual_seed(0)
-    model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4,
-                            router=router)).cuda().eval()
-    for r in model.routers():
-        if router == 'bias':
-            r.bias.normal_()  # as if trained: the choice follows logits + bias
-    tokens = torch.randint(97, (2, 19), device='cuda')
-    results = []
-    for enabled in (True, False):
-        ava_kernels.enabled = enabled
-        cache = KVCache(model.config, 2, 64, 'cuda', torch.float32)
-        with torch.no_grad():
-            steps = [model(tokens[:, t0:t1], cache=cache)[0]
-                     for t0, t1 in [(0, 10)] + [(t, t + 1) for t in range(10, 16)] + [(16, 19)]]
-        results.append(torch.cat(steps, dim=1))
-    ava_kernels.enabled = True
-    assert ((results[0] - results[1]).norm() / results[1].norm()).item() < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

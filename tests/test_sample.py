@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from decode import generate
 from model import GPT, ModelConfig
 from sample import (Dequantize, coherence, distinct, generate_speculative, penalize, perplexity,
                     quantize_model, quantize_weight, repetition_rate)
@@ -101,7 +102,7 @@ def test_self_speculative_decoding_equals_greedy():
                 torch.nn.init.normal_(head.proj.weight, std=1.0)
         for new_tokens in (1, 2, 7, 60):  # fewer than n, a round of one step, several rounds
             out, passes = generate_speculative(model, prompt, new_tokens)
-            greedy = model.generate(prompt, new_tokens, temperature=0)
+            greedy = generate(model, prompt, new_tokens, temperature=0)
             assert torch.equal(out, greedy) and passes <= new_tokens + 1, (new_tokens, scramble)
     # too long for the cache: plain greedy
     assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)

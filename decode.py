@@ -1,0 +1,288 @@
+"""
+Decoding an Ava model: generate() and its sampler, the KV cache and the fused path a decode step
+takes through a block, and CUDA graphs: one capture helper, which serves decode steps
+(CUDAGraphed) and train.py's captured training steps (GraphedSteps), and the registry that keeps a
+model's decode graph between calls (kept, forget).
+
+    from decode import generate
+    out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
+
+model.py is the model; GPT.forward takes an optional KVCache and hands each block to it, and the
+cache picks the path. What only decoding needs lives here, beside its users (sample.py, rlhf.py,
+bench.py), as nanochat keeps engine.py beside gpt.py and gpt-fast generate.py beside model.py.
+
+Shape legend as in model.py: B batch, T time, C channels, H heads, D head dim (C // H), V vocab,
+S cached positions.
+"""
+
+import weakref
+from functools import partial
+from itertools import chain
+
+import torch
+
+import ava_kernels
+from ava_kernels import cached_attention, moe_decode, norm_qkv_rope
+from ava_kernels.moe_decode import MAX_ASSIGNMENTS
+from model import MoE, rope_tables
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row of logits (B, V): greedy if temperature == 0, else from softmax(logits /
+    temperature) over the top_k most likely tokens and the smallest set whose mass reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # once the mass before >= p
+        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ---- the KV cache and the fused per-token block ----
+
+class KVCache:
+    """Keys and values of every layer, preallocated to max_len, for positions [0, pos), where pos is
+    a device tensor: writes and masks read it on the GPU, so a decode step has the same shapes and
+    launches at every position, and one CUDA graph can replay it (CUDAGraphed)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)  # (B, H, S, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions already stored
+        self.max_len = max_len
+        # RoPE's cos and sin at every position the cache can hold: a step looks its rows up in
+        # two launches where rope_tables() takes eight
+        self.cos, self.sin = rope_tables(shape[-1], torch.arange(max_len, device=device))
+
+    def positions(self, T):
+        return self.pos + torch.arange(T, device=self.pos.device)  # (T,) of the next T tokens
+
+    def run(self, layer, block, x, cos, sin, mask):
+        """GPT.trunk's call of block number `layer` on x (B, T, C) against this cache -> (x, router
+        loss): the fused path for a decode step (decode_block), else the block's own forward."""
+        if decodes(block, x):
+            return decode_block(block, x, cos, sin, mask, self, layer), 0.0
+        return block(x, cos, sin, mask, self, layer)
+
+    def attend(self, layer, q, k, v, mask):
+        """Store layer's new k, v (B, H, T, D) at positions(T), then attend q (B, H, T, D) to all
+        the layer's positions under mask, which hides what is not written yet -> y (B, T, C).
+        One launch for a decode step (kernels/cached_attention.py). GPT.trunk() advances pos
+        after the last layer."""
+        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.pos, mask)
+
+
+def decodes(block, x):
+    """Whether x (B, T, C) is a decode step for decode_block(): few tokens (N*K <= 64), at
+    inference, through an MoE whose router records nothing."""
+    if not isinstance(block.ffn, MoE) or block.training or torch.is_grad_enabled():
+        return False
+    router = block.ffn.router
+    return x.size(0) * x.size(1) * router.config.top_k <= MAX_ASSIGNMENTS and not router.watch
+
+
+def decode_block(block, x, cos, sin, mask, cache, layer):
+    """Block.forward's function with a KV cache for a few tokens, in 7 launches: the norms and the
+    residual adds ride in the kernels beside them (kernels/rope.py's norm_qkv_rope,
+    kernels/moe_decode.py) and the experts run without the sort, since at this size each launch,
+    not its bytes, costs the time. No router loss, not even a zero tensor."""
+    B, T, C = x.shape
+    attn, moe, router = block.attn, block.ffn, block.ffn.router
+    q, k, v = norm_qkv_rope(x, block.norm1.weight, block.norm1.eps, attn.qkv.weight, cos, sin,
+                            attn.n_head)                                 # 3 x (B, H, T, D)
+    y = attn.proj(cache.attend(layer, q, k, v, mask))                    # (B, T, C)
+    bias = router.bias if router.config.router == 'bias' else None
+    out = moe_decode(x.view(-1, C), y.view(-1, C), block.norm2.weight, block.norm2.eps,
+                     router.weight, bias, moe.w_in, moe.w_out, router.config.top_k, moe.act)
+    return out.view(B, T, C)
+
+
+# ---- CUDA graphs ----
+
+def capture(run, warmup, reset):
+    """run() recorded as a CUDA graph -> (graph, run()'s outputs, which each replay rewrites in
+    place). Capture wants run's first calls (cuBLAS workspaces, autograd's buffers, the allocator's
+    pools) made beforehand and off the default stream: `warmup` real calls on a side stream, each
+    followed by reset(), which undoes what a call changed that the caller keeps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run()
+            reset()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the launches; runs nothing
+        outputs = run()
+    return graph, outputs
+
+
+class CUDAGraphed:
+    """fn(*inputs) captured once as a CUDA graph, then replayed: a decode step's many small launches
+    become one, and the GPU stops waiting on Python. A call copies its inputs into the captured ones
+    and returns the captured outputs, valid until the next call. fn may update the tensors of state
+    in place (cache.pos, a decoder's length): the warm-up runs are undone."""
+
+    def __init__(self, fn, inputs, state):
+        self.inputs = [x.clone() for x in inputs]
+        self.state, self.saved = state, [t.clone() for t in state]
+        self.graph, self.outputs = capture(partial(fn, *self.inputs), 2, self.restore)
+
+    def restore(self):
+        for t, saved in zip(self.state, self.saved):
+            t.copy_(saved)
+
+    def __call__(self, *inputs):
+        for captured, x in zip(self.inputs, inputs):
+            captured.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphedSteps:
+    """The micro-steps of one optimizer step (forwards and backwards) captured once as a CUDA
+    graph, then replayed: thousands of launches become one, and the GPU stops waiting on Python.
+    Shapes are fixed: each call copies its batches into the captured ones. The gradients land in
+    the captured .grad tensors, which each call puts back on the parameters (so zero_grad between
+    calls is fine); the optimizer step stays outside, as do host syncs. The warm-up runs before
+    the capture are real forwards: a caller undoes what they count (routers' expert counts)."""
+
+    def __init__(self, loss_of, params, xs, ys, warmup=3):
+        """loss_of(x, y) -> one micro-step's loss; xs, ys (A, B, T): A micro-steps' batches."""
+        self.params = [p for p in params if p.requires_grad]
+        self.xs, self.ys, self.loss_of = xs.clone(), ys.clone(), loss_of
+        self.graph, self.loss = capture(self.micro_steps, warmup, self.drop_grads)
+        self.grads = [p.grad for p in self.params]
+
+    def micro_steps(self):
+        """-> the last micro-step's loss (detached), as train.py's eager loop reports it."""
+        for x, y in zip(self.xs, self.ys):
+            loss = self.loss_of(x, y)
+            (loss / len(self.xs)).backward()
+        return loss.detach()
+
+    def drop_grads(self):
+        """The warm-up's gradients go: the captured backward allocates them, in the graph's
+        memory."""
+        for p in self.params:
+            p.grad = None
+
+    def __call__(self, xs, ys):
+        self.xs.copy_(xs)
+        self.ys.copy_(ys)
+        self.graph.replay()
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        return self.loss
+
+
+_kept = weakref.WeakKeyDictionary()  # model -> (what its kept build depends on, the build)
+
+
+def kept(model, key, build):
+    """build(), kept for the model's next call with the same key: a decode step's CUDA graph (with
+    the cache it writes) takes milliseconds to capture and microseconds to replay. A model keeps
+    one build, the last, so its memory stays that of one decode. A graph reads tensors at fixed
+    addresses and replays the kernels it captured, so casting, moving or reallocating the model's
+    tensors, train()/eval(), another autocast setting or ava_kernels.enabled builds anew."""
+    stamp = (key, model.training, torch.is_autocast_enabled('cuda'),
+             torch.get_autocast_dtype('cuda'), ava_kernels.enabled,
+             [(t.data_ptr(), t.dtype) for t in chain(model.parameters(), model.buffers())])
+    if model in _kept and _kept[model][0] == stamp:
+        return _kept[model][1]
+    _kept.pop(model, None)  # the old build goes first: its memory serves the new one
+    _kept[model] = (stamp, build())
+    return _kept[model][1]
+
+
+def forget(model):
+    """Free what kept() holds for the model: for a caller that trains between decodes, where the
+    memory is worth more than the next call's capture."""
+    _kept.pop(model, None)
+
+
+# ---- generate ----
+
+def graphable(model, idx):
+    """Whether decoding idx can run as a CUDA graph: on a GPU, with 16-bit experts (grouped_mm
+    in fp32 falls back to a loop that reads the expert offsets on the CPU: not capturable)."""
+    dtype = ava_kernels.autocast_dtype(model.wte.weight)
+    return idx.is_cuda and (not model.config.moe or dtype != torch.float32)
+
+
+def decode_step(model, cache, token, pad=None):
+    """Each row's next token (B, 1) against the cache -> its logits (B, V)."""
+    return model(token, cache=cache, pad=pad)[0][:, -1]
+
+
+def decoder(model, idx, pad, cuda_graph):
+    """A KV cache for generating from idx (B, T) with left padding pad (B,) or None, and
+    step(token (B, 1)[, pad]) -> logits (B, V) over it. On a GPU in 16 bits the step is a CUDA
+    graph, kept with its cache for the next call with as many rows (kept())."""
+    graphed = cuda_graph and graphable(model, idx)
+    build = partial(new_decoder, model, idx[:, -1:], pad, graphed)
+    return kept(model, ('generate', idx.size(0), pad is None), build) if graphed else build()
+
+
+def new_decoder(model, token, pad, graphed):
+    """decoder()'s cache and step for tokens like token (B, 1), built anew."""
+    cfg, dtype = model.config, ava_kernels.autocast_dtype(model.wte.weight)
+    cache = KVCache(cfg, token.size(0), cfg.block_size, token.device, dtype)
+    step = partial(decode_step, model, cache)
+    if not graphed:
+        return cache, step
+    inputs = (token,) if pad is None else (token, pad)
+    return cache, CUDAGraphed(step, inputs, [cache.pos])
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+             pad=None, stop=None, penalize=None, use_cache=True, cuda_graph=True,
+             return_logprobs=False):
+    """Continue idx (B, T) by up to max_new_tokens tokens from sample_next(temperature, top_k,
+    top_p); pad (B,): each row's left padding. A row finishes when it samples eos_id or when
+    stop(idx) -> (B,) bool says so, then repeats eos_id (or its last token); generation ends
+    when all rows are finished. penalize(logits (B, V), idx) -> logits reshapes each step's
+    logits before sampling (sample.py's repetition penalties). Past block_size the KV cache is
+    rebuilt from the last block_size // 2 tokens: no step sees more than the model trained on.
+    On a GPU in 16 bits the one-token step is a CUDA graph (decoder()); use_cache=False and
+    cuda_graph=False measure what each saves. return_logprobs=True also returns (B, new) each
+    token's log-probability under the model, before temperature, filters and penalties (with
+    plain sampling, the sampler's own, as RL needs; a finished row's are its filler token's)."""
+    B, window = idx.size(0), model.config.block_size
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    check_finished = eos_id is not None or stop is not None  # finished.all() syncs with the GPU
+    cache, step = decoder(model, idx, pad, cuda_graph) if use_cache else (None, None)
+    cached, logprobs = 0, []  # positions cached; (B, 1) each
+    for _ in range(max_new_tokens):
+        if use_cache and 0 < cached < window:  # one new token against the cache
+            inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], context_pad)
+            logits, cached = step(*inputs), cached + 1                          # (B, V)
+        else:  # (re)build the cache from the context; without a cache, recompute the context
+            keep = idx.size(1) if idx.size(1) < window else window // 2 if use_cache else window
+            context_pad = None if pad is None else (pad - (idx.size(1) - keep)).clamp_min(0)
+            if use_cache:
+                cache.pos.zero_()
+            logits, cached = model(idx[:, -keep:], cache=cache, pad=context_pad)[0][:, -1], keep
+        logits = logits.float()
+        scores = logits if penalize is None else penalize(logits, idx)
+        next_token = sample_next(scores, temperature, top_k, top_p)           # (B, 1)
+        done_token = idx[:, -1:] if eos_id is None else torch.full_like(next_token, eos_id)
+        next_token = torch.where(finished[:, None], done_token, next_token)
+        if return_logprobs:
+            logprobs.append(logits.log_softmax(dim=-1).gather(1, next_token))
+        idx = torch.cat((idx, next_token), dim=1)
+        if eos_id is not None:
+            finished |= next_token[:, 0] == eos_id
+        if stop is not None:
+            finished |= stop(idx)
+        if check_finished and finished.all():
+            break
+    return (idx, torch.cat(logprobs, dim=1)) if return_logprobs else idx
