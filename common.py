@@ -1,68 +1,43 @@
 """
-The plumbing every script shares: one-line errors, the device, checkpoint files, prepared
-data, the run folder and its plots. Scripts import this and model.py, never each other.
+What the scripts share, by concern: the device and autocast (with PEAK_TFLOPS, MFU's
+denominator), files written atomically, checkpoints read back (load_torch, load_checkpoint),
+prepared data (load_data, trained_data_dir, Batches), and a run's metrics and plots (read_metrics,
+pyplot). Settings and one-line errors live in configurator.py, the tokenizer in tokenizer.py.
+Scripts import this and model.py, never each other.
 """
 
 import errno
-import fcntl
-import glob
 import json
-import math
 import os
-import re
 import shutil
-import subprocess
-import sys
-import time
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
-from dataclasses import asdict
 
 import numpy as np
-import tiktoken
 import torch
+
+from configurator import check, fail, first_line
+from model import GPT, ModelConfig
+
+# the scripts import these from here until they import them from tokenizer.py
+from tokenizer import GPT2_PAT, bytes_to_unicode, load_run_tokenizer, load_tokenizer  # noqa: F401
+
+# used only below the rule "moving to checkpoint.py, decode.py and sample.py"
+import fcntl
+import glob
+import math
+import re
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
 import torch.distributed as dist
 import yaml
 
-from model import GPT, ModelConfig
+# ---- the device ----
 
 PEAK_TFLOPS = 989.0  # dense bf16 peak of one H100/H200 SXM: MFU's denominator (train, bench)
-
-
-# ---- errors and the device ----
-
-def fail(message, code=1):
-    """Bad input ends the run with one line that says what to fix, never a traceback. Under
-    torchrun every rank checks the same input, so only rank 0 prints the line; every rank also
-    writes it to the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so that torchrun's failure
-    summary ends with it instead of a pointer to its documentation."""
-    line = f"error: {message}"
-    if os.environ.get('TORCHELASTIC_ERROR_FILE'):
-        try:
-            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                json.dump(dict(message=line, timestamp=int(time.time())), f)
-        except OSError:
-            pass
-    if os.environ.get('RANK', '0') != '0':
-        time.sleep(3)  # torchrun stops every rank once one exits: rank 0 prints its line first
-        sys.exit(code)
-    if code == 1:  # Python prints the line; a caller in the same process reads it from SystemExit
-        sys.exit(line)
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def first_line(error):
-    """torch's error messages run over many lines; ours quote the first."""
-    return str(error).partition('\n')[0]
-
-
-def check(checks):
-    """checks: (ok, message) pairs; the first one that is not ok ends the run with its message."""
-    for ok, message in checks:
-        if not ok:
-            fail(message)
 
 
 def resolve_device(device):
@@ -162,62 +137,95 @@ def load_checkpoint(path):
     return ckpt, config, model
 
 
-# ---- safetensors, without the package ----
+# ---- prepared data ----
 
-# safetensors' dtype names. The format is little-endian, as every machine torch runs on is.
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
-                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """{name: tensor} -> a .safetensors file, written atomically: 8 bytes (little-endian u64) of
-    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
-    {str: str}} padded with spaces to 8 bytes, then each tensor's raw bytes in header order. Ava
-    writes it itself: weights then need neither pickle nor a dependency (transformers reads it)."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {'__metadata__': dict(metadata or {})}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
-                            data_offsets=[offset, offset + len(raw)])
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(',', ':')).encode()
-    text += b' ' * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer does
-
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            f.write(len(text).to_bytes(8, 'little'))
-            f.write(text)
-            for raw in blobs:
-                f.write(raw)
-    write_atomic(os.fspath(path), write)
-
-
-def load_safetensors(path):
-    """A .safetensors file -> ({name: tensor on the CPU}, metadata dict). A malformed file raises
-    ValueError."""
-    data = Path(path).read_bytes()
-    n = int.from_bytes(data[:8], 'little')
+def load_data(data_dir, splits=('train', 'val')):
+    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap}). What
+    is wrong with it (the folder, meta.json, a split's file) is named in one line."""
+    where, again = f"no usable prepared data in {data_dir!r}", "run `python data/prepare.py`"
+    if not os.path.isdir(data_dir):
+        fail(f"{where} (no such folder); {again} or fix --data_dir")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
-    if len(data) < 8 + n or not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
-    metadata, body, tensors = header.pop('__metadata__', {}), memoryview(data)[8 + n:], {}
-    for name, spec in header.items():
-        dtype = SAFETENSORS_DTYPES.get(spec.get('dtype'))
-        begin, end = spec.get('data_offsets', (0, -1))
-        size = math.prod(spec.get('shape', ())) * (dtype.itemsize if dtype else 0)
-        if dtype is None or end - begin != size or not 0 <= begin <= end <= len(body):
-            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or offsets: {spec}")
-        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8) if size else None
-        tensors[name] = (raw.view(dtype) if size else torch.empty(0, dtype=dtype)).view(
-            spec['shape'])
-    return tensors, metadata
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        dtype = np.dtype(meta['dtype'])
+        check([(np.issubdtype(dtype, np.integer) and isinstance(meta['vocab_size'], int)
+                and meta['vocab_size'] > 0, f"{where}: meta.json has no integer dtype and "
+                f"vocab_size > 0; {again}")])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        fail(f"{where}: meta.json is missing or broken ({type(e).__name__}: {first_line(e)}); "
+             f"{again}")
+    tokens = {}
+    for split in splits:
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        check([(size >= 0, f"{where}: {split}.bin is missing; {again}"),
+               (size > 0 and size % dtype.itemsize == 0, f"{where}: {split}.bin has {size} bytes, "
+                f"not a whole number of {dtype} tokens (empty or cut off); {again}")])
+        tokens[split] = np.memmap(path, dtype=dtype, mode='r')
+    return meta, tokens
 
+
+def trained_data_dir(ckpt):
+    """The data set a checkpoint was trained on, as its config names it: train.py stores an absolute
+    path, so sample.py and rlhf.py find it from any folder; a relative one is read from the current
+    folder, else from the repository root (where the README runs every command)."""
+    path = (ckpt.get('config') or {}).get('data_dir', '')
+    if path and not os.path.isabs(path) and not os.path.isdir(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    return path
+
+
+class Batches:
+    """Random windows of a prepared split (train.bin / val.bin: flat token arrays, np.memmap)."""
+
+    def __init__(self, data_dir, dtype, batch_size, block_size, device):
+        self.data_dir, self.dtype, self.device = data_dir, dtype, device
+        self.batch_size, self.block_size = batch_size, block_size
+
+    def get(self, split, generator, seq_len=None, rows=None):
+        """rows windows of seq_len+1 tokens -> inputs x, next-token targets y: (rows, seq_len)."""
+        seq_len, rows = seq_len or self.block_size, rows or self.batch_size
+        # a new memmap per batch: a long-lived one slowly grows memory (stackoverflow q/45132940)
+        data = np.memmap(os.path.join(self.data_dir, f'{split}.bin'), dtype=self.dtype, mode='r')
+        ix = torch.randint(len(data) - seq_len - 1, (rows,), generator=generator).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
+        if self.device.startswith('cuda'):  # pinned memory: the copy to the GPU runs asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# ---- a run's metrics and plots ----
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, up to a line that is cut off or not a record (a kill while
+    writing), which is dropped with the rest after it, and a note."""
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get('iter'), int):
+            print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
+                  "killed run?): the metrics from there on are dropped")
+            return [json.loads(line) for line in lines[:n]]
+    return [json.loads(line) for line in lines]
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ---- moving to checkpoint.py, decode.py and sample.py ----
+
+# -- checkpoint.py: training state on disk, used by train.py --
 
 def gather_rng(batch_rng, dev):
     """Every rank's random streams (a collective under torchrun), so each continues its own."""
@@ -309,121 +317,6 @@ def restore(ckpt, model, optimizer, monitors, batch_rng, seed, dev, out_dir, opt
     return it, ckpt['best_val_loss']
 
 
-# ---- prepared data ----
-
-def load_data(data_dir, splits=('train', 'val')):
-    """A folder written by data/prepare.py -> (meta.json as a dict, {split: token memmap}). What
-    is wrong with it (the folder, meta.json, a split's file) is named in one line."""
-    where, again = f"no usable prepared data in {data_dir!r}", "run `python data/prepare.py`"
-    if not os.path.isdir(data_dir):
-        fail(f"{where} (no such folder); {again} or fix --data_dir")
-    try:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
-        dtype = np.dtype(meta['dtype'])
-        check([(np.issubdtype(dtype, np.integer) and isinstance(meta['vocab_size'], int)
-                and meta['vocab_size'] > 0, f"{where}: meta.json has no integer dtype and "
-                f"vocab_size > 0; {again}")])
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        fail(f"{where}: meta.json is missing or broken ({type(e).__name__}: {first_line(e)}); "
-             f"{again}")
-    tokens = {}
-    for split in splits:
-        path = os.path.join(data_dir, f'{split}.bin')
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        check([(size >= 0, f"{where}: {split}.bin is missing; {again}"),
-               (size > 0 and size % dtype.itemsize == 0, f"{where}: {split}.bin has {size} bytes, "
-                f"not a whole number of {dtype} tokens (empty or cut off); {again}")])
-        tokens[split] = np.memmap(path, dtype=dtype, mode='r')
-    return meta, tokens
-
-
-def trained_data_dir(ckpt):
-    """The data set a checkpoint was trained on, as its config names it: train.py stores an absolute
-    path, so sample.py and rlhf.py find it from any folder; a relative one is read from the current
-    folder, else from the repository root (where the README runs every command)."""
-    path = (ckpt.get('config') or {}).get('data_dir', '')
-    if path and not os.path.isabs(path) and not os.path.isdir(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    return path
-
-
-class Batches:
-    """Random windows of a prepared split (train.bin / val.bin: flat token arrays, np.memmap)."""
-
-    def __init__(self, data_dir, dtype, batch_size, block_size, device):
-        self.data_dir, self.dtype, self.device = data_dir, dtype, device
-        self.batch_size, self.block_size = batch_size, block_size
-
-    def get(self, split, generator, seq_len=None, rows=None):
-        """rows windows of seq_len+1 tokens -> inputs x, next-token targets y: (rows, seq_len)."""
-        seq_len, rows = seq_len or self.block_size, rows or self.batch_size
-        # a new memmap per batch: a long-lived one slowly grows memory (stackoverflow q/45132940)
-        data = np.memmap(os.path.join(self.data_dir, f'{split}.bin'), dtype=self.dtype, mode='r')
-        ix = torch.randint(len(data) - seq_len - 1, (rows,), generator=generator).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
-        if self.device.startswith('cuda'):  # pinned memory: the copy to the GPU runs asynchronously
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-# ---- the tokenizer ----
-
-# GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before
-# BPE. It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it
-# spelled out.
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-def bytes_to_unicode():
-    """GPT-2's table byte -> printable character. Byte-level BPE stores every byte as a visible
-    character so that its vocabulary is plain strings: printable bytes map to themselves, the rest
-    to code points from 256 up."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:  # control bytes, space, etc. borrow the code points 256, 257, ...
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def load_tokenizer(path):
-    """Rebuild the BPE in a tokenizer.json as a tiktoken Encoding with identical ids (tiktoken
-    encodes several times faster). `tokenizers` applies merges in the order it learned them;
-    tiktoken merges the pair whose joined bytes have the lowest id. The trainer gives each new token
-    the next id, so the two orders agree; data/prepare.py checks that on val text, the tests on
-    tricky strings."""
-    spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
-    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
-    return tiktoken.Encoding(Path(path).parent.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens=special, explicit_n_vocab=len(ranks) + len(special))
-
-
-def load_run_tokenizer(folder, vocab_size=None, fix=None):
-    """The tokenizer.json of a run folder (train.py copies the data set's next to the checkpoint)
-    or of a data set, checked against vocab_size (the model's or meta.json's). A missing, broken or
-    mismatched file is one line; fix says what to do about it."""
-    path = os.path.join(folder, 'tokenizer.json')
-    fix = fix or f"copy the data set's tokenizer.json into {folder}"
-    try:
-        enc = load_tokenizer(path)
-    except OSError as e:
-        fail(f"no tokenizer.json in {folder} ({e.strerror}); {fix}")
-    except Exception as e:  # any other: not the JSON a BPE from data/prepare.py writes
-        fail(f"{path} is not a tokenizer from data/prepare.py ({type(e).__name__}: "
-             f"{first_line(e)}); {fix}")
-    if vocab_size is not None and enc.n_vocab != vocab_size:
-        fail(f"{path} has {enc.n_vocab} tokens where {vocab_size} are expected (another data "
-             f"set's?); {fix}")
-    return enc
-
-
-# ---- the run folder ----
-
 def lock_run_folder(out_dir):
     """Hold out_dir/train.lock for the life of this process, so that two trainings never write
     into one run folder. It is an flock, which the OS drops when its process ends however it ends
@@ -440,23 +333,6 @@ def lock_run_folder(out_dir):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
-
-
-def read_metrics(path):
-    """The records of a metrics.jsonl, up to a line that is cut off or not a record (a kill while
-    writing), which is dropped with the rest after it, and a note."""
-    with open(path) as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get('iter'), int):
-            print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
-                  "killed run?): the metrics from there on are dropped")
-            return [json.loads(line) for line in lines[:n]]
-    return [json.loads(line) for line in lines]
 
 
 def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
@@ -501,16 +377,6 @@ def log_record(records, path, wandb, record):
              "continues from the last checkpoint, if one was saved")
     if wandb:
         wandb.log(record, step=record['iter'])
-
-
-# ---- plots ----
-
-def pyplot():
-    """matplotlib's pyplot, drawing to files only (no display needed)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def training_figure(records):
@@ -568,7 +434,7 @@ def plot_run(records, folder):
     save_figure(fig, os.path.join(folder, 'expert_load.png'))
 
 
-# ---- CUDA graphs of the training step (train.py and bench.py, --cuda_graph=True) ----
+# -- decode.py: CUDA graphs of the training step (train.py and bench.py, --cuda_graph=True) --
 
 class GraphedSteps:
     """The micro-steps of one optimizer step (forwards and backwards) captured once as a CUDA
@@ -609,3 +475,60 @@ class GraphedSteps:
         for p, grad in zip(self.params, self.grads):
             p.grad = grad
         return self.loss
+
+
+# -- sample.py: safetensors, without the package --
+
+# safetensors' dtype names. The format is little-endian, as every machine torch runs on is.
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file, written atomically: 8 bytes (little-endian u64) of
+    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
+    {str: str}} padded with spaces to 8 bytes, then each tensor's raw bytes in header order. Ava
+    writes it itself: weights then need neither pickle nor a dependency (transformers reads it)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {'__metadata__': dict(metadata or {})}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer does
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(len(text).to_bytes(8, 'little'))
+            f.write(text)
+            for raw in blobs:
+                f.write(raw)
+    write_atomic(os.fspath(path), write)
+
+
+def load_safetensors(path):
+    """A .safetensors file -> ({name: tensor on the CPU}, metadata dict). A malformed file raises
+    ValueError."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], 'little')
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if len(data) < 8 + n or not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+    metadata, body, tensors = header.pop('__metadata__', {}), memoryview(data)[8 + n:], {}
+    for name, spec in header.items():
+        dtype = SAFETENSORS_DTYPES.get(spec.get('dtype'))
+        begin, end = spec.get('data_offsets', (0, -1))
+        size = math.prod(spec.get('shape', ())) * (dtype.itemsize if dtype else 0)
+        if dtype is None or end - begin != size or not 0 <= begin <= end <= len(body):
+            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or offsets: {spec}")
+        raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8) if size else None
+        tensors[name] = (raw.view(dtype) if size else torch.empty(0, dtype=dtype)).view(
+            spec['shape'])
+    return tensors, metadata

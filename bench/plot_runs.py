@@ -10,21 +10,21 @@ table. The load is train.py's: the fraction of assignments per expert, averaged 
 interval, so it shows the balance the experts see over a few steps, not within one step.
 """
 
-import json
 import os
 import re
 import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import fail, pyplot  # noqa: E402
+from common import pyplot, read_metrics  # noqa: E402
+from configurator import fail  # noqa: E402
 
 
 def read_run(folder):
     """-> (eval iters, val losses, log iters, worst-layer load max/mean, mean dropped fraction)."""
     path = os.path.join(folder, 'metrics.jsonl')
     try:
-        records = [json.loads(line) for line in open(path)]
+        records = read_metrics(path)
     except (OSError, ValueError) as e:
         fail(f"cannot read {path} ({type(e).__name__}): pass run folders written by train.py")
     evals = [r for r in records if 'val_loss' in r]
@@ -68,6 +68,9 @@ def main(out_png, folders):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) < 3:
-        sys.exit("usage: python bench/plot_runs.py OUT.png RUN_FOLDER [RUN_FOLDER ...]")
-    main(sys.argv[1], sys.argv[2:])
+    if '-h' in sys.argv or '--help' in sys.argv:
+        print(__doc__.strip())
+    elif len(sys.argv) < 3:
+        fail("usage: python bench/plot_runs.py OUT.png RUN_FOLDER [RUN_FOLDER ...]", code=2)
+    else:
+        main(sys.argv[1], sys.argv[2:])

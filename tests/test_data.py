@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bytes_to_unicode, load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from data.prepare import (SHAREGPT_JSON, default_name, dup_5gram_fraction,  # noqa: E402
                           filter_documents, iter_json, main, read_documents, record_text,
                           split_documents)
+from tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by I you don't we'll it's "
          "café naïve über 日本語 テキスト 🙂 👍🏽 1999 3.14 42 1,000 thou thee hath doth king queen night "
@@ -140,6 +141,24 @@ def test_tiktoken_matches_tokenizers_and_round_trips(corpus):
         assert ids == hf.encode(text).ids, text
         assert enc.decode(ids) == hf.decode(ids) == text
     assert len(enc.encode_ordinary(kept[0])) < len(kept[0].encode())  # merges were learned and used
+
+
+def test_prepare_runs_without_torch(tmp_path):
+    """prepare.py needs numpy, tiktoken and tokenizers, not torch: run as a script, from another
+    folder, in a Python where `import torch` fails, it writes a whole data set."""
+    rng = random.Random(3)
+    (tmp_path / "raw").mkdir()
+    for d in range(4):
+        (tmp_path / "raw" / f"{d}.txt").write_text(prose(rng, 300))
+    driver = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__'); "
+              "assert not [m for m in sys.modules if m.startswith('torch.')], 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", driver, str(ROOT / "data" / "prepare.py"),
+                           f"--input={tmp_path / 'raw'}", f"--out_dir={tmp_path / 'out'}",
+                           "--vocab_size=300"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["vocab_size"] == 300
 
 
 def test_byte_table_is_gpt2s():
