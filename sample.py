@@ -653,6 +653,8 @@ if __name__ == '__main__':
     torch.manual_seed(seed)
     bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
     precision = autocast(device_type, bf16)
+
+    # load: the checkpoint (quantized if asked), its tokenizer, the evaluation data, the prompts
     ckpt, _, model = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     if export:  # instead of sampling
         export_hf(model, out_dir, export[3:])
@@ -664,11 +666,12 @@ if __name__ == '__main__':
     prompts = read_prompts(start)
     x, pad = prompt_batch(model, enc, prompts, num_samples, max_new_tokens, speculative, start, dev)
     stops = [s.replace('\\n', '\n') for s in stop.split('|') if s]
+
+    # generate, write, evaluate
     if speculative:
         cuda = device_type == 'cuda'
         print_speculative(model, x, prompts[0], enc, max_new_tokens, precision, cuda)
         sys.exit(0)
-
     with precision:
         y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                      top_p=top_p, eos_id=enc.eot_token if stop_at_eos else None, pad=pad,
