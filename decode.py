@@ -7,9 +7,10 @@ model's decode graph between calls (kept, forget).
     from decode import generate
     out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
-model.py is the model; GPT.forward takes an optional KVCache and hands each block to it, and the
-cache picks the path. What only decoding needs lives here, beside its users (sample.py, rlhf.py,
-bench.py), as nanochat keeps engine.py beside gpt.py and gpt-fast generate.py beside model.py.
+Why a module of its own: model.py reads as the model alone (GPT.forward takes an optional KVCache
+and hands each block to it; the cache picks the path), and the three scripts that decode (sample.py,
+rlhf.py, bench.py) share this one, as nanochat keeps engine.py beside gpt.py and gpt-fast
+generate.py beside model.py. GraphedSteps lives here because it is built on the same capture.
 
 Shape legend as in model.py: B batch, T time, C channels, H heads, D head dim (C // H), V vocab,
 S cached positions.
