@@ -11,8 +11,8 @@ torch.compile can trace through it).
 The .cu files are JIT-built together into one library the first time a CUDA tensor reaches an op
 (`torch.utils.cpp_extension.load`, for this device's arch, into kernels/build/; cached after the
 first build). Without CUDA or nvcc every op runs its `_ref` twin, and one line says so.
-`ava_kernels.enabled = False` forces the twins (bench.py --kernels=ref, and the tests that compare the
-two).
+`ava_kernels.enabled = False` forces the twins (bench.py --kernels=ref, and the tests that compare
+the two).
 
 The ops live in the folder kernels/, imported under this module's name: `kernels` is the import
 name of Hugging Face's kernels package (which transformers imports), and a package of that name in

@@ -41,8 +41,8 @@ import torch
 
 import ava_kernels
 from ava_kernels import moe_sort
-from common import PEAK_TFLOPS, Batches, autocast, check, fail, load_data, pyplot, resolve_device
-from configurator import configure_or_exit, settings_of
+from common import PEAK_TFLOPS, Batches, autocast, load_data, pyplot, resolve_device
+from configurator import check, configure_or_exit, fail, settings_of
 from decode import GraphedSteps, generate
 from model import GPT, ModelConfig
 from zero import ShardedAdamW

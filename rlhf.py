@@ -58,11 +58,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (check, fail, load_checkpoint, load_data, load_run_tokenizer, load_torch, pyplot,
-                    resolve_device, save_atomic, trained_data_dir)
-from configurator import configure_or_exit, settings_of
+from common import (load_checkpoint, load_data, load_torch, pyplot, resolve_device, save_atomic,
+                    trained_data_dir)
+from configurator import check, configure_or_exit, fail, settings_of
 from decode import forget, generate
 from model import GPT, ModelConfig
+from tokenizer import load_run_tokenizer
 
 # -----------------------------------------------------------------------------
 mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (see the docstring)
