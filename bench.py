@@ -48,11 +48,14 @@ from model import GPT, ModelConfig
 from zero import ShardedAdamW
 
 # -----------------------------------------------------------------------------
-globals().update({f.name: f.default for f in fields(ModelConfig)})  # the model, as in train.py
+# the model: every field of ModelConfig in model.py, as in train.py
+globals().update({f.name: f.default for f in fields(ModelConfig)})
 vocab_size = 32768          # the data set decides it in train.py; 32768 is a typical BPE size
-block_size = 128            # train.py's defaults, which config files override
+# the step: train.py's defaults, which config files override
+block_size = 128
 batch_size = 32
 gradient_accumulation_steps = 1
+# the measurement
 compile = False             # torch.compile the model
 cuda_graph = False          # replay each step's forwards and backwards as one CUDA graph
 kernels = 'cuda'            # 'cuda': the hand-written kernels; 'ref': their PyTorch twins
@@ -82,7 +85,7 @@ TRAINING_ONLY = ('init_from', 'reset_optimizer', 'eval_interval', 'eval_iters', 
                  'num_cycles', 'lr_decay_iters', 'min_lr', 'adaptive_lr', 'lr_check_interval',
                  'plateau_patience', 'plateau_threshold', 'plateau_factor', 'max_lr', 'grad_clip',
                  'grad_clip_start', 'explosion_threshold', 'max_bad_steps', 'dead_expert_window',
-                 'zero_stage', 'dist_timeout', 'debug_nan_at', 'debug_nan_steps')
+                 'zero_stage', 'dist_timeout')
 
 
 @torch.no_grad()
