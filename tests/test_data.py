@@ -1,7 +1,7 @@
 """
-data/prepare.py on a small corpus planted in tmp_path: every filter count, the split, the bins and
-meta.json are checked against values known by construction, and the two BPE implementations against
-each other. No network.
+data/prepare.py (and data/documents.py, its reader) on a small corpus planted in tmp_path: every
+filter count, the split, the bins and meta.json are checked against values known by construction,
+and the two BPE implementations against each other. No network.
 """
 import json
 import math
@@ -21,9 +21,9 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data.documents import iter_json, read_documents, record_text  # noqa: E402
 from data.prepare import (SHAREGPT_JSON, default_name, dup_5gram_fraction,  # noqa: E402
-                          filter_documents, iter_json, main, read_documents, record_text,
-                          split_documents)
+                          filter_documents, main, split_documents)
 from tokenizer import bytes_to_unicode, load_tokenizer  # noqa: E402
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by I you don't we'll it's "
