@@ -1,8 +1,9 @@
 """
-Decoding an Ava model: generate() and its sampler, the KV cache and the fused path a decode step
-takes through a block, and CUDA graphs: one capture helper, which serves decode steps
-(CUDAGraphed) and train.py's captured training steps (GraphedSteps), and the registry that keeps a
-model's decode graph between calls (kept, forget).
+Decoding an Ava model: generate() and its sampler (with repetition penalties), the KV cache and
+the fused path a decode step takes through a block, self-speculative decoding with the
+multi-token heads (generate_speculative), and CUDA graphs: one capture helper, which serves decode
+steps (CUDAGraphed) and train.py's captured training steps (GraphedSteps), and the registry that
+keeps a model's decode graph between calls (kept, forget).
 
     from decode import generate
     out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
@@ -43,6 +44,30 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # once the mass before >= p
         logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, float('-inf')))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
+    """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping
+    each row's left padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the
+    row has its logit divided by p if positive, multiplied by p if negative. no_repeat_ngram_size
+    n > 0: a token that would complete an n-gram the row already contains (its last n-1 tokens
+    followed by it) gets -inf."""
+    if repetition_penalty == 1.0 and no_repeat_ngram_size <= 0:
+        return logits
+    logits, n = logits.clone(), no_repeat_ngram_size
+    for b, row in enumerate(idx.tolist()):
+        row = row[int(pad[b]):] if pad is not None else row
+        if repetition_penalty != 1.0 and row:
+            seen = torch.tensor(sorted(set(row)), device=logits.device)
+            scores = logits[b, seen]
+            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty,
+                                          scores * repetition_penalty)
+        if n > 0 and len(row) >= n:
+            prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+            banned = [row[i + n - 1] for i in range(len(row) - n + 1)
+                      if tuple(row[i:i + n - 1]) == prefix]
+            logits[b, banned] = float('-inf')
+    return logits
 
 
 # ---- the KV cache and the fused per-token block ----
@@ -251,7 +276,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     top_p); pad (B,): each row's left padding. A row finishes when it samples eos_id or when
     stop(idx) -> (B,) bool says so, then repeats eos_id (or its last token); generation ends
     when all rows are finished. penalize(logits (B, V), idx) -> logits reshapes each step's
-    logits before sampling (sample.py's repetition penalties). Past block_size the KV cache is
+    logits before sampling (penalize_repeats, its settings bound). Past block_size the KV cache is
     rebuilt from the last block_size // 2 tokens: no step sees more than the model trained on.
     On a GPU in 16 bits the one-token step is a CUDA graph (decoder()); use_cache=False and
     cuda_graph=False measure what each saves. return_logprobs=True also returns (B, new) each
@@ -287,3 +312,90 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if check_finished and finished.all():
             break
     return (idx, torch.cat(logprobs, dim=1)) if return_logprobs else idx
+
+
+# ---- self-speculative decoding ----
+
+def speculative_room(model, prompt_len):
+    """How many new tokens generate_speculative can add after a prompt: its one cache (it does not
+    slide) holds the prompt, the new tokens and a step's drafts, within block_size."""
+    return model.config.block_size - prompt_len - len(model.mtp_heads)
+
+
+def propose(model, hidden):
+    """Every head's greedy token after each row of hidden (1, R, C) -> (n, R): row 0 the main
+    head's next token, row i head i's token i after that. The n heads' states share one pass over
+    the vocabulary and one argmax."""
+    states = torch.cat([model.norm_f(hidden), *(head(hidden) for head in model.mtp_heads)])
+    return model.lm_head(states).argmax(-1)                              # (n, R)
+
+
+def speculative_step(model, cache, out, length, candidate):
+    """One verify-and-draft step on device state, in place: the trunk takes candidate (1, n) (the
+    main head's next token and the heads' n-1 drafts after it) in one pass; the main head's tokens
+    after each of the n rows are the verdict on the drafts and, with the heads' drafts, the next
+    step's candidates, all from one vocabulary pass. The n candidates go into out (1, L) at length,
+    length grows by 1 + the drafts agreed in a row, cache.pos forgets the rejected keys, and
+    candidate becomes the tokens proposed after the last kept one. No host sync and the same
+    shapes every step: a CUDA graph replays it."""
+    n = candidate.size(1)
+    hidden = model.trunk(candidate, cache)[0]                          # (1, n, C) in one pass
+    guesses = propose(model, hidden)                                   # (n, n)
+    agreed = (guesses[0, :-1] == candidate[0, 1:]).long().cumprod(dim=0).sum()  # () in a row
+    # all n go in at the current length; the next step overwrites the rejected ones
+    out.index_copy_(1, length + torch.arange(n, device=out.device), candidate)
+    length += 1 + agreed                                               # the token + the agreed
+    cache.pos -= n - 1 - agreed                                        # forget the rejected keys
+    candidate.copy_(guesses.index_select(1, agreed.view(1)).view(1, n))  # proposed after the last
+
+
+@torch.no_grad()
+def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every=8):
+    """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
+    with the main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al.
+    2018). Each step feeds the next token and the heads' n-1 drafts through the model at once and
+    keeps the drafts the main head agrees with, plus the main head's own next token: the output
+    equals generate(model, idx, temperature=0) token for token, in fewer forward passes. Returns
+    (idx, forward passes). Falls back to generate() without MTP heads or when the text would outgrow
+    block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
+    next drafts) is one CUDA graph, kept with its state for the next call (kept()): a step is one
+    launch. How many tokens a step accepts stays on the device: the host reads the length once
+    per round of up to sync_every steps (as many as cannot overshoot), so it queues the next steps
+    while the GPU runs."""
+    heads = model.mtp_heads
+    if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
+        greedy = generate(model, idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
+        return greedy, max_new_tokens
+    (_, T), n = idx.shape, 1 + len(heads)
+    dtype = ava_kernels.autocast_dtype(model.wte.weight)
+    graphed = cuda_graph and graphable(model, idx)
+    build = partial(speculative_decoder, model, idx.device, dtype, graphed)
+    cache, out, length, candidate, step = (
+        kept(model, 'speculative', build) if graphed else build())
+    cache.pos.zero_()
+    hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
+    out[:, :T] = idx
+    length.fill_(T)
+    candidate.copy_(propose(model, hidden[:, -1:]).view(1, n))           # after the prompt
+    passes, generated = 1, 0
+    while generated < max_new_tokens:
+        for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
+            step()
+            passes += 1
+        generated = int(length) - T  # the one host sync of the round
+    return out[:, :T + max_new_tokens].clone(), passes  # out stays with the kept graph
+
+
+def speculative_decoder(model, device, dtype, cuda_graph):
+    """generate_speculative's state on the device: a one-row KV cache, the output row (1,
+    block_size + 1: room for the prompt, the new tokens and a step's drafts), how much of it is
+    final () and the candidates (1, n); and its step over them, a CUDA graph if cuda_graph."""
+    cfg, n = model.config, 1 + len(model.mtp_heads)
+    cache = KVCache(cfg, 1, cfg.block_size, device, dtype)
+    out = torch.zeros(1, cfg.block_size + 1, dtype=torch.long, device=device)
+    length = torch.zeros((), dtype=torch.long, device=device)
+    candidate = torch.zeros(1, n, dtype=torch.long, device=device)
+    step = partial(speculative_step, model, cache, out, length, candidate)
+    if cuda_graph:
+        step = CUDAGraphed(step, (), [cache.pos, length, candidate])
+    return cache, out, length, candidate, step

@@ -9,17 +9,15 @@ Sample from a trained Ava model, and evaluate it.
 
 Many prompts (one per line of a FILE:, with \\n standing for a newline) run as one batch,
 left-padded; each gets num_samples continuations. A continuation ends at the end-of-text token, at a
-stop string, or after max_new_tokens. Beside decode.py's generate, this file holds what only
-sampling uses: repetition penalties, self-speculative decoding and weight-only quantization; and the
-export of a SwiGLU model to a folder that transformers loads as Mixtral, with no Ava code.
+stop string, or after max_new_tokens. The decoding itself (generate, repetition penalties,
+self-speculative decoding) is decode.py's, the export export.py's; this file holds what only
+sampling uses: weight-only quantization and the evaluation's metrics.
 """
 
-import inspect
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from functools import partial
@@ -30,12 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-import ava_kernels
-from common import (autocast, check, fail, load_checkpoint, load_data, load_run_tokenizer,
-                    resolve_device, trained_data_dir, write_atomic)
-from configurator import configure_or_exit, settings_of
-from decode import CUDAGraphed, KVCache, generate, graphable, kept
-from model import Attention, MoE, rope_tables
+from common import autocast, load_checkpoint, load_data, resolve_device, trained_data_dir
+from configurator import check, configure_or_exit, fail, settings_of
+from decode import generate, generate_speculative, penalize_repeats, speculative_room
+from export import export_hf
+from model import Attention, MoE
+from tokenizer import load_run_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -65,117 +63,6 @@ eval_tokens = 0          # score the first this many val tokens; 0 = all
 report = ''              # where the JSON report goes; '' = out_dir/eval.json
 export = ''              # 'hf:FOLDER': write the model as a transformers Mixtral folder, then exit
 # -----------------------------------------------------------------------------
-
-
-# ---- decoding beyond decode.generate ----
-
-def penalize(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, pad=None):
-    """Discourage repeats in next-token logits (B, V) given the tokens so far idx (B, T), skipping
-    each row's left padding. repetition_penalty p > 1 (Keskar et al. 2019): a token already in the
-    row has its logit divided by p if positive, multiplied by p if negative. no_repeat_ngram_size
-    n > 0: a token that would complete an n-gram the row already contains (its last n-1 tokens
-    followed by it) gets -inf."""
-    if repetition_penalty == 1.0 and no_repeat_ngram_size <= 0:
-        return logits
-    logits, n = logits.clone(), no_repeat_ngram_size
-    for b, row in enumerate(idx.tolist()):
-        row = row[int(pad[b]):] if pad is not None else row
-        if repetition_penalty != 1.0 and row:
-            seen = torch.tensor(sorted(set(row)), device=logits.device)
-            scores = logits[b, seen]
-            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty,
-                                          scores * repetition_penalty)
-        if n > 0 and len(row) >= n:
-            prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
-            banned = [row[i + n - 1] for i in range(len(row) - n + 1)
-                      if tuple(row[i:i + n - 1]) == prefix]
-            logits[b, banned] = float('-inf')
-    return logits
-
-
-def speculative_room(model, prompt_len):
-    """How many new tokens generate_speculative can add after a prompt: its one cache (it does not
-    slide) holds the prompt, the new tokens and a step's drafts, within block_size."""
-    return model.config.block_size - prompt_len - len(model.mtp_heads)
-
-
-def propose(model, hidden):
-    """Every head's greedy token after each row of hidden (1, R, C) -> (n, R): row 0 the main
-    head's next token, row i head i's token i after that. The n heads' states share one pass over
-    the vocabulary and one argmax."""
-    states = torch.cat([model.norm_f(hidden), *(head(hidden) for head in model.mtp_heads)])
-    return model.lm_head(states).argmax(-1)                              # (n, R)
-
-
-def speculative_step(model, cache, out, length, candidate):
-    """One verify-and-draft step on device state, in place: the trunk takes candidate (1, n) (the
-    main head's next token and the heads' n-1 drafts after it) in one pass; the main head's tokens
-    after each of the n rows are the verdict on the drafts and, with the heads' drafts, the next
-    step's candidates, all from one vocabulary pass. The n candidates go into out (1, L) at length,
-    length grows by 1 + the drafts agreed in a row, cache.pos forgets the rejected keys, and
-    candidate becomes the tokens proposed after the last kept one. No host sync and the same
-    shapes every step: a CUDA graph replays it."""
-    n = candidate.size(1)
-    hidden = model.trunk(candidate, cache)[0]                          # (1, n, C) in one pass
-    guesses = propose(model, hidden)                                   # (n, n)
-    agreed = (guesses[0, :-1] == candidate[0, 1:]).long().cumprod(dim=0).sum()  # () in a row
-    # all n go in at the current length; the next step overwrites the rejected ones
-    out.index_copy_(1, length + torch.arange(n, device=out.device), candidate)
-    length += 1 + agreed                                               # the token + the agreed
-    cache.pos -= n - 1 - agreed                                        # forget the rejected keys
-    candidate.copy_(guesses.index_select(1, agreed.view(1)).view(1, n))  # proposed after the last
-
-
-@torch.no_grad()
-def generate_speculative(model, idx, max_new_tokens, cuda_graph=True, sync_every=8):
-    """Greedy decoding of idx (1, T) that drafts with the multi-token-prediction heads and verifies
-    with the main head (self-speculative decoding, Gloeckle et al. 2024 sec. 3.2; Stern et al.
-    2018). Each step feeds the next token and the heads' n-1 drafts through the model at once and
-    keeps the drafts the main head agrees with, plus the main head's own next token: the output
-    equals generate(model, idx, temperature=0) token for token, in fewer forward passes. Returns
-    (idx, forward passes). Falls back to generate() without MTP heads or when the text would outgrow
-    block_size (the cache does not slide here). On a GPU the whole step (verifying pass, verdict,
-    next drafts) is one CUDA graph, kept with its state for the next call (decode.kept()): a step is
-    one launch. How many tokens a step accepts stays on the device: the host reads the length once
-    per round of up to sync_every steps (as many as cannot overshoot), so it queues the next steps
-    while the GPU runs."""
-    heads = model.mtp_heads
-    if not heads or idx.size(0) != 1 or max_new_tokens > speculative_room(model, idx.size(1)):
-        greedy = generate(model, idx, max_new_tokens, temperature=0, cuda_graph=cuda_graph)
-        return greedy, max_new_tokens
-    (_, T), n = idx.shape, 1 + len(heads)
-    dtype = ava_kernels.autocast_dtype(model.wte.weight)
-    graphed = cuda_graph and graphable(model, idx)
-    build = partial(speculative_decoder, model, idx.device, dtype, graphed)
-    cache, out, length, candidate, step = (
-        kept(model, 'speculative', build) if graphed else build())
-    cache.pos.zero_()
-    hidden, _ = model.trunk(idx, cache)                                   # (1, T, C)
-    out[:, :T] = idx
-    length.fill_(T)
-    candidate.copy_(propose(model, hidden[:, -1:]).view(1, n))           # after the prompt
-    passes, generated = 1, 0
-    while generated < max_new_tokens:
-        for _ in range(max(1, min(sync_every, (max_new_tokens - generated) // n))):
-            step()
-            passes += 1
-        generated = int(length) - T  # the one host sync of the round
-    return out[:, :T + max_new_tokens].clone(), passes  # out stays with the kept graph
-
-
-def speculative_decoder(model, device, dtype, cuda_graph):
-    """generate_speculative's state on the device: a one-row KV cache, the output row (1,
-    block_size + 1: room for the prompt, the new tokens and a step's drafts), how much of it is
-    final () and the candidates (1, n); and its step over them, a CUDA graph if cuda_graph."""
-    cfg, n = model.config, 1 + len(model.mtp_heads)
-    cache = KVCache(cfg, 1, cfg.block_size, device, dtype)
-    out = torch.zeros(1, cfg.block_size + 1, dtype=torch.long, device=device)
-    length = torch.zeros((), dtype=torch.long, device=device)
-    candidate = torch.zeros(1, n, dtype=torch.long, device=device)
-    step = partial(speculative_step, model, cache, out, length, candidate)
-    if cuda_graph:
-        step = CUDAGraphed(step, (), [cache.pos, length, candidate])
-    return cache, out, length, candidate, step
 
 
 # ---- weight-only quantization ----
@@ -310,136 +197,6 @@ def mean_entropy(model, rows):
     return torch.cat(values).mean().item() if values else float('nan')
 
 
-# ---- export to Hugging Face transformers ----
-
-# safetensors' dtype names. The format is little-endian, as every machine torch runs on is.
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
-                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """{name: tensor} -> a .safetensors file, written atomically: 8 bytes (little-endian u64) of
-    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__':
-    {str: str}} padded with spaces to 8 bytes, then each tensor's raw bytes in header order. Ava
-    writes it itself: weights then need neither pickle nor a dependency (transformers reads it)."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {'__metadata__': dict(metadata or {})}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().to('cpu').contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
-                            data_offsets=[offset, offset + len(raw)])
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(',', ':')).encode()
-    text += b' ' * (-len(text) % 8)  # the data starts 8-aligned, as safetensors' own writer does
-
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            f.write(len(text).to_bytes(8, 'little'))
-            f.write(text)
-            for raw in blobs:
-                f.write(raw)
-    write_atomic(os.fspath(path), write)
-
-
-def mixtral_weights(model):
-    """Ava's weights under the names of Mixtral's original checkpoints, in fp32. The experts go
-    out one by one as block_sparse_moe.experts.{j}.w1 (gate), w3 (up), w2 (down): the layout vLLM,
-    llama.cpp's converter and transformers 4.x read, and that transformers 5.x fuses on loading
-    (its conversion mapping: w1 and w3 -> gate_up_proj, w2 -> down_proj). No Q/K permutation:
-    Ava's RoPE rotates the half-split pairs (x[:D/2], x[D/2:]), transformers' rotate_half layout.
-    The embedding goes out once; tie_word_embeddings makes it the lm_head too."""
-    Fh = model.config.ffn_hidden
-    weights = {'model.embed_tokens.weight': model.wte.weight,
-               'model.norm.weight': model.norm_f.weight}
-    for i, block in enumerate(model.blocks):
-        layer, moe = f'model.layers.{i}.', block.ffn
-        q, k, v = block.attn.qkv.weight.chunk(3)  # packed [q; k; v], heads in order within each
-        weights.update({layer + 'input_layernorm.weight': block.norm1.weight,
-                        layer + 'self_attn.q_proj.weight': q,
-                        layer + 'self_attn.k_proj.weight': k,
-                        layer + 'self_attn.v_proj.weight': v,
-                        layer + 'self_attn.o_proj.weight': block.attn.proj.weight,
-                        layer + 'post_attention_layernorm.weight': block.norm2.weight,
-                        layer + 'block_sparse_moe.gate.weight': moe.router.weight})
-        for j in range(moe.w_in.size(0)):  # w_in (E, 2F, C): rows [W1 (gate); W3 (up)]
-            expert = f'{layer}block_sparse_moe.experts.{j}.'
-            weights.update({expert + 'w1.weight': moe.w_in[j, :Fh],
-                            expert + 'w3.weight': moe.w_in[j, Fh:],
-                            expert + 'w2.weight': moe.w_out[j]})
-    return {name: w.detach().float().contiguous() for name, w in weights.items()}
-
-
-def mixtral_files(config, eps, eos, eos_id):
-    """config.json, generation_config.json and tokenizer_config.json for a Mixtral folder. Ava has
-    no BOS: documents are separated by the end-of-text token, so it stands for both, and pads."""
-    C, H = config.n_embd, config.n_head
-    theta = inspect.signature(rope_tables).parameters['base'].default  # the base trunk() uses
-    hf_config = dict(
-        architectures=['MixtralForCausalLM'], model_type='mixtral', vocab_size=config.vocab_size,
-        hidden_size=C, intermediate_size=config.ffn_hidden, num_hidden_layers=config.n_layer,
-        num_attention_heads=H, num_key_value_heads=H, head_dim=C // H, hidden_act='silu',
-        max_position_embeddings=config.block_size, rms_norm_eps=eps, rope_theta=theta,
-        rope_parameters=dict(rope_type='default', rope_theta=theta),  # 5.x's form of rope_theta
-        sliding_window=None, attention_dropout=0.0, num_local_experts=config.n_experts,
-        num_experts_per_tok=config.top_k, router_jitter_noise=0.0, output_router_logits=False,
-        tie_word_embeddings=True, torch_dtype='float32', bos_token_id=eos_id, eos_token_id=eos_id,
-        use_cache=True)
-    generation = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    # the class named, or AutoTokenizer picks Mixtral's own (Mistral's) and ignores tokenizer.json;
-    # no clean-up of spaces, so that decoding gives Ava's text byte for byte
-    tokenizer = dict(tokenizer_class='PreTrainedTokenizerFast', bos_token=eos, eos_token=eos,
-                     pad_token=eos, add_bos_token=False, add_eos_token=False,
-                     clean_up_tokenization_spaces=False, model_max_length=config.block_size,
-                     padding_side='left')
-    return {'config.json': hf_config, 'generation_config.json': generation,
-            'tokenizer_config.json': tokenizer}
-
-
-def export_hf(model, run_dir, folder):
-    """Write model (SwiGLU experts, softmax or Sinkhorn router) and its run's tokenizer as a folder
-    that transformers' AutoModelForCausalLM and AutoTokenizer load as Mixtral: config.json,
-    model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json. At inference
-    both of those routers are plain top-k of softmax(logits) renormalised over the K chosen,
-    Mixtral's rule (the Sinkhorn bias only balances training). The folder appears whole or not at
-    all: it is written beside itself under a temporary name, then renamed."""
-    cfg = model.config
-    check([(cfg.moe, "a dense model (moe=False) cannot be expressed in Mixtral: it needs MoE "
-            "layers"),
-           (cfg.expert_act == 'swiglu',
-            "Mixtral experts are SwiGLU: train with --expert_act=swiglu"),
-           (cfg.router != 'bias', "router='bias' cannot be expressed in Mixtral: its routing adds "
-            "a learned bias"),
-           (not os.path.exists(folder) or os.path.isdir(folder) and not os.listdir(folder),
-            f"{folder} exists and is not an empty folder; export into a new one")])
-    enc = load_run_tokenizer(run_dir)
-    eos = enc.decode([enc.eot_token])
-    files = mixtral_files(cfg, model.norm_f.eps, eos, enc.eot_token)
-    weights, target = mixtral_weights(model), os.path.abspath(folder)
-    tmp = os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp{os.getpid()}')
-    try:
-        os.makedirs(tmp)
-        save_safetensors(weights, os.path.join(tmp, 'model.safetensors'),
-                         metadata={'format': 'pt'})  # transformers checks the format
-        shutil.copyfile(os.path.join(run_dir, 'tokenizer.json'),
-                        os.path.join(tmp, 'tokenizer.json'))
-        for file, content in files.items():
-            with open(os.path.join(tmp, file), 'w') as f:
-                json.dump(content, f, indent=2)
-        os.replace(tmp, target)  # onto nothing, or onto an empty folder
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"cannot write {folder} ({e.strerror or e}); nothing was written")
-    if model.mtp_heads:
-        print(f"note: the {len(model.mtp_heads)} multi-token-prediction heads are not exported "
-              "(Mixtral has none); the next-token model is")
-    n_params = sum(w.numel() for w in weights.values())
-    print(f"wrote {folder}: MixtralForCausalLM ({n_params / 1e6:.2f}M parameters, "
-          f"{cfg.n_layer} layers, {cfg.n_experts} experts, top-{cfg.top_k}), "
-          f"{', '.join(sorted(os.listdir(folder)))}")
-
-
 # ---- the script's steps ----
 
 def check_settings(temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
@@ -540,10 +297,10 @@ def prompt_batch(model, enc, prompts, num_samples, max_new_tokens, speculative, 
     return x, pad
 
 
-def time_speculative(model, x, max_new_tokens, precision, cuda, runs=5):
-    """Speculative and plain greedy decoding of x (1, T), each timed runs times after a warm-up
-    run (a decode of nano takes ~0.1 s on a GPU: one timing is noise) -> {name: (median seconds,
-    forward passes, tokens)}."""
+def print_speculative(model, x, prompt, enc, max_new_tokens, precision, cuda, runs=5):
+    """The speculative continuation of x (1, T), and its speed next to plain greedy decoding: the
+    medians of runs timed decodes each, after a warm-up one (a decode of nano takes ~0.1 s on a
+    GPU: one timing is noise)."""
     timings = {}
     for name, decode in (
             ('greedy', lambda: (generate(model, x, max_new_tokens, temperature=0), max_new_tokens)),
@@ -560,16 +317,10 @@ def time_speculative(model, x, max_new_tokens, precision, cuda, runs=5):
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - t0)
         timings[name] = (sorted(seconds)[runs // 2], passes, result)
-    return timings
-
-
-def print_speculative(model, x, prompt, enc, max_new_tokens, precision, cuda):
-    """The speculative continuation of x (1, T), and its speed next to plain greedy decoding."""
-    timings = time_speculative(model, x, max_new_tokens, precision, cuda)
     (t_greedy, _, greedy), (t_spec, passes, spec) = timings['greedy'], timings['speculative']
     print(prompt + enc.decode(spec[0, x.size(1):].tolist()))
     print(f"speculative: {max_new_tokens} tokens in {passes} forward passes, {t_spec:.3f} s; "
-          f"greedy {t_greedy:.3f} s ({t_greedy / t_spec:.2f}x; medians of 5); identical: "
+          f"greedy {t_greedy:.3f} s ({t_greedy / t_spec:.2f}x; medians of {runs}); identical: "
           f"{torch.equal(spec, greedy)}")
 
 
@@ -676,7 +427,7 @@ if __name__ == '__main__':
         y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                      top_p=top_p, eos_id=enc.eot_token if stop_at_eos else None, pad=pad,
                      stop=partial(contains_stop, enc, stops, x.size(1)) if stops else None,
-                     penalize=partial(penalize, repetition_penalty=repetition_penalty,
+                     penalize=partial(penalize_repeats, repetition_penalty=repetition_penalty,
                                       no_repeat_ngram_size=no_repeat_ngram_size, pad=pad))
     records = print_samples(y, x.size(1), prompts, num_samples, enc, stops, stop_at_eos)
     if out:

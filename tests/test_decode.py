@@ -1,7 +1,7 @@
 """
 decode.py against trusted references: full recomputation, a full forward's log-probabilities,
-each prompt decoded alone, and (on a GPU) eager decoding and eager training steps for what the
-CUDA graphs replay.
+each prompt decoded alone, hand-worked penalized logits, greedy decoding for self-speculative
+decoding, and (on a GPU) eager decoding and eager training steps for what the CUDA graphs replay.
     python -m pytest -q tests/test_decode.py
 """
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ava_kernels
-from decode import GraphedSteps, KVCache, forget, generate, graphable, kept
+from decode import (GraphedSteps, KVCache, forget, generate, generate_speculative, graphable, kept,
+                    penalize_repeats)
 from model import GPT, ModelConfig
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -111,6 +112,19 @@ def test_penalize_reshapes_each_steps_logits():
     assert torch.allclose(logprobs, full.gather(2, out[:, 4:, None]).squeeze(2), atol=1e-5)
 
 
+def test_repetition_penalties_hand_computed():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2;
+    # the pad token 2 (first position) is skipped
+    out = penalize_repeats(logits, torch.tensor([[2, 0, 1]]), repetition_penalty=2.0,
+                           pad=torch.tensor([1]))
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned
+    # (and only 1)
+    out = penalize_repeats(logits, torch.tensor([[3, 1, 0, 3]]), no_repeat_ngram_size=2)
+    assert torch.isinf(out[0, 1]) and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
+
+
 def test_kept_builds_once_per_key_until_the_model_changes():
     """kept() hands back what it built for a model and key, and builds again for another key
     (keeping one build a model) and after what a captured graph would get wrong: a cast (new
@@ -149,12 +163,62 @@ def test_kept_builds_once_per_key_until_the_model_changes():
     assert kept(model, 'a', build) is not again and len(builds) == 10
 
 
+def mtp_model(block_size, device='cpu'):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                      n_future_tokens=3)
+    return GPT(cfg).eval().to(device)
+
+
+def test_self_speculative_decoding_equals_greedy():
+    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens,
+    whether the drafts are mostly right (heads at init copy the next-token state) or mostly wrong
+    (heads scrambled)."""
+    model = mtp_model(block_size=96)
+    prompt = torch.randint(0, 97, (1, 5))
+    for scramble in (False, True):
+        if scramble:
+            for head in model.mtp_heads:
+                torch.nn.init.normal_(head.proj.weight, std=1.0)
+        for new_tokens in (1, 2, 7, 60):  # fewer than n, a round of one step, several rounds
+            out, passes = generate_speculative(model, prompt, new_tokens)
+            greedy = generate(model, prompt, new_tokens, temperature=0)
+            assert torch.equal(out, greedy) and passes <= new_tokens + 1, (new_tokens, scramble)
+    # too long for the cache: plain greedy
+    assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)
+
+
+@cuda
+def test_cuda_graph_speculative_decoding_equals_eager():
+    """Self-speculative decoding with a CUDA-graphed verify pass (bf16 autocast) equals its eager
+    self, with good and scrambled drafts."""
+    model = mtp_model(block_size=48, device='cuda')
+    prompt = torch.randint(0, 97, (1, 9), device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        for scramble in (False, True):
+            if scramble:
+                for head in model.mtp_heads:
+                    torch.nn.init.normal_(head.proj.weight, std=1.0)
+            (graphed, passes), (eager, eager_passes) = (
+                generate_speculative(model, prompt, 30, cuda_graph=graph)
+                for graph in (True, False))
+            assert torch.equal(graphed, eager) and passes == eager_passes
+        # the kept graph and state decode a longer prompt next, and leave the earlier output be
+        earlier, first = graphed, graphed.clone()
+        longer = torch.randint(0, 97, (1, 14), device='cuda')
+        (graphed, passes), (eager, eager_passes) = (
+            generate_speculative(model, longer, 25, cuda_graph=graph)
+            for graph in (True, False))
+        assert torch.equal(graphed, eager) and passes == eager_passes and graphed.shape == (1, 39)
+        assert torch.equal(earlier, first)
+
+
 @cuda
 def test_cuda_graph_decoding_equals_eager():
     """The CUDA-graphed decode step (bf16 autocast) replays exactly what eager decoding computes:
     the same tokens for a padded batch, sampled (same seed) and greedy, across the cache's slide
-    past block_size (tests/test_sample.py checks sample.generate_speculative's graphed verify
-    pass)."""
+    past block_size (test_cuda_graph_speculative_decoding_equals_eager checks
+    generate_speculative's graphed verify pass)."""
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=48, n_future_tokens=3)).eval().cuda()
     prompts = [torch.randint(0, 97, (n,), device='cuda') for n in (9, 4, 6)]

@@ -2,7 +2,7 @@
 The export to Hugging Face transformers against the real thing: tiny SwiGLU models (random fp32
 weights, softmax and Sinkhorn routers) written by `sample.py --export=hf:FOLDER` and loaded by
 AutoModelForCausalLM and AutoTokenizer with no Ava code give Ava's logits to 1e-5 (a left-padded
-batch too), the same greedy tokens and the same token ids. Also sample.py's safetensors writer and
+batch too), the same greedy tokens and the same token ids. Also export.py's safetensors writer and
 the reader here, against the safetensors package where it is installed, and the one-line errors.
     python -m pytest -q tests/test_export.py
 transformers is a test-only extra (.ci/run installs it); without it those tests skip.
@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import load_run_tokenizer
 from data.prepare import train_tokenizer
 from decode import generate
+from export import SAFETENSORS_DTYPES, save_safetensors
 from model import GPT, ModelConfig
-from sample import SAFETENSORS_DTYPES, save_safetensors
+from tokenizer import load_run_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_transformers = pytest.mark.skipif(

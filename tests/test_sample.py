@@ -1,7 +1,7 @@
-"""sample.py's decoding and evaluation: penalties against hand-worked logits, self-speculative
-decoding against greedy decoding, quantized weights against their bounds, sliding-window perplexity
-against a window-by-window loop, the sample metrics against hand-counted examples, and the coherence
-score against the same text shuffled.
+"""sample.py's quantization and evaluation: quantized weights against their bounds, sliding-window
+perplexity against a window-by-window loop, the sample metrics against hand-counted examples, and
+the coherence score against the same text shuffled (decode.py's repetition penalties and
+self-speculative decoding: tests/test_decode.py).
     python -m pytest -q tests/test_sample.py
 """
 
@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decode import generate
 from model import GPT, ModelConfig
-from sample import (Dequantize, coherence, distinct, generate_speculative, penalize, perplexity,
-                    quantize_model, quantize_weight, repetition_rate)
+from sample import (Dequantize, coherence, distinct, perplexity, quantize_model, quantize_weight,
+                    repetition_rate)
 
 
 def tiny_model(block_size=16):
@@ -69,68 +68,6 @@ def test_coherence_falls_for_shuffled_sentences():
         shuffled.append(coherence('. '.join(sentences)))
     assert original > 2 and max(shuffled) < original and sum(shuffled) / 5 < 1.5
     assert coherence("One sentence only.") is None
-
-
-def test_penalties_hand_computed():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    # tokens 0 and 1 seen: positive logit / 2, negative logit * 2;
-    # the pad token 2 (first position) is skipped
-    out = penalize(logits, torch.tensor([[2, 0, 1]]), repetition_penalty=2.0, pad=torch.tensor([1]))
-    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
-    # no 2-gram may repeat: the row ends in 3, and "3 1" already occurred, so 1 is banned
-    # (and only 1)
-    out = penalize(logits, torch.tensor([[3, 1, 0, 3]]), no_repeat_ngram_size=2)
-    assert torch.isinf(out[0, 1]) and torch.equal(out[0, [0, 2, 3]], logits[0, [0, 2, 3]])
-
-
-def mtp_model(block_size, device='cpu'):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                      n_future_tokens=3)
-    return GPT(cfg).eval().to(device)
-
-
-def test_self_speculative_decoding_equals_greedy():
-    """Drafting with the MTP heads and verifying with the main head gives exactly the greedy tokens,
-    whether the drafts are mostly right (heads at init copy the next-token state) or mostly wrong
-    (heads scrambled)."""
-    model = mtp_model(block_size=96)
-    prompt = torch.randint(0, 97, (1, 5))
-    for scramble in (False, True):
-        if scramble:
-            for head in model.mtp_heads:
-                torch.nn.init.normal_(head.proj.weight, std=1.0)
-        for new_tokens in (1, 2, 7, 60):  # fewer than n, a round of one step, several rounds
-            out, passes = generate_speculative(model, prompt, new_tokens)
-            greedy = generate(model, prompt, new_tokens, temperature=0)
-            assert torch.equal(out, greedy) and passes <= new_tokens + 1, (new_tokens, scramble)
-    # too long for the cache: plain greedy
-    assert generate_speculative(model, prompt, 95)[0].shape == (1, 100)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_graph_speculative_decoding_equals_eager():
-    """Self-speculative decoding with a CUDA-graphed verify pass (bf16 autocast) equals its eager
-    self, with good and scrambled drafts."""
-    model = mtp_model(block_size=48, device='cuda')
-    prompt = torch.randint(0, 97, (1, 9), device='cuda')
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        for scramble in (False, True):
-            if scramble:
-                for head in model.mtp_heads:
-                    torch.nn.init.normal_(head.proj.weight, std=1.0)
-            (graphed, passes), (eager, eager_passes) = (
-                generate_speculative(model, prompt, 30, cuda_graph=graph)
-                for graph in (True, False))
-            assert torch.equal(graphed, eager) and passes == eager_passes
-        # the kept graph and state decode a longer prompt next, and leave the earlier output be
-        earlier, first = graphed, graphed.clone()
-        longer = torch.randint(0, 97, (1, 14), device='cuda')
-        (graphed, passes), (eager, eager_passes) = (
-            generate_speculative(model, longer, 25, cuda_graph=graph)
-            for graph in (True, False))
-        assert torch.equal(graphed, eager) and passes == eager_passes and graphed.shape == (1, 39)
-        assert torch.equal(earlier, first)
 
 
 def test_quantization_round_trip_bounds():
