@@ -1,8 +1,11 @@
 """
 Train an Ava MoE language model. One script, read top to bottom as nanoGPT's: settings (the
 globals below, overridden by a config file and --key=value arguments), setup, data, model,
-optimizer, one loop. The monitors sit in the loop, or in small classes above it that the tests
-drive with made-up numbers.
+optimizer, one loop.
+
+The loop's branches (an evaluation, a non-finite step, the log line, a checkpoint, the emergency
+exit) are the functions above it; the monitors they call are in monitors.py, the checkpoints and
+the run folder in checkpoint.py.
 
     python data/prepare.py                                 # once: Shakespeare -> data/shakespeare/
     python train.py config/nano.py                         # CPU, a few minutes
@@ -12,14 +15,12 @@ drive with made-up numbers.
     torchrun --standalone --nproc_per_node=2 train.py config/nano.py --gradient_accumulation_steps=2
 """
 
-import filecmp
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from functools import partial
 
@@ -28,12 +29,18 @@ import torch
 import torch.distributed as dist
 
 import ava_kernels
-from common import (PEAK_TFLOPS, Batches, GraphedSteps, autocast, check, fail, first_line,
-                    gather_rng, load_checkpoint, load_data, load_run_tokenizer, lock_run_folder,
-                    log_record, plot_run, resolve_device, restore, save_checkpoint,
-                    start_run_folder, trained_data_dir, write_atomic)
-from configurator import configure_or_exit, settings_of
+from checkpoint import (check_resumable, gather_rng, log_record, plot_run, prepare_run_folder,
+                        restore, resumed_model_config, save_checkpoint, start_run_folder,
+                        start_wandb)
+from common import (PEAK_TFLOPS, Batches, autocast, load_checkpoint, load_data, load_torch,
+                    resolve_device)
+from configurator import check, configure_or_exit, fail, first_line, settings_of
+from decode import GraphedSteps
 from model import GPT, ModelConfig
+from monitors import (DeadExpertTracker, GradNormMonitor, PlateauLR, StopSignals, agreed_stop,
+                      cpu_time_warning, log_line, memory_action, memory_record,
+                      model_flops_utilisation, routing_record)
+from tokenizer import load_run_tokenizer
 from zero import ShardedAdamW
 
 # -----------------------------------------------------------------------------
@@ -92,10 +99,10 @@ device = 'auto'             # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1
 compile = False             # torch.compile the model (worth it on GPU for long runs)
 cuda_graph = False          # replay each iteration's forwards and backwards as one CUDA graph
 seed = 1337
-debug_nan_at = -1           # tests only: make the loss NaN from this iteration ...
-debug_nan_steps = 1         # ... for this many iterations
 # -----------------------------------------------------------------------------
-MEMORY_LEVELS = (0.75, 0.80, 0.85, 0.90)  # of device memory: note, empty cache, warn, stop
+# A reload halves the LR scale at least twice (a bad step, the reload): by the third the LR is at
+# most 1/64 of the schedule's, and a run that still diverges needs a lower learning_rate.
+MAX_RELOADS = 3
 
 
 def validity_checks(s):
@@ -140,60 +147,6 @@ def validity_checks(s):
     ]
 
 
-# model settings a resumed run may change: they weigh losses or regularise, the weights still fit
-ADJUSTABLE_ON_RESUME = ('dropout', 'router_jitter', 'capacity_factor', 'aux_loss_coef',
-                        'z_loss_coef', 'mtp_weight')
-CPU_FLOPS = 35e9  # fp32 FLOP/s per core that training reaches on a CPU (nano: ~0.85 s/it, 2 cores)
-
-
-def resumed_model_config(saved, overrides):
-    """The ModelConfig a resumed run trains: the checkpoint's (saved, a dict) with the model
-    settings given explicitly (overrides: from the command line or a config file) applied where
-    ADJUSTABLE_ON_RESUME allows, each named in a note. Any other that differs from the checkpoint
-    cannot run on its weights: a one-line error."""
-    asked = {k: v for k, v in overrides.items()
-             if k in saved and k not in ('vocab_size', 'block_size')}
-    try:
-        config = ModelConfig(**{**saved, **asked})
-    except ValueError as e:
-        fail(e)
-    changed = {k: v for k, v in asdict(config).items() if v != saved[k]}
-    fixed = [k for k in changed if k not in ADJUSTABLE_ON_RESUME]
-    check([(not fixed, "resume trains the checkpoint's model: " + ", ".join(
-        f"{k}={changed[k]!r} contradicts its {k}={saved[k]!r}" for k in fixed) +
-        "; drop the override, or train from scratch into another --out_dir")])
-    if changed:
-        print("note: resuming with " + ", ".join(f"{k}={v!r} (the checkpoint had {saved[k]!r})"
-                                                 for k, v in changed.items()))
-    return config
-
-
-def cpu_time_warning(config, tokens_per_iter):
-    """A one-line warning when one iteration of this model would take over a minute on this CPU,
-    from its FLOPs (the model is built on the meta device: no memory, no time); else None."""
-    with torch.device('meta'):
-        flops = GPT(config).flops_per_token(config.block_size) * tokens_per_iter
-    threads = torch.get_num_threads()
-    seconds = flops / (CPU_FLOPS * threads)
-    if seconds > 60:
-        return (f"warning: {flops:.1e} FLOPs per iteration, ~{seconds / 60:.0f} min each on this "
-                f"CPU ({threads} thread{'s' * (threads > 1)}); config/nano.py is sized for a CPU")
-    return None
-
-
-def on_stop_signal(signum, frame):
-    """SIGTERM / SIGINT (Ctrl-C). After the first step the loop finishes its iteration, saves an
-    emergency checkpoint and exits non-zero. Before it (setup, the first evaluation, which on a CPU
-    can take minutes) there is nothing new to save, so the run stops at once; so it does at a
-    second signal."""
-    stop_signal.append(signum)
-    if first_iter is None or iter_num == first_iter or len(stop_signal) > 1:
-        ckpt = os.path.join(out_dir, 'ckpt.pt')
-        kept = f"; {ckpt} is as it was" if os.path.exists(ckpt) else ""
-        fail(f"stopped by {signal.Signals(signum).name} before the first step: nothing new to "
-             f"save{kept}", code=128 + signum)
-
-
 # ---- schedules ----
 
 def as_iters(value, max_iters):
@@ -225,125 +178,6 @@ def seq_len_at(it, start, end, ramp_iters):
     return start * 2 ** int(math.log2(end // start) * it / ramp_iters)
 
 
-# ---- monitors ----
-
-class GradNormMonitor:
-    """Running mean of the global gradient norm. A norm above threshold x mean is an explosion: the
-    step is clipped to the mean instead of the usual threshold. The first `warmup` norms only build
-    the mean."""
-
-    def __init__(self, threshold, warmup=10, beta=0.9):
-        self.threshold, self.warmup, self.beta = threshold, warmup, beta
-        self.mean, self.count, self.explosions = 0.0, 0, 0
-
-    def check(self, norm, clip):
-        """-> (the threshold to clip this step to, whether it exploded); updates the mean."""
-        exploded = self.count >= self.warmup and norm > self.threshold * self.mean
-        if exploded:
-            self.explosions += 1
-            clip = min(clip, self.mean)
-        else:  # an explosion does not drag the mean up
-            self.count += 1
-            self.mean = norm if self.count == 1 else self.beta * self.mean + (1 - self.beta) * norm
-        return clip, exploded
-
-    def state_dict(self):
-        return dict(mean=self.mean, count=self.count, explosions=self.explosions)
-
-    def load_state_dict(self, state):
-        self.__dict__.update(state)
-
-
-class PlateauLR:
-    """Adaptive LR. At each check, compare the smoothed loss with the best seen: a relative drop
-    above `threshold` is progress. After `patience` iterations without progress, multiply the LR by
-    `boost` if the recent gradient norms were stable (coefficient of variation < 0.3: the plateau is
-    flat, push on), else by `cut` (noisy: calm down). The scale multiplies the schedule; the caller
-    clamps to [min_lr, max_lr]. observe() keeps the last `window` losses and norms for check()."""
-
-    def __init__(self, patience, threshold, boost, cut=0.7, smoothing=0.9, window=50):
-        self.patience, self.threshold, self.boost, self.cut = patience, threshold, boost, cut
-        self.smoothing, self.window = smoothing, window
-        self.scale, self.smoothed, self.best, self.last_progress = 1.0, None, float('inf'), 0
-        self.losses, self.norms = [], []
-
-    def observe(self, loss, norm):
-        self.losses = self.losses[1 - self.window:] + [loss]
-        self.norms = self.norms[1 - self.window:] + [norm]
-
-    def check(self, it):
-        """update() with what observe() kept, which then starts afresh."""
-        message = self.update(it, float(np.mean(self.losses)), self.norms)
-        self.losses, self.norms = [], []
-        return message
-
-    def update(self, it, loss, grad_norms):
-        """One check at iteration it; returns a message when the LR scale changed."""
-        s = self.smoothing
-        self.smoothed = loss if self.smoothed is None else s * self.smoothed + (1 - s) * loss
-        if self.smoothed < self.best * (1 - self.threshold):
-            self.best, self.last_progress = self.smoothed, it
-            return None
-        if it - self.last_progress < self.patience:
-            return None
-        self.last_progress = it  # wait another `patience` before the next change
-        norms = np.asarray(grad_norms)
-        stable = len(norms) > 1 and norms.std() / norms.mean() < 0.3
-        factor = self.boost if stable else self.cut
-        self.scale *= factor
-        return (f"plateau for {self.patience} iterations (smoothed loss {self.smoothed:.4f}, "
-                f"gradients {'stable' if stable else 'noisy'}): LR scale x{factor} -> "
-                f"{self.scale:.3f}")
-
-    def state_dict(self):
-        keys = ('scale', 'smoothed', 'best', 'last_progress', 'losses', 'norms')
-        return {k: getattr(self, k) for k in keys}
-
-    def load_state_dict(self, state):
-        self.__dict__.update(state)
-
-
-class DeadExpertTracker:
-    """Warns once when an expert's mean load stays below 1/(10 E) for `window` iterations."""
-
-    def __init__(self, window):
-        self.window, self.dead_since = window, {}
-
-    def update(self, it, loads):
-        """loads: (L, E) mean load fractions since the last call. -> the warnings to print."""
-        warnings, floor = [], 1 / (10 * loads.shape[1])
-        for key, load in np.ndenumerate(loads):  # key = (layer, expert)
-            if load >= floor:
-                self.dead_since.pop(key, None)
-                continue
-            since = self.dead_since.setdefault(key, it)
-            if since is not None and it - since >= self.window:
-                warnings.append(f"warning: layer {key[0]} expert {key[1]} has had load < "
-                                f"{floor:.3f} for {it - since} iterations (dead expert)")
-                self.dead_since[key] = None  # said once; reset when it recovers
-        return warnings
-
-
-def memory_level(fraction):
-    """How many of MEMORY_LEVELS a memory fraction has reached: 0 (fine) .. 4 (emergency)."""
-    return sum(fraction >= level for level in MEMORY_LEVELS)
-
-
-def memory_action(fraction):
-    """What the memory monitor does at this fraction of device memory, one behaviour per level:
-    -> (a message to print or None, empty the allocator's cache?, stop the run?)."""
-    level, share = memory_level(fraction), f"memory at {fraction:.0%} of the device"
-    messages = [None, share, f"{share}: emptying the allocator's cache",
-                f"warning: {share}, near the limit (a smaller batch_size would be safer)", None]
-    return messages[level], level in (2, 3), level == 4
-
-
-def model_flops_utilisation(flops_per_token, tokens_per_iter, dt, world_size, peak_tflops):
-    """MFU: the model's FLOPs per second over the peak of all the GPUs that share the iteration's
-    tokens (tokens_per_iter counts every rank's)."""
-    return flops_per_token * tokens_per_iter / dt / (world_size * peak_tflops * 1e12)
-
-
 # ---- evaluation and the routers' balance ----
 
 def step_loss(model, precision, x, y):
@@ -354,18 +188,26 @@ def step_loss(model, precision, x, y):
 
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, seed, precision):
-    """Mean cross-entropy over eval_iters batches per split: the same batches every time."""
+    """Mean cross-entropy over eval_iters batches per split: the same batches every time. What the
+    last training forward recorded stays (the routers' statistics, the MTP losses): the next log
+    line reads it, and a replayed CUDA graph writes only the tensors its capture recorded.
+    -> {split: loss}, or None when CUDA ran out of memory (the run stops: see agreed_stop)."""
     model.eval()
-    out = {}
-    for split in ('train', 'val'):
-        rng = torch.Generator().manual_seed(seed + 1)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            x, y = batches.get(split, rng)
-            with precision:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+    model.watch_routing(False)  # the loop sets it again before each step
+    mtp_losses, out = model.mtp_losses, {}
+    try:
+        for split in ('train', 'val'):
+            rng = torch.Generator().manual_seed(seed + 1)
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                x, y = batches.get(split, rng)
+                with precision:
+                    _, loss = model(x, y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+    except torch.OutOfMemoryError:
+        out = None
+    model.mtp_losses = mtp_losses
     model.train()
     return out
 
@@ -380,54 +222,163 @@ def balance_routers(model, distributed):
     model.update_router_bias()
 
 
-# ---- the log ----
+# ---- the loop's branches ----
 
-def log_line(r):
-    """The console line of a metrics record."""
-    line = (f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, grad norm "
-            f"{r['grad_norm']:.2f}, dt {r['dt'] * 1000:.0f}ms, tok/s {r['tok_s']:,.0f}")
-    if r['progressive']:
-        line += f", seq_len {r['seq_len']}"
-    if 'mfu' in r:
-        line += f", mfu {r['mfu'] * 100:.1f}%, mem {r['mem_reserved']:.0%}"
-    if 'mtp_losses' in r:
-        line += ", mtp " + "/".join(f"{loss:.2f}" for loss in r['mtp_losses'])
-    if 'load' in r:
-        line += f", load max/mean {r['imbalance']:.2f}"
-        if max(r['dropped']) > 0:
-            line += f", dropped {np.mean(r['dropped']):.1%}"
-    return line
+@dataclass
+class Run:
+    """What the loop's branches share. The first six fields are the training state, which a
+    checkpoint saves and a reload puts back; then where the run writes, and what its log counts."""
+    model: GPT
+    optimizer: ShardedAdamW
+    monitors: dict                  # {'plateau': PlateauLR, 'grad': GradNormMonitor}
+    batch_rng: torch.Generator      # this rank's data stream
+    iter_num: int
+    best_val_loss: float
+    dev: str
+    rank: int
+    out_dir: str
+    settings: dict                  # as config.yaml and every checkpoint hold them
+    records: list                   # metrics.jsonl's, for the plots (rank 0; else empty)
+    wandb: object                   # the wandb module when wandb_log (rank 0), else None
+    dead_experts: DeadExpertTracker
+    bad_steps: int = 0              # non-finite steps in a row
+    skipped: int = 0                # non-finite steps in all
+    reloads: int = 0                # of the last checkpoint, after max_bad_steps bad steps
+    memory: float = 0.0             # the device's memory share when the log saw the last level
+    graphed: GraphedSteps = None    # with cuda_graph: the captured micro-steps
+    clock: tuple = (0.0, 0)         # (time, iter_num) where the tok/s window starts
+
+    def log(self, record):
+        """One metrics record (rank 0 writes them: metrics.jsonl, wandb)."""
+        if self.rank == 0:
+            log_record(self.records, os.path.join(self.out_dir, 'metrics.jsonl'), self.wandb,
+                       record)
 
 
-def memory_record(dev):
-    """Memory in use: fractions of the device on CUDA, the resident set (GB) on the CPU."""
-    if dev.startswith('cuda'):
-        total = torch.cuda.mem_get_info(dev)[1]
-        return dict(mem_alloc=torch.cuda.memory_allocated(dev) / total,
-                    mem_reserved=torch.cuda.memory_reserved(dev) / total,
-                    mem_peak=torch.cuda.max_memory_allocated(dev) / total)
-    with open('/proc/self/statm') as f:
-        return dict(rss_gb=int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e9)
+def checkpoint(reason, run, keep):
+    """Save the run, every rank taking part: reason is 'eval', 'best' (a new best val loss, also
+    best.pt) or 'emergency'; the newest `keep` stay. Rank 0 then redraws the plots. -> the path."""
+    path = save_checkpoint(run.out_dir, reason, run.model, run.optimizer, keep,
+                           iter_num=run.iter_num, best_val_loss=run.best_val_loss,
+                           config=run.settings, model_config=asdict(run.model.config),
+                           rng=gather_rng(run.batch_rng, run.dev),
+                           monitors={k: m.state_dict() for k, m in run.monitors.items()})
+    if run.rank == 0:
+        plot_run(run.records, os.path.join(run.out_dir, 'plots'))
+    return path
 
 
-def routing_record(stats):
-    """The routers' monitors from the logged step: load per layer and expert (L, E), the worst
-    layer's max/mean, the dropped fraction, entropy, aux and z losses per layer."""
-    load = torch.stack([s['load'] for s in stats]).cpu().numpy()  # (L, E)
-    record = dict(load=load.tolist(), imbalance=float((load.max(axis=1) * load.shape[1]).max()))
-    for key in ('dropped', 'entropy', 'aux_loss', 'z_loss'):
-        record[key] = [s[key].item() for s in stats]
-    return record
+def evaluated(run, losses, keep, save):
+    """An evaluation's losses, printed and logged; with save, a checkpoint ('best' when the val
+    loss is the best yet)."""
+    improved = losses['val'] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses['val'])
+    print(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    run.log(dict(iter=run.iter_num, train_loss=losses['train'], val_loss=losses['val']))
+    if save:
+        print(f"saved {checkpoint('best' if improved else 'eval', run, keep)}")
+    run.clock = (time.time(), run.iter_num)  # evaluation time is not training time
+
+
+def forward_backward(run, loss_of, batches, micro_steps, seq_len, rows, graph):
+    """This rank's micro-steps of one iteration, forwards and backwards: the gradients accumulate
+    in .grad. With graph, the eager loop's batches, the micro-steps replayed as one CUDA graph
+    (captured at the first call). -> the last micro-step's loss, or None when CUDA ran out of
+    memory (the run stops: see agreed_stop)."""
+    try:
+        if not graph:
+            for _ in range(micro_steps):
+                x, y = batches.get('train', run.batch_rng, seq_len, rows)
+                loss = loss_of(x, y)
+                (loss / micro_steps).backward()
+            return loss
+        xs, ys = (torch.stack(t) for t in zip(*(batches.get('train', run.batch_rng)
+                                                  for _ in range(micro_steps))))
+        if run.graphed is None:
+            run.graphed = GraphedSteps(loss_of, run.model.parameters(), xs, ys)
+            for counts in run.model.expert_counts():
+                counts.zero_()  # what the warm-up runs counted
+        return run.graphed(xs, ys)
+    except torch.OutOfMemoryError:
+        return None
+
+
+def skip_or_reload(run, max_bad_steps, seed):
+    """A step whose loss or gradient is not finite is skipped (the weights and Adam's moments stay
+    as they are) and the LR scale halves. max_bad_steps of them in a row reload the last checkpoint,
+    at half the scale again; after MAX_RELOADS reloads the run ends."""
+    run.optimizer.zero_grad(set_to_none=True)
+    for counts in run.model.expert_counts():
+        counts.zero_()
+    plateau, ckpt_path = run.monitors['plateau'], os.path.join(run.out_dir, 'ckpt.pt')
+    run.bad_steps, run.skipped = run.bad_steps + 1, run.skipped + 1
+    plateau.scale /= 2
+    print(f"iter {run.iter_num}: non-finite loss/gradient, step skipped ({run.skipped} so far), "
+          f"LR scale -> {plateau.scale:.3f}")
+    if run.bad_steps < max_bad_steps or not os.path.exists(ckpt_path):
+        run.iter_num += 1
+        return
+    run.reloads, scale = run.reloads + 1, plateau.scale
+    if run.reloads > MAX_RELOADS:
+        fail(f"training diverged again after {MAX_RELOADS} reloads of {ckpt_path}; lower "
+             "learning_rate")
+    run.iter_num, run.best_val_loss = restore(load_torch(ckpt_path), run.model, run.optimizer,
+                                              run.monitors, run.batch_rng, seed, run.dev,
+                                              run.out_dir)
+    plateau.scale, run.bad_steps = scale / 2, 0
+    print(f"{max_bad_steps} bad steps in a row: reloaded {ckpt_path} (iteration {run.iter_num}), "
+          f"LR scale -> {plateau.scale:.3f}")
+
+
+def log_step(run, step, seq_len, tokens_per_iter, peak_tflops, progressive):
+    """The log line and metrics record of the step just taken: step (its loss, lr, grad_norm and
+    clip), its speed, memory, MTP losses and routing; then what the memory level calls for.
+    -> the device's memory share when it reached the last level (the run is to stop), else 0."""
+    cuda = run.dev.startswith('cuda')
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.time() - run.clock[0]) / (run.iter_num - run.clock[1])  # seconds per iteration
+    run.clock = (time.time(), run.iter_num)
+    record = dict(iter=run.iter_num, **step, dt=dt, tok_s=tokens_per_iter / dt, seq_len=seq_len,
+                  skipped=run.skipped, progressive=progressive,
+                  explosions=run.monitors['grad'].explosions, **memory_record(run.dev))
+    if cuda:
+        record['mfu'] = model_flops_utilisation(run.model.flops_per_token(seq_len),
+                                                tokens_per_iter, dt, run.optimizer.world_size,
+                                                peak_tflops)
+    if run.model.mtp_losses:
+        record['mtp_losses'] = [loss.item() for loss in run.model.mtp_losses]
+    stats = run.model.router_stats()
+    if stats:
+        record.update(routing_record(stats))
+        for warning in run.dead_experts.update(run.iter_num, np.array(record['load'])):
+            print(warning)
+    print(log_line(record))
+    run.log(record)
+    message, empty_cache, stop = memory_action(record.get('mem_reserved', 0.0))
+    if message:
+        print(f"iter {run.iter_num}: {message}")
+    if empty_cache:
+        torch.cuda.empty_cache()
+    return record['mem_reserved'] if stop else 0.0
+
+
+def emergency_exit(run, stop, keep):
+    """After a Stop: the emergency checkpoint, one line on stderr that names it, and the exit."""
+    run.optimizer.zero_grad(set_to_none=True)  # an OOM's partial gradients; weights are untouched
+    path = checkpoint('emergency', run, keep)
+    print(f"{stop.why} at iteration {run.iter_num}: saved an emergency checkpoint {path} (also "
+          f"{os.path.join(run.out_dir, 'ckpt.pt')}); continue with --init_from=resume",
+          file=sys.stderr)
+    sys.exit(stop.code)
 
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
-    stop_signal, first_iter = [], None  # signals received; the iteration training started at
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
     overrides = configure_or_exit(globals())
     settings = settings_of(globals())
     check(validity_checks(settings))
+    signals = StopSignals(out_dir)  # from here on SIGTERM and SIGINT stop the run (see there)
     model_settings = {f.name: settings[f.name] for f in fields(ModelConfig)
                       if f.name not in ('vocab_size', 'block_size')}
     try:  # the model's settings are checked up front too
@@ -462,35 +413,23 @@ if __name__ == '__main__':
 
     # data
     meta, tokens = load_data(data_dir)
-    for split, split_tokens in tokens.items():
-        if len(split_tokens) <= block_size + 1:
-            fail(f"{split}.bin has {len(split_tokens)} tokens, too few for block_size="
-                 f"{block_size}; lower block_size or add data")
+    check([(len(split_tokens) > block_size + 1, f"{split}.bin has {len(split_tokens)} tokens, too "
+            f"few for block_size={block_size}; lower block_size or add data")
+           for split, split_tokens in tokens.items()])
     load_run_tokenizer(data_dir, meta['vocab_size'],  # sample.py will need it
                        fix="prepare the data again with python data/prepare.py")
     batches = Batches(data_dir, meta['dtype'], batch_size, block_size, dev)
 
     # model: from scratch, or all of it (weights, optimizer, RNG, monitors) from a checkpoint
-    ckpt_path, checkpoint = os.path.join(out_dir, 'ckpt.pt'), None
+    ckpt_path, ckpt = os.path.join(out_dir, 'ckpt.pt'), None
     if init_from == 'scratch' and os.path.exists(ckpt_path):
         fail(f"{out_dir} already holds a run: continue it with --init_from=resume, or pick another "
              "--out_dir")
     if init_from == 'resume':
-        checkpoint, saved_config, model = load_checkpoint(ckpt_path)
-        it, trained_on = checkpoint['iter_num'], trained_data_dir(checkpoint)
-        print(f"resuming from {ckpt_path} at iteration {it} (model settings from the checkpoint)")
-        run_tokenizer = os.path.join(out_dir, 'tokenizer.json')
-        check([(saved_config.vocab_size == meta['vocab_size'], f"the checkpoint's vocab_size "
-                f"{saved_config.vocab_size} != {meta['vocab_size']} of {data_dir}; resume with "
-                f"the data it trained on (--data_dir={trained_on})"),
-               (not os.path.exists(run_tokenizer) or filecmp.cmp(
-                   run_tokenizer, os.path.join(data_dir, 'tokenizer.json'), shallow=False),
-                f"{data_dir}/tokenizer.json is not the tokenizer this run trained with "
-                f"({run_tokenizer}); resume with its data (--data_dir={trained_on})"),
-               (saved_config.block_size >= block_size, f"block_size={block_size} is longer than "
-                f"the checkpoint's block_size={saved_config.block_size}"),
-               (max_iters > it, f"max_iters={max_iters} but the checkpoint is at iteration {it}: "
-                "nothing to train; resume with a larger --max_iters")])
+        ckpt, saved_config, model = load_checkpoint(ckpt_path)
+        print(f"resuming from {ckpt_path} at iteration {ckpt['iter_num']} (model settings from the "
+              "checkpoint)")
+        check_resumable(ckpt, saved_config, meta, data_dir, out_dir, block_size, max_iters)
         model_config = resumed_model_config(asdict(saved_config), overrides)
         if model_config != saved_config:
             model = GPT(model_config)  # restore() puts the checkpoint's weights into it
@@ -535,210 +474,108 @@ if __name__ == '__main__':
     if ddp:
         torch.manual_seed(seed + rank)  # dropout and router jitter differ between ranks, as data do
     iter_num, best_val_loss = 0, float('inf')
-    if checkpoint:
-        iter_num, best_val_loss = restore(checkpoint, model, optimizer, monitors, batch_rng, seed,
-                                          dev, out_dir, optimizer_too=not reset_optimizer)
-        checkpoint = None  # free the memory
-    first_iter = iter_num  # from here on a signal stops the run after an iteration, saved
+    if ckpt:
+        iter_num, best_val_loss = restore(ckpt, model, optimizer, monitors, batch_rng, seed, dev,
+                                          out_dir, optimizer_too=not reset_optimizer)
+        ckpt = None  # free the memory
 
     # the run folder: one training at a time (the lock), the data set's tokenizer for sample.py,
     # and an absolute data_dir in config.yaml and the checkpoints, so they are found from anywhere
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if rank == 0:
-            lock = lock_run_folder(out_dir)  # held until this process ends
-            source, kept = (os.path.join(d, 'tokenizer.json') for d in (data_dir, out_dir))
-            if not os.path.exists(kept) or not filecmp.cmp(source, kept, shallow=False):
-                write_atomic(kept, lambda tmp: shutil.copyfile(source, tmp))
-        os.makedirs(os.path.join(out_dir, 'plots'), exist_ok=True)
-    except OSError as e:
-        fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
+    lock = prepare_run_folder(out_dir, data_dir, rank)  # held until this process ends
     settings['data_dir'] = os.path.abspath(data_dir)
-    train_model = torch.compile(model) if compile else model
 
-    metrics_path, records, wandb = os.path.join(out_dir, 'metrics.jsonl'), [], None
+    records, wandb = [], None  # rank 0's
     if rank == 0:
         name = torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu'
         records = start_run_folder(out_dir, settings, model_config, dict(
             device=dev, device_name=name, world_size=world_size, zero_stage=zero_stage,
             init_from=init_from), iter_num)
-        if wandb_log:
-            try:
-                import wandb
-                wandb.init(project=wandb_project, config=settings, resume='allow')
-            except ImportError:
-                print("wandb_log=True but wandb is not installed (pip install wandb); metrics "
-                      "stay in metrics.jsonl")
+        wandb = start_wandb(wandb_project, settings) if wandb_log else None
 
     # the training loop: the last pass (iter_num == max_iters) only evaluates and saves
-    run_start, start_iter, bad_steps, skipped, reloads = time.time(), iter_num, 0, 0, 0
-    nan_injected = 0  # steps made NaN by debug_nan_at so far
-    graphed = None  # with cuda_graph: the captured micro-steps (common.GraphedSteps)
-    t0, t0_iter = time.time(), iter_num  # the tok/s window
-    emergency = None  # (why, exit code): the loop stops early and saves an emergency checkpoint
-    try:  # a CUDA out-of-memory anywhere in the loop (evaluation too) ends in that checkpoint
+    run = Run(model, optimizer, monitors, batch_rng, iter_num, best_val_loss, dev, rank, out_dir,
+              settings, records, wandb, dead_experts, clock=(time.time(), iter_num))
+    loss_of = partial(step_loss, torch.compile(model) if compile else model, precision)
+    start_iter, run_start = iter_num, time.time()
+    try:
         while True:
-            scheduled = scheduled_lr(iter_num, learning_rate, min_lr, warmup_iters,
-                                     lr_decay_iters or max_iters, num_cycles)
-            lr = min(ceiling, max(min_lr, scheduled * plateau.scale))
+            lr = scheduled_lr(run.iter_num, learning_rate, min_lr, warmup_iters,
+                              lr_decay_iters or max_iters, num_cycles) * plateau.scale
+            if adaptive_lr:  # the plateau rule's LR stays within [min_lr, max_lr]
+                lr = min(ceiling, max(min_lr, lr))
             for group in optimizer.param_groups:
                 group['lr'] = lr
 
-            if iter_num % eval_interval == 0 or iter_num == max_iters:
+            if run.iter_num % eval_interval == 0 or run.iter_num == max_iters:
                 losses = estimate_loss(model, batches, eval_iters, seed, precision)
-                improved = losses['val'] < best_val_loss
-                best_val_loss = min(best_val_loss, losses['val'])
-                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss "
-                      f"{losses['val']:.4f}")
-                if rank == 0:
-                    log_record(records, metrics_path, wandb, dict(
-                        iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
-                if iter_num > start_iter or iter_num == max_iters:
-                    path = save_checkpoint(
-                        out_dir, 'best' if improved else 'eval', model, optimizer, keep_checkpoints,
-                        iter_num=iter_num, best_val_loss=best_val_loss, config=settings,
-                        model_config=asdict(model_config), rng=gather_rng(batch_rng, dev),
-                        monitors={k: m.state_dict() for k, m in monitors.items()})
-                    print(f"saved {path}")
-                    if rank == 0:
-                        plot_run(records, os.path.join(out_dir, 'plots'))
-                t0, t0_iter = time.time(), iter_num  # evaluation time is not training time
-            if iter_num >= max_iters:
+                stop = agreed_stop(signals.received, run.memory, losses is None, ddp, dev)
+                if stop:
+                    break
+                evaluated(run, losses, keep_checkpoints,
+                          save=run.iter_num > start_iter or run.iter_num == max_iters)
+            if run.iter_num >= max_iters:  # (stop is None: the evaluation above ran)
                 break
 
             # one optimizer step; sequences grow from seq_len_start, tokens per micro-step constant
-            seq_len = seq_len_at(iter_num, seq_len_start, block_size, ramp_iters)
+            seq_len = seq_len_at(run.iter_num, seq_len_start, block_size, ramp_iters)
             # router statistics on log steps only (a graph records them once, so always)
-            model.watch_routing(cuda_graph or (iter_num + 1) % log_interval == 0)
-            if cuda_graph:  # the eager loop's batches, the micro-steps replayed as one graph
-                xs, ys = (torch.stack(t) for t in zip(*(batches.get('train', batch_rng)
-                                                          for _ in range(accumulation))))
-                if graphed is None:
-                    graphed = GraphedSteps(partial(step_loss, model, precision),
-                                           model.parameters(), xs, ys)
-                    for counts in model.expert_counts():
-                        counts.zero_()  # what the warm-up runs counted
-                loss = graphed(xs, ys)
-            else:
-                for micro_step in range(accumulation):
-                    x, y = batches.get('train', batch_rng, seq_len,
-                                       batch_size * block_size // seq_len)
-                    loss = step_loss(train_model, precision, x, y)
-                    if debug_nan_at >= 0 and iter_num >= debug_nan_at and not micro_step:  # tests
-                        nan_injected += 1
-                        loss = loss * float('nan') if nan_injected <= debug_nan_steps else loss
-                    (loss / accumulation).backward()
+            model.watch_routing(cuda_graph or (run.iter_num + 1) % log_interval == 0)
+            loss = forward_backward(run, loss_of, batches, accumulation, seq_len,
+                                    batch_size * block_size // seq_len, cuda_graph)
+            # out of memory stops the run now; a signal or the memory level once this step is
+            # taken, so that the emergency checkpoint resumes exactly
+            stop = agreed_stop(signals.received, run.memory, loss is None, ddp, dev)
+            if stop and stop.now:
+                break
             grad_norm = optimizer.reduce_gradients()  # the mean gradient over ranks; its norm syncs
-            if not math.isfinite(grad_norm):  # skip: the weights and Adam's moments stay as is
-                optimizer.zero_grad(set_to_none=True)
-                for counts in model.expert_counts():
-                    counts.zero_()
-                bad_steps, skipped, plateau.scale = bad_steps + 1, skipped + 1, plateau.scale * 0.5
-                print(f"iter {iter_num}: non-finite loss/gradient, step skipped ({skipped} so "
-                      f"far), LR scale -> {plateau.scale:.3f}")
-                if bad_steps < max_bad_steps or not os.path.exists(ckpt_path):
-                    iter_num += 1
-                    continue
-                reloads, scale = reloads + 1, plateau.scale
-                if reloads > 3:
-                    fail(f"training diverged again after {reloads - 1} reloads of {ckpt_path}; "
-                         "lower learning_rate")
-                iter_num, best_val_loss = restore(load_checkpoint(ckpt_path)[0], model, optimizer,
-                                                  monitors, batch_rng, seed, dev, out_dir)
-                plateau.scale, bad_steps = scale * 0.5, 0
-                print(f"{max_bad_steps} bad steps in a row: reloaded {ckpt_path} (iteration "
-                      f"{iter_num}), LR scale -> {plateau.scale:.3f}")
+            if not math.isfinite(grad_norm):
+                skip_or_reload(run, max_bad_steps, seed)
                 continue
-            bad_steps = 0
-            clip = clip_at(iter_num, warmup_iters, grad_clip_start, grad_clip) if grad_clip else 0
+            run.bad_steps = 0
+            clip = grad_clip and clip_at(run.iter_num, warmup_iters, grad_clip_start, grad_clip)
             clip, exploded = grad_monitor.check(grad_norm, clip or math.inf)
             if exploded:
-                print(f"iter {iter_num}: gradient norm {grad_norm:.2f} is "
+                print(f"iter {run.iter_num}: gradient norm {grad_norm:.2f} is "
                       f"{grad_norm / grad_monitor.mean:.1f}x its running mean: explosion, clipped "
                       f"to {clip:.2f}")
             optimizer.max_grad_norm = clip if math.isfinite(clip) else 0.0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             balance_routers(model, ddp)
-            iter_num += 1
+            run.iter_num += 1
+            signals.stepped = True
             loss_value = loss.item()
             plateau.observe(loss_value, grad_norm)
-            if adaptive_lr and iter_num % lr_check_interval == 0:
-                message = plateau.check(iter_num)
+            if adaptive_lr and run.iter_num % lr_check_interval == 0:
+                message = plateau.check(run.iter_num)
                 if message:
-                    print(f"iter {iter_num}: {message}")
-
-            if iter_num % log_interval == 0:
-                if device_type == 'cuda':
-                    torch.cuda.synchronize()
-                dt = (time.time() - t0) / (iter_num - t0_iter)  # seconds per iteration
-                t0, t0_iter = time.time(), iter_num
-                record = dict(iter=iter_num, loss=loss_value, lr=lr, grad_norm=grad_norm, clip=clip,
-                              dt=dt, tok_s=tokens_per_iter / dt, seq_len=seq_len, skipped=skipped,
-                              progressive=seq_len_start > 0, explosions=grad_monitor.explosions,
-                              **memory_record(dev))
-                if device_type == 'cuda':
-                    flops = model.flops_per_token(seq_len)
-                    record['mfu'] = model_flops_utilisation(flops, tokens_per_iter, dt, world_size,
-                                                            peak_tflops)
-                if model.mtp_losses:
-                    record['mtp_losses'] = [loss.item() for loss in model.mtp_losses]
-                stats = model.router_stats()
-                if stats:
-                    record.update(routing_record(stats))
-                    for warning in dead_experts.update(iter_num, np.array(record['load'])):
-                        print(warning)
-                print(log_line(record))
-                if rank == 0:
-                    log_record(records, metrics_path, wandb, record)
-                message, empty_cache, stop = memory_action(record.get('mem_reserved', 0.0))
-                if message:
-                    print(f"iter {iter_num}: {message}")
-                if empty_cache:
-                    torch.cuda.empty_cache()
-                if stop:
-                    emergency = (f"memory at {record['mem_reserved']:.0%} of the device", 3)
-                    break
-
-            if ddp:  # a signal may reach only some ranks: they all stop together, or none does
-                flag = torch.tensor([stop_signal[0] if stop_signal else 0], device=dev)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_signal[:] = [int(flag)] if flag else []
-            if stop_signal:
-                name = signal.Signals(stop_signal[0]).name
-                emergency = (f"stopped by signal {name} at iteration {iter_num}",
-                             128 + stop_signal[0])
+                    print(f"iter {run.iter_num}: {message}")
+            if run.iter_num % log_interval == 0:
+                run.memory = log_step(run, dict(loss=loss_value, lr=lr, grad_norm=grad_norm,
+                                                clip=clip), seq_len, tokens_per_iter, peak_tflops,
+                                      progressive=seq_len_start > 0)
+            if stop:
                 break
-    except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)  # frees the partial gradients; weights are untouched
-        emergency = (f"CUDA out of memory at iteration {iter_num} (try a smaller batch_size)", 3)
     except RuntimeError as e:  # under torchrun: a collective whose peer process is gone
-        if not ddp:
+        if not ddp or isinstance(e, torch.OutOfMemoryError):
             raise
         kept = (f"resume from {ckpt_path} with --init_from=resume" if os.path.exists(ckpt_path)
                 else "no checkpoint was saved")
-        fail(f"another process of this torchrun run failed at iteration {iter_num} "
+        fail(f"another process of this torchrun run failed at iteration {run.iter_num} "
              f"({first_line(e).rpartition('] ')[2].partition('. ')[0]}); {kept}")
-    if emergency:
-        path = save_checkpoint(out_dir, 'emergency', model, optimizer, keep_checkpoints,
-                               iter_num=iter_num, best_val_loss=best_val_loss, config=settings,
-                               model_config=asdict(model_config), rng=gather_rng(batch_rng, dev),
-                               monitors={k: m.state_dict() for k, m in monitors.items()})
-        print(f"{emergency[0]}: saved an emergency checkpoint {path} (also {ckpt_path}); continue "
-              "with --init_from=resume", file=sys.stderr)
-        sys.exit(emergency[1])
+    if stop:
+        emergency_exit(run, stop, keep_checkpoints)
 
-    print(f"done: {iter_num - start_iter} iterations in {time.time() - run_start:.0f}s, best val "
-          f"loss {best_val_loss:.4f}, {skipped} skipped steps, {grad_monitor.explosions} gradient "
-          "explosions")
+    print(f"done: {run.iter_num - start_iter} iterations in {time.time() - run_start:.0f}s, best "
+          f"val loss {run.best_val_loss:.4f}, {run.skipped} skipped steps, "
+          f"{grad_monitor.explosions} gradient explosions")
     if wandb:
         wandb.finish()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
         # Everything is written: leave now. On the CPU, gloo's threads can abort the process while
-        # Python tears down ("terminate called without an active exception"), which torchrun reports
-        # as a failed run; skipping the teardown avoids that.
+        # Python tears down ("terminate called without an active exception"): a failed run.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -1,6 +1,6 @@
 """
-train.py's schedules and monitors, driven with synthetic numbers and checked against hand-derived
-values.
+train.py's schedules and monitors.py's monitors, driven with synthetic numbers and checked against
+hand-derived values.
     python -m pytest -q tests/test_monitors.py
 """
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from bench import suggest_lr
-from train import (DeadExpertTracker, GradNormMonitor, PlateauLR, as_iters, clip_at, memory_action,
-                   memory_level, model_flops_utilisation, scheduled_lr, seq_len_at)
+from monitors import (DeadExpertTracker, GradNormMonitor, PlateauLR, agreed_stop, memory_action,
+                      memory_level, model_flops_utilisation)
+from train import as_iters, clip_at, scheduled_lr, seq_len_at
 
 
 def test_warmup_cosine_and_restarts():
@@ -139,3 +140,14 @@ def test_lr_finder_suggests_the_steepest_descent():
     lrs = np.logspace(-8, -1, 141)
     losses = 5 - 2 * np.tanh(np.log10(lrs) + 4) + np.where(lrs > 1e-2, 50 * (np.log10(lrs) + 2), 0)
     assert suggest_lr(lrs, losses) == pytest.approx(1e-4, rel=0.15)
+
+
+def test_the_stop_decision_names_its_reason_and_when():
+    """agreed_stop in one process (under torchrun each reason is first the largest over the ranks):
+    out of memory stops before the step (now), and outranks the memory level and a signal, which
+    stop after it."""
+    assert agreed_stop([], 0.0, False, False, 'cpu') is None
+    assert agreed_stop([15], 0.0, False, False, 'cpu') == ('stopped by signal SIGTERM', 143, False)
+    assert agreed_stop([15], 0.93, False, False, 'cpu') == ('memory at 93% of the device', 3, False)
+    oom = agreed_stop([15], 0.93, True, False, 'cpu')
+    assert oom.now and oom.code == 3 and oom.why.startswith('CUDA out of memory')

@@ -14,14 +14,20 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
+from contextlib import nullcontext
 
 import pytest
 import torch
 import yaml
 
-from common import training_figure
+from checkpoint import training_figure
+from common import Batches
 from configurator import configure
 from data.prepare import main as prepare
+from model import GPT, ModelConfig
+from monitors import routing_record
+from train import estimate_loss, scheduled_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_experts=4', '--top_k=2', '--batch_size=8',
@@ -31,6 +37,36 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--n_experts=4', '--top_k=2'
 def run(script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
+
+
+def run_patched(patch, *args, nproc=1):
+    """train.py after `patch` (Python source, run first in the same process): how the tests inject
+    the faults that no setting offers. nproc > 1: under torchrun, on gloo."""
+    code = (f"{patch}\nimport runpy, sys\nsys.argv = ['train.py', *sys.argv[1:]]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+              f'--nproc_per_node={nproc}', '--no-python'] if nproc > 1 else []
+    return subprocess.run([*launch, sys.executable, '-c', code, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def after_training_forwards(action):
+    """A patch for run_patched: `action`, one statement, runs after each training forward of
+    GPT, with n (that forward's number on this rank: 1, 2, ...), rank and its loss in scope. The
+    first iteration's micro-steps are forwards 1 .. micro-steps, and so on."""
+    return textwrap.dedent(f'''
+        import os, model, torch
+        forward, count = model.GPT.forward, [0]
+        def patched(self, idx, targets=None, **kw):
+            logits, loss = forward(self, idx, targets, **kw)
+            if self.training:
+                count[0] += 1
+                n, rank = count[0], int(os.environ.get('RANK', 0))
+                {action}
+            return logits, loss
+        model.GPT.forward = patched
+    ''')
 
 
 def start(script, *args):
@@ -121,6 +157,7 @@ def test_run_folder_metrics_plots_and_features(data_dir, tmp_path):
     assert {'training.png', 'expert_load.png'} <= set(os.listdir(tmp_path / 'plots'))
     config = yaml.safe_load((tmp_path / 'config.yaml').read_text())
     assert config['max_iters'] == 40 and config['model']['n_future_tokens'] == 3
+    assert not {'PEAK_TFLOPS', 'CPU_FLOPS', 'MAX_RELOADS'} & config.keys()  # constants
     assert ({'git_commit', 'torch', 'device', 'world_size', 'start_time'}
             <= json.loads((tmp_path / 'metadata.json').read_text()).keys())
     records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -206,19 +243,82 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
 
 
 def test_nan_steps_are_skipped_and_repeated_ones_reload_the_checkpoint(data_dir, tmp_path):
+    """A NaN loss at iteration 7 (the 8th training forward) is skipped; three in a row reload the
+    iteration-5 checkpoint, reading its state without building a model (load_checkpoint would)."""
     common = [*TINY, f'--data_dir={data_dir}', '--eval_interval=5', '--max_iters=20']
-    once = run('train.py', *common, f'--out_dir={tmp_path / "once"}', '--debug_nan_at=7')
+    nan_at = lambda calls: after_training_forwards(
+        f"loss = loss * float('nan') if n in {calls} else loss")
+    once = run_patched(nan_at({8}), *common, f'--out_dir={tmp_path / "once"}')
     assert once.returncode == 0, once.stderr
     assert ('iter 7: non-finite loss/gradient, step skipped (1 so far), LR scale -> 0.500'
             in once.stdout)
     assert '1 skipped steps' in once.stdout
-    repeated = run('train.py', *common, f'--out_dir={tmp_path / "repeated"}', '--debug_nan_at=7',
-                   '--debug_nan_steps=3', '--max_bad_steps=3')
+    no_model = ("import common\ncommon.load_checkpoint = lambda *_: common.fail("
+                "'the reload built a model')\n")
+    repeated = run_patched(no_model + nan_at({8, 9, 10}), *common, '--max_bad_steps=3',
+                           f'--out_dir={tmp_path / "repeated"}')
     assert repeated.returncode == 0, repeated.stderr
     assert ('3 bad steps in a row: reloaded' in repeated.stdout
             and '(iteration 5)' in repeated.stdout)
     for name in ('once', 'repeated'):
         assert all(torch.isfinite(w).all() for w in weights(tmp_path / name / 'ckpt.pt').values())
+
+
+def test_a_run_that_keeps_diverging_ends_after_max_reloads(data_dir, tmp_path):
+    """Every step NaN from iteration 7 on: each bad step reloads the iteration-5 checkpoint
+    (max_bad_steps=1); the fourth divergence ends the run with one line."""
+    result = run_patched(after_training_forwards("loss = loss * float('nan') if n >= 8 else loss"),
+                         *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                         '--eval_interval=5', '--max_iters=20', '--max_bad_steps=1')
+    assert result.returncode == 1 and result.stdout.count('bad steps in a row: reloaded') == 3
+    assert result.stderr.strip().splitlines() == [
+        f"error: training diverged again after 3 reloads of {tmp_path / 'ckpt.pt'}; lower "
+        "learning_rate"]
+
+
+def test_without_the_plateau_rule_the_lr_is_the_schedule(data_dir, tmp_path):
+    """adaptive_lr=False: each step's LR is scheduled_lr's, warm-up included, though min_lr is
+    above its first values (min_lr is the floor of the cosine and of the plateau rule)."""
+    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                 '--max_iters=4', '--log_interval=1', '--learning_rate=1e-3', '--min_lr=5e-4')
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    lrs = [r['lr'] for r in records if 'lr' in r]  # logged at iter it + 1: step it's LR
+    assert lrs == [scheduled_lr(it, 1e-3, 5e-4, 2, 4, 1) for it in range(4)]
+    assert lrs[0] == pytest.approx(1e-3 / 3)
+
+
+def test_an_evaluation_leaves_the_training_steps_records_for_the_next_log(data_dir):
+    """The log line after an evaluation reads what the last training forward recorded: the routers'
+    statistics (with the dropped share, which eval mode does not record) and the MTP losses. With
+    --cuda_graph=True those are the tensors the captured step writes at each replay, so the
+    evaluation must leave the very same objects in place."""
+    meta = json.loads(open(os.path.join(data_dir, 'meta.json')).read())
+    model = GPT(ModelConfig(vocab_size=meta['vocab_size'], block_size=32, n_layer=2, n_head=2,
+                            n_embd=32, n_experts=4, top_k=2, n_future_tokens=2))
+    batches = Batches(data_dir, meta['dtype'], 4, 32, 'cpu')
+    model.watch_routing(True)  # as a graphed step records them
+    model(*batches.get('train', torch.Generator().manual_seed(0)))
+    stats, mtp_losses = model.router_stats(), model.mtp_losses
+    estimate_loss(model, batches, 2, 0, nullcontext())
+    assert all(a is b for a, b in zip(model.router_stats(), stats, strict=True))
+    assert model.mtp_losses is mtp_losses and len(mtp_losses) == 1
+    assert len(routing_record(model.router_stats())['dropped']) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graph_logs_after_an_evaluation(data_dir, tmp_path):
+    """--cuda_graph=True, an evaluation at 10 between the logs at 5 and 15: the log lines after it
+    read what the replayed step writes (the routing statistics, the MTP losses), not what the
+    evaluation recorded."""
+    result = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                 '--device=cuda', '--cuda_graph=True', '--max_iters=20', '--eval_interval=10',
+                 '--n_future_tokens=2')
+    assert result.returncode == 0, result.stderr
+    steps = {r['iter']: r for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))
+             if 'loss' in r}
+    assert all(len(steps[it]['dropped']) == 2 for it in (5, 10, 15, 20))
+    assert steps[15]['mtp_losses'] != steps[20]['mtp_losses']
 
 
 def test_lr_finder_writes_a_plot_and_no_checkpoint(data_dir, tmp_path):
@@ -291,6 +391,7 @@ def test_bad_input_gives_one_line_errors_and_touches_nothing(reference, data_dir
     marker = tmp_path / 'exploited'
     cases = [
         (train('--n_layers=4'), "unknown config key 'n_layers'"),
+        (train('--PEAK_TFLOPS=1'), "unknown config key 'PEAK_TFLOPS'"),  # a constant
         (train('--max_iters=ten'), 'expects int'),
         (train('config/missing.py'), 'cannot read config file'),
         (train('--learning_rate=-1.0'), 'learning_rate must be > 0'),
@@ -342,8 +443,8 @@ def test_configure_checks_keys_and_types(tmp_path):
                                      '--router=softmax'])
     assert settings == dict(max_iters=7, learning_rate=2.0, compile=True, router='softmax')
     assert overrides == settings and isinstance(settings['learning_rate'], float)
-    for bad in (['--max_iter=3'], ['--max_iters=2.5'], ['--compile=1'], ['--router=3'],
-                ['max_iters']):
+    # (a str setting takes any text: --router=3 is the router '3', which ModelConfig refuses)
+    for bad in (['--max_iter=3'], ['--max_iters=2.5'], ['--compile=1'], ['max_iters']):
         with pytest.raises(ValueError):
             configure(dict(settings), bad)
     config_file.write_text("typo_key = 1\n")
@@ -454,6 +555,32 @@ def test_zero_stages_under_torchrun_match_ddp_and_resume_from_rank_shards(data_d
                 '--init_from=resume',
                 '--zero_stage=1')  # DDP's whole AdamW state, cut into shards on load
     assert whole.returncode == 0 and 'done: 5 iterations' in whole.stdout, whole.stderr
+
+
+@pytest.mark.parametrize('fault', ['memory', 'oom'])
+def test_a_stop_on_one_rank_stops_every_rank_with_an_emergency_checkpoint(data_dir, tmp_path,
+                                                                           fault):
+    """2 gloo processes; only rank 1 finds its memory past the last level at the log step of
+    iteration 5, or runs out of CUDA memory in its 8th forward (iteration 7). Every rank stops with
+    it (after the step for the memory level, before it for the OOM) and takes part in one emergency
+    checkpoint, instead of waiting in its collectives until dist_timeout."""
+    patch = {'memory': textwrap.dedent("""
+                 import os, monitors
+                 memory_record = monitors.memory_record
+                 full = {'mem_reserved': 0.95} if os.environ['RANK'] == '1' else {}
+                 monitors.memory_record = lambda dev: dict(memory_record(dev), **full)
+                 """),
+             'oom': after_training_forwards(
+                 "if rank == 1 and n == 8: raise torch.OutOfMemoryError('CUDA out of memory.')")}
+    result = run_patched(patch[fault], *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                         '--max_iters=100', '--gradient_accumulation_steps=2', '--dist_timeout=60',
+                         nproc=2)
+    why, stopped_at = {'memory': ('memory at 95% of the device', 6),
+                       'oom': ('CUDA out of memory (try a smaller batch_size)', 7)}[fault]
+    line = f"{why} at iteration {stopped_at}: saved an emergency checkpoint"
+    assert result.returncode != 0 and result.stderr.count(line) == 2, result.stderr  # both ranks
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['reason'] == 'emergency' and ckpt['iter_num'] == stopped_at
 
 
 def test_a_dead_rank_stops_the_whole_run(data_dir, tmp_path):
