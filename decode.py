@@ -286,7 +286,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     check_finished = eos_id is not None or stop is not None  # finished.all() syncs with the GPU
     cache, step = decoder(model, idx, pad, cuda_graph) if use_cache else (None, None)
-    cached, logprobs = 0, []  # positions cached; (B, 1) each
+    cached, logprobs, context_pad = 0, [], pad  # positions cached; (B, 1) each; pad of the cache
     for _ in range(max_new_tokens):
         if use_cache and 0 < cached < window:  # one new token against the cache
             inputs = (idx[:, -1:],) if pad is None else (idx[:, -1:], context_pad)

@@ -17,7 +17,6 @@ the run folder in checkpoint.py.
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields

@@ -517,7 +517,6 @@ def test_grouped_experts_cuda_bf16(router, capacity, act):
 def test_cuda_kernels_train_like_their_twins(router, autocast, tol):
     """The whole model, CUDA kernels against their PyTorch twins: the same loss and gradients (fp32:
     to rounding; bf16: the tolerance of bf16 activations)."""
-    import ava_kernels
     assert ava_kernels.build() is True
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64, n_head=4, block_size=64, n_experts=4, n_future_tokens=2,
