@@ -42,8 +42,9 @@ import torch
 import ava_kernels
 from ava_kernels import moe_sort
 from common import PEAK_TFLOPS, Batches, autocast, load_data, pyplot, resolve_device
-from configurator import check, configure_or_exit, fail, settings_of
+from configurator import configure_or_exit, settings_of
 from decode import GraphedSteps, generate
+from failsafe import check, fail
 from model import GPT, ModelConfig
 from zero import ShardedAdamW
 

@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from common import (link_or_copy, load_torch, pyplot, read_metrics, save_atomic, trained_data_dir,
-                    write_atomic)
-from configurator import check, fail, first_line
+from common import link_or_copy, load_torch, pyplot, read_metrics, save_atomic, trained_data_dir
+from failsafe import check, fail, first_line, write_atomic
 from model import ModelConfig
 
 # model settings a resumed run may change: they weigh losses or regularise, the weights still fit
@@ -60,13 +59,10 @@ def save_checkpoint(out_dir, reason, model, optimizer, keep, **state):
         zero = dict(stage=optimizer.stage, world_size=optimizer.world_size) if sharded else None
         save_atomic(dict(model=weights, optimizer=None if sharded else optimizer.state_dict(),
                          zero=zero, reason=reason, **state), path,
-                    previous=os.path.join(out_dir, 'ckpt.pt'))
-        try:
-            link_or_copy(path, os.path.join(out_dir, 'ckpt.pt'))
-            if reason == 'best':
-                link_or_copy(path, os.path.join(out_dir, 'best.pt'))
-        except OSError as e:
-            fail(f"could not point ckpt.pt at {path} ({e.strerror}); {path} itself is complete")
+                    fallback=os.path.join(out_dir, 'ckpt.pt'))
+        link_or_copy(path, os.path.join(out_dir, 'ckpt.pt'))
+        if reason == 'best':
+            link_or_copy(path, os.path.join(out_dir, 'best.pt'))
         history = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r'ckpt_\d+\.pt', f))
         for old in history[:-keep]:  # with its optimizer shards, if any
             for f in [old] + glob.glob(os.path.join(out_dir, old[:-3] + '.rank*.pt')):
@@ -221,11 +217,7 @@ def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
                                          **metadata), indent=2),
         'metrics.jsonl': ''.join(json.dumps(r) + '\n' for r in records)}
     for name, text in files.items():
-        try:
-            write_atomic(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
-        except OSError as e:
-            fail(f"cannot write {name} in out_dir={out_dir} ({e.strerror}); free some space or "
-                 "choose another --out_dir")
+        write_atomic(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
     return records
 
 
@@ -284,10 +276,7 @@ def training_figure(records):
 def save_figure(fig, path):
     """fig as a PNG at path, written atomically; plots are not worth ending a run for, so a failed
     write (a full disk) is a note."""
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'))
-    except OSError as e:
-        print(f"note: could not write {path} ({e.strerror}); training goes on")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'), optional=True)
     pyplot().close(fig)
 
 

@@ -6,7 +6,6 @@ pyplot). Settings and one-line errors live in configurator.py, the tokenizer in 
 Scripts import this and model.py, never each other.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from configurator import check, fail, first_line
+from failsafe import check, fail, first_line, write_atomic
 from model import GPT, ModelConfig
 
 
@@ -44,53 +43,20 @@ def autocast(device_type, bf16=None):
 
 # ---- files and checkpoints ----
 
-def write_atomic(path, save):
-    """save(tmp) then rename: a crash while writing never leaves a half-written file at path."""
-    try:
-        save(path + '.tmp')
-        os.replace(path + '.tmp', path)
-    except BaseException:
-        if os.path.isfile(path + '.tmp'):
-            os.remove(path + '.tmp')
-        raise
-
-
-def save_atomic(obj, path, previous=None):
-    """torch.save through write_atomic; a failed write (disk full, permissions) is one line that
-    says whether the disk is full and what survives: `previous` (the file a reader falls back on,
-    such as ckpt.pt) or path itself, when they exist."""
-    written = []
-
-    def save(tmp):
-        try:
-            torch.save(obj, tmp)
-        except BaseException:
-            written.append(os.path.getsize(tmp) if os.path.exists(tmp) else 0)
-            raise
-    try:
-        write_atomic(path, save)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError when the disk fills up
-        folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-        # torch's error does not say why; a disk with no more room than the failed write took
-        # (now deleted) is full
-        code = getattr(e, 'errno', None)
-        full = code == errno.ENOSPC if code else free <= sum(written) + 2**24
-        why = (f"the disk is full: {free / 2**20:.1f} MiB free in {folder}; free some space or "
-               "choose another folder" if full else first_line(e))
-        if previous and os.path.exists(previous):
-            kept = f"the previous checkpoint {previous} is intact"
-        else:
-            kept = f"the previous {path} is intact" if os.path.exists(path) else "nothing was saved"
-        fail(f"could not write {path} ({why}); {kept}")
+def save_atomic(obj, path, fallback=None):
+    """torch.save through failsafe.write_atomic: never half-written; a full disk is one line."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), fallback)
 
 
 def link_or_copy(src, dst):
-    """dst becomes the same file as src (a hard link where the file system allows, else a copy)."""
-    try:
-        write_atomic(dst, lambda tmp: os.link(src, tmp))
-    except OSError:
-        write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    """dst becomes the same file as src (a hard link where the file system allows, else a copy);
+    when that fails, src itself is complete."""
+    def link(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    write_atomic(dst, link, fallback=src)
 
 
 def load_torch(path, what='a checkpoint from train.py'):

@@ -1,6 +1,6 @@
 """
-Settings and the one-line errors every script shares; torch-free, so that data/prepare.py can use
-it on a machine without torch.
+The settings of every script; torch-free, so that data/prepare.py can use it on a machine without
+torch.
 
 Poor man's configurator, after nanoGPT: a script keeps its settings as plain module globals, each
 with a comment, between two `# ----` rules, and
@@ -22,53 +22,17 @@ import dataclasses
 import difflib
 import inspect
 import io
-import json
 import os
 import re
 import sys
 import textwrap
-import time
 import tokenize
 import traceback
 import types
 
-
-# ---- one-line errors ----
-
-def fail(message, code=1):
-    """Bad input ends the run with one line that says what to fix, never a traceback. Under
-    torchrun every rank checks the same input, so only rank 0 prints the line; every rank also
-    writes it to the error file torchrun reads (TORCHELASTIC_ERROR_FILE), so that torchrun's failure
-    summary ends with it instead of a pointer to its documentation."""
-    line = f"error: {message}"
-    if os.environ.get('TORCHELASTIC_ERROR_FILE'):
-        try:
-            with open(os.environ['TORCHELASTIC_ERROR_FILE'], 'w') as f:
-                json.dump(dict(message=line, timestamp=int(time.time())), f)
-        except OSError:
-            pass
-    if os.environ.get('RANK', '0') != '0':
-        time.sleep(3)  # torchrun stops every rank once one exits: rank 0 prints its line first
-        sys.exit(code)
-    if code == 1:  # Python prints the line; a caller in the same process reads it from SystemExit
-        sys.exit(line)
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(code)
+from failsafe import fail, first_line
 
 
-def first_line(error):
-    """torch's error messages run over many lines; ours quote the first."""
-    return str(error).partition('\n')[0]
-
-
-def check(checks):
-    """checks: (ok, message) pairs; the first one that is not ok ends the run with its message."""
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-
-
-# ---- settings ----
 
 def _coerce(key, value, default):
     """value with the type of the default it replaces (an int is a fine float), or a ValueError."""

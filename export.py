@@ -18,8 +18,7 @@ import shutil
 
 import torch
 
-from common import write_atomic
-from configurator import check, fail
+from failsafe import check, fail, write_atomic
 from model import rope_tables
 from tokenizer import load_run_tokenizer
 

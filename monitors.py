@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import fail
+from failsafe import fail
 from model import GPT
 
 MEMORY_LEVELS = (0.75, 0.80, 0.85, 0.90)  # of device memory: note, empty cache, warn, stop

@@ -60,8 +60,9 @@ import torch.nn.functional as F
 
 from common import (load_checkpoint, load_data, load_torch, pyplot, resolve_device, save_atomic,
                     trained_data_dir)
-from configurator import check, configure_or_exit, fail, settings_of
+from configurator import configure_or_exit, settings_of
 from decode import forget, generate
+from failsafe import check, fail
 from model import GPT, ModelConfig
 from tokenizer import load_run_tokenizer
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from common import autocast, load_checkpoint, load_data, resolve_device, trained_data_dir
-from configurator import check, configure_or_exit, fail, settings_of
+from configurator import configure_or_exit, settings_of
 from decode import generate, generate_speculative, penalize_repeats, speculative_room
 from export import export_hf
+from failsafe import check, fail
 from model import Attention, MoE
 from tokenizer import load_run_tokenizer
 

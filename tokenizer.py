@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tiktoken
 
-from configurator import fail, first_line
+from failsafe import fail, first_line
 
 # GPT-2's pre-tokenizer regex: split into words, numbers, punctuation and whitespace runs before
 # BPE. It is the one `tokenizers`' ByteLevel pre-tokenizer uses (use_regex=True); tiktoken needs it

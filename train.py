@@ -33,8 +33,9 @@ from checkpoint import (check_resumable, gather_rng, log_record, plot_run, prepa
                         start_wandb)
 from common import (PEAK_TFLOPS, Batches, autocast, load_checkpoint, load_data, load_torch,
                     resolve_device)
-from configurator import check, configure_or_exit, fail, first_line, settings_of
+from configurator import configure_or_exit, settings_of
 from decode import GraphedSteps
+from failsafe import check, fail, first_line
 from model import GPT, ModelConfig
 from monitors import (DeadExpertTracker, GradNormMonitor, PlateauLR, StopSignals, agreed_stop,
                       cpu_time_warning, log_line, memory_action, memory_record,

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import pyplot, read_metrics  # noqa: E402
-from configurator import fail  # noqa: E402
+from failsafe import fail  # noqa: E402
 
 
 def read_run(folder):

@@ -24,7 +24,7 @@ import re
 from itertools import groupby
 from pathlib import Path
 
-from configurator import fail
+from failsafe import fail
 
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 TEXT_FIELDS = ("text", "content", "messages", "conversations")  # in order of preference

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from configurator import check, fail  # noqa: E402
 from data.documents import FORMATS, TEXT_FIELDS, find_files, read_documents  # noqa: E402
+from failsafe import check, fail  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"

@@ -259,7 +259,7 @@ DISK = {
         lambda w: w.train(f"--out_dir={mount_tmpfs(w.tmp / 'ro', '1m', 'ro')}/run"),
         ('out_dir', 'Read-only')),
     'disk full on resume: the previous checkpoint survives': Case(
-        full_disk, ('ckpt_000006.pt', 'disk is full', 'the previous checkpoint', 'ckpt.pt')),
+        full_disk, ('ckpt_000006.pt', 'disk is full', 'ckpt.pt is intact')),
     'disk full on a new run: no previous checkpoint claimed': Case(
         lambda w: w.train(f"--out_dir={mount_tmpfs(w.tmp / 'disk', '60k')}", '--max_iters=2'),
         ('ckpt_000002.pt', 'disk is full', 'nothing was saved')),
