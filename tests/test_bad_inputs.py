@@ -88,6 +88,7 @@ class Case(NamedTuple):
     changes: tuple = ()       # files (names in tmp's copies) that an exit-0 case may rewrite
     how: str = 'run'          # 'run', 'elsewhere' (from another folder), or a runner below
     stdout: tuple = ()        # words that must also be on stdout
+    made: tuple = ()          # what a failing case may leave in tmp (a run that trained first)
 
 
 RUN_FILES = ('ckpt.pt', 'best.pt', 'ckpt_000006.pt', 'config.yaml', 'metadata.json',
@@ -287,7 +288,7 @@ CONCURRENCY = {
     'a second training into the same out_dir': Case(
         lambda w: w.train(f'--out_dir={w.tmp}/busy', '--max_iters=100000',
                           '--eval_interval=100000'), ('another training', 'busy'),
-        how='concurrent'),
+        how='concurrent', made=('busy',)),
     'a lock left by a dead run does not block': Case(stale_lock, ('resuming from',), exit0=True,
                                                     changes=RUN_FILES + ('train.lock',)),
 }
@@ -398,7 +399,7 @@ TORCHRUN = {
     'a rank killed mid-run': Case(
         lambda w: w.train(f'--out_dir={w.tmp}/ddp', '--max_iters=100000', '--eval_interval=5',
                           '--gradient_accumulation_steps=2', '--dist_timeout=20'),
-        ('another process', 'ckpt.pt'), how='torchrun_kill'),
+        ('another process', 'ckpt.pt'), how='torchrun_kill', made=('ddp',)),
 }
 
 
@@ -444,9 +445,24 @@ TRAIN_SIGNALS = {
         stdout=('warning:', 'min each', 'config/nano.py')),
 }
 
+# ---- every script keeps the promise: signals, full disks, broken inputs to the side tools ----
+
+TRAIN_STARTS = {  # a failed start of train.py changes nothing
+}
+
+SAMPLE_STOPS = {  # sample.py, export and bench.py
+}
+
+RLHF_STOPS = {  # rlhf.py
+}
+
+PREPARE_STOPS = {  # data/prepare.py and bench/plot_runs.py
+}
+
 FAMILIES = dict(config=CONFIG, data=DATA, resume=RESUME, disk=DISK, concurrency=CONCURRENCY,
                 sample=SAMPLING, prepare=PREPARE, torchrun=TORCHRUN, rlhf=RLHF_CASES,
-                signals=TRAIN_SIGNALS)
+                signals=TRAIN_SIGNALS, starts=TRAIN_STARTS, sample_stops=SAMPLE_STOPS,
+                rlhf_stops=RLHF_STOPS, prepare_stops=PREPARE_STOPS)
 CASES = {f'{family}: {name}': case for family, cases in FAMILIES.items()
          for name, case in cases.items()}
 
@@ -463,10 +479,11 @@ def run(argv, cwd=ROOT, timeout=120):
     return done.returncode, done.stdout, done.stderr
 
 
-def interrupt_after(prefix):
-    """Start the command, send SIGINT once a line of its output starts with prefix. The child
-    starts with SIGINT's default action: a shell's background job (`pytest &`) ignores SIGINT,
-    and Python then never turns it into KeyboardInterrupt."""
+def interrupt_after(prefix, signum=signal.SIGINT):
+    """Start the command, send signum (SIGINT: Ctrl-C) once a line of its output starts with prefix
+    (an empty prefix: at its first line). The child starts with SIGINT's default action: a shell's
+    background job (`pytest &`) ignores SIGINT, and Python then never turns it into
+    KeyboardInterrupt."""
     def runner(argv, cwd):
         process = subprocess.Popen(command(argv), cwd=cwd, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=ENV,
@@ -477,7 +494,7 @@ def interrupt_after(prefix):
             if line.startswith(prefix):
                 time.sleep(0.2)
                 assert process.poll() is None, 'the command ended before Ctrl-C: give it more work'
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signum)
                 break
         out, err = process.communicate(timeout=60)
         return process.returncode, ''.join(lines) + out, err
@@ -520,9 +537,9 @@ def torchrun(argv, cwd, kill=False):
 
 
 def fingerprint(*folders):
-    """{path: sha1} of every file under the folders."""
-    return {str(f): hashlib.sha1(f.read_bytes()).hexdigest() for folder in folders
-            for f in Path(folder).rglob('*') if f.is_file()}
+    """{path: sha1} of every file under the folders, and {path: None} of every folder."""
+    return {str(f): hashlib.sha1(f.read_bytes()).hexdigest() if f.is_file() else None
+            for folder in folders for f in Path(folder).rglob('*') if f.is_file() or f.is_dir()}
 
 
 @pytest.fixture(scope='module')
@@ -549,6 +566,8 @@ def execute(case, argv, cwd):
         return concurrent(argv, cwd)
     if case.how.startswith('interrupt:'):
         return interrupt_after(case.how.partition(':')[2])(argv, cwd)
+    if case.how.startswith('terminate:'):
+        return interrupt_after(case.how.partition(':')[2], signal.SIGTERM)(argv, cwd)
     return torchrun(argv, cwd, kill=case.how == 'torchrun_kill')
 
 
@@ -559,9 +578,9 @@ def test_bad_input(world, tmp_path, name):
     world.tmp.mkdir()
     try:
         argv = case.argv(world)
-        before = fingerprint(world.base)
+        before = fingerprint(world.base, world.tmp)
         rc, out, err = execute(case, argv, world.tmp if case.how == 'elsewhere' else ROOT)
-        after = fingerprint(world.base)
+        after = fingerprint(world.base, world.tmp)
     finally:
         for mount in [*world.tmp.glob('disk'), *world.tmp.glob('ro')]:
             subprocess.run(['umount', '-l', str(mount)], capture_output=True)
@@ -582,12 +601,16 @@ def test_bad_input(world, tmp_path, name):
         assert lines[0].startswith('error: '), lines[0]
     if not case.how.startswith('torchrun'):
         assert 'Traceback' not in text, text
+    stopped_by = dict(interrupt=signal.SIGINT, terminate=signal.SIGTERM).get(
+        case.how.partition(':')[0])
+    assert stopped_by is None or rc == 128 + stopped_by, rc  # exit 128 + the signal
     assert all(w in out for w in case.stdout), out
     changed = [p for p, digest in before.items() if after.get(p) != digest
                and not (case.exit0 and Path(p).name in case.changes and str(world.tmp) in p)]
     assert not changed, changed
-    leftovers = [p for p in after if p not in before and p.endswith('.tmp')]
-    assert not leftovers, leftovers
+    leftovers = [p for p in after if p not in before and (p.endswith('.tmp') or not case.exit0)
+                 and not any(f'{world.tmp}/{name}' in p for name in case.made)]
+    assert not leftovers, leftovers  # a failed command leaves nothing behind, not even a folder
 
 
 def check_torchrun(case, rc, out, err):
