@@ -16,8 +16,14 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from failsafe import check, fail, stop_on_signals, write_atomic  # noqa: E402
+
+if __name__ == '__main__':  # before torch and matplotlib load: a stop while they do is one line too
+    stop_on_signals(lambda: '; nothing was written')
+
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+
 from common import pyplot, read_metrics  # noqa: E402
-from failsafe import fail  # noqa: E402
 
 
 def read_run(folder):
@@ -28,6 +34,8 @@ def read_run(folder):
     except (OSError, ValueError) as e:
         fail(f"cannot read {path} ({type(e).__name__}): pass run folders written by train.py")
     evals = [r for r in records if 'val_loss' in r]
+    check([(evals, f"{path} holds no evaluations (no val_loss record): pass run folders that "
+            "train.py evaluated at least once")])
     logs = [r for r in records if 'load' in r]
     imbalance = [max(max(layer) * len(layer) for layer in r['load']) for r in logs]
     dropped = [sum(r['dropped']) / len(r['dropped']) for r in logs]
@@ -35,7 +43,21 @@ def read_run(folder):
             imbalance, dropped)
 
 
+def image_format(out_png):
+    """The format out_png names by its extension, checked before any work: one that matplotlib
+    writes, into a folder that exists."""
+    kind = os.path.splitext(out_png)[1][1:].lower()
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    folder = os.path.dirname(out_png) or '.'
+    check([(kind in kinds, f"cannot draw {out_png}: matplotlib writes no '{kind}' files (it "
+            f"writes {', '.join(sorted(kinds))})"),
+           (os.path.isdir(folder), f"{folder} does not exist: create it, or draw into another "
+            "folder")])
+    return kind
+
+
 def main(out_png, folders):
+    kind = image_format(out_png)
     runs = {os.path.basename(os.path.normpath(f)): read_run(f) for f in folders}
     moe = any(run[3] for run in runs.values())
     plt = pyplot()
@@ -63,7 +85,7 @@ def main(out_png, folders):
         axes[0, 1].legend(fontsize=7)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=90, format=kind))
     print(f"wrote {out_png}")
 
 

