@@ -32,21 +32,27 @@ a training step that logs nothing (no statistics). --decode=True times decode.ge
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import fields, replace
 
-import numpy as np
-import torch
+from failsafe import check, fail, stop_on_signals, write_atomic
 
-import ava_kernels
-from ava_kernels import moe_sort
-from common import PEAK_TFLOPS, Batches, autocast, load_data, pyplot, resolve_device
-from configurator import configure_or_exit, settings_of
-from decode import GraphedSteps, generate
-from failsafe import check, fail
-from model import GPT, ModelConfig
-from zero import ShardedAdamW
+if __name__ == '__main__':  # before torch loads: a stop while it does is one line too
+    stop_on_signals(lambda: '; nothing was written')  # lr_find's files are written whole or not
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ava_kernels  # noqa: E402
+from ava_kernels import moe_sort  # noqa: E402
+from common import (PEAK_TFLOPS, Batches, autocast, load_data, pyplot,  # noqa: E402
+                    resolve_device)
+from configurator import configure_or_exit, settings_of  # noqa: E402
+from decode import GraphedSteps, generate  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+from zero import ShardedAdamW  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the model: every field of ModelConfig in model.py, as in train.py
@@ -306,10 +312,45 @@ def suggest_lr(lrs, losses):
     return float(lrs[int(np.argmin(slope))])
 
 
+def write_lr_find(lrs, smoothed, suggestion):
+    """lr_find.json and lr_find.png in out_dir, both or neither: the plot is written (atomically)
+    while the JSON's temporary file waits for its rename, so a full disk or a signal in either
+    write leaves the previous pair, and a new out_dir that stays empty is removed."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    ax.plot(lrs, smoothed)
+    ax.axvline(suggestion, color='r', ls='--', label=f'suggested {suggestion:.1e}')
+    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss')
+    ax.legend()
+    text = json.dumps(dict(lrs=lrs, smoothed_loss=smoothed, suggested_lr=suggestion))
+    png = os.path.join(out_dir, 'lr_find.png')
+
+    def write_json_then_png(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+        write_atomic(png, lambda tmp_png: fig.savefig(tmp_png, dpi=80, format='png'))
+
+    new = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create out_dir={out_dir} ({e.strerror}); choose another --out_dir")
+    try:
+        write_atomic(os.path.join(out_dir, 'lr_find.json'), write_json_then_png)
+    except BaseException:
+        if new:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
 def lr_range_test(cfg, dev):
     """Smith 2017: train on data_dir with an LR growing exponentially from lr_find_start to
     lr_find_end, smooth the loss and suggest where it falls fastest (lr_find.png/.json)."""
-    meta, _ = load_data(data_dir)
+    meta, splits = load_data(data_dir, ('train',))
+    n = len(splits['train'])
+    check([(n >= block_size + 2, f"{data_dir}/train.bin has {n:,} tokens, too few for windows of "
+            f"block_size={block_size} + 1: use --block_size={n - 2} or less, or more data")])
+    print(f"LR range test: {lr_find_iters} steps from {lr_find_start:.1e} to {lr_find_end:.1e} on "
+          f"{data_dir}/train.bin ({n:,} tokens)")
     batches = Batches(data_dir, meta['dtype'], batch_size, block_size, dev)
     model = GPT(replace(cfg, vocab_size=meta['vocab_size'])).to(dev)
     optimizer = ShardedAdamW(model.parameters(), betas=(0.9, 0.95))
@@ -330,18 +371,7 @@ def lr_range_test(cfg, dev):
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * best:
             break  # diverged: the rest of the sweep says nothing
     suggestion = suggest_lr(lrs, smoothed)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fig, ax = pyplot().subplots(figsize=(6, 4))
-        ax.plot(lrs, smoothed)
-        ax.axvline(suggestion, color='r', ls='--', label=f'suggested {suggestion:.1e}')
-        ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss')
-        ax.legend()
-        fig.savefig(os.path.join(out_dir, 'lr_find.png'), dpi=80)
-        with open(os.path.join(out_dir, 'lr_find.json'), 'w') as f:
-            json.dump(dict(lrs=lrs, smoothed_loss=smoothed, suggested_lr=suggestion), f)
-    except OSError as e:
-        fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
+    write_lr_find(lrs, smoothed, suggestion)
     print(f"LR range test: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; steepest descent "
           f"at lr={suggestion:.2e} (try --learning_rate={suggestion:.1e}); wrote lr_find.png/.json "
           f"in {out_dir}")
@@ -351,8 +381,11 @@ if __name__ == '__main__':
     configure_or_exit(globals(), ignored=TRAINING_ONLY)
     check([(kernels in ('cuda', 'ref'), "--kernels must be 'cuda' or 'ref'"),
            (compare in ('', 'dense', 'hf'), "--compare must be '', 'dense' or 'hf'"),
-           (0 < lr_find_start < lr_find_end and lr_find_iters >= 10,
-            "need 0 < lr_find_start < lr_find_end and lr_find_iters >= 10"),
+           (0 < lr_find_start < lr_find_end < math.inf and lr_find_iters >= 10,
+            "need 0 < lr_find_start < lr_find_end (finite) and lr_find_iters >= 10"),
+           (min(batch_size, block_size, gradient_accumulation_steps) >= 1,
+            "batch_size, block_size and gradient_accumulation_steps must be >= 1"),
+           (-2**63 <= seed < 2**64, f"seed must fit in 64 bits, got {seed}"),
            (min(warmup_steps, timed_steps, new_tokens) >= 1 and peak_tflops > 0,
             "warmup_steps, timed_steps, new_tokens and peak_tflops must be > 0")])
     settings = settings_of(globals())

@@ -15,6 +15,8 @@ import inspect
 import json
 import os
 import shutil
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -120,6 +122,7 @@ def export_hf(model, run_dir, folder):
             "Mixtral experts are SwiGLU: train with --expert_act=swiglu"),
            (cfg.router != 'bias', "router='bias' cannot be expressed in Mixtral: its routing adds "
             "a learned bias"),
+           (not os.path.isfile(folder), f"{folder} is a file; export into a new folder"),
            (not os.path.exists(folder) or os.path.isdir(folder) and not os.listdir(folder),
             f"{folder} exists and is not an empty folder; export into a new one")])
     enc = load_run_tokenizer(run_dir)
@@ -127,19 +130,21 @@ def export_hf(model, run_dir, folder):
     files = mixtral_files(cfg, model.norm_f.eps, eos, enc.eot_token)
     weights, target = mixtral_weights(model), os.path.abspath(folder)
     tmp = os.path.join(os.path.dirname(target), f'.{os.path.basename(target)}.tmp{os.getpid()}')
-    try:
+    try:  # a full disk or a signal (SystemExit) on the way leaves no temporary folder behind
         os.makedirs(tmp)
         save_safetensors(weights, os.path.join(tmp, 'model.safetensors'),
                          metadata={'format': 'pt'})  # transformers checks the format
-        shutil.copyfile(os.path.join(run_dir, 'tokenizer.json'),
-                        os.path.join(tmp, 'tokenizer.json'))
+        write_atomic(os.path.join(tmp, 'tokenizer.json'), partial(
+            shutil.copyfile, os.path.join(run_dir, 'tokenizer.json')))
         for file, content in files.items():
-            with open(os.path.join(tmp, file), 'w') as f:
-                json.dump(content, f, indent=2)
+            text = json.dumps(content, indent=2)
+            write_atomic(os.path.join(tmp, file),
+                         lambda path, text=text: Path(path).write_text(text))
         os.replace(tmp, target)  # onto nothing, or onto an empty folder
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         fail(f"cannot write {folder} ({e.strerror or e}); nothing was written")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the folder was renamed
     if model.mtp_heads:
         print(f"note: the {len(model.mtp_heads)} multi-token-prediction heads are not exported "
               "(Mixtral has none); the next-token model is")

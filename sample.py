@@ -21,20 +21,29 @@ import re
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils import parametrize
+from failsafe import check, fail, stop_on_signals, write_atomic
 
-from common import autocast, load_checkpoint, load_data, resolve_device, trained_data_dir
-from configurator import configure_or_exit, settings_of
-from decode import generate, generate_speculative, penalize_repeats, speculative_room
-from export import export_hf
-from failsafe import check, fail
-from model import Attention, MoE
-from tokenizer import load_run_tokenizer
+if __name__ == '__main__':  # before torch loads: a stop while it does is one line too
+    pending = []  # the outputs still to write (--out, the report, the export): a stop names them
+    stop_on_signals(lambda: f"; {' and '.join(pending)} not written" if pending
+                    else "; nothing was written")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+from common import (autocast, load_checkpoint, load_data, resolve_device,  # noqa: E402
+                    trained_data_dir)
+from configurator import configure_or_exit, settings_of  # noqa: E402
+from decode import (generate, generate_speculative, penalize_repeats,  # noqa: E402
+                    speculative_room)
+from export import export_hf  # noqa: E402
+from model import Attention, MoE  # noqa: E402
+from tokenizer import load_run_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/nano'     # a folder written by train.py: ckpt.pt and tokenizer.json
@@ -202,17 +211,22 @@ def mean_entropy(model, rows):
 
 def check_settings(temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                    num_samples, max_new_tokens, speculative, quantize, dtype, export, out, report,
-                   **_):
-    """Every bad setting, as one line, before anything loads."""
-    check([(temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+                   eval_tokens, seed, **_):
+    """Every bad setting, as one line, before anything loads. An infinite temperature or penalty
+    (1e999 reads as inf) would sample noise without a word: they must be finite."""
+    check([(0 <= temperature < math.inf,
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"),
            (0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
            (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
-           (repetition_penalty > 0,
-            f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}"),
+           (0 < repetition_penalty < math.inf,
+            "repetition_penalty must be a finite number > 0 (1.0 = off), got "
+            f"{repetition_penalty}"),
            (no_repeat_ngram_size >= 0,
             f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}"),
            (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
            (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+           (eval_tokens >= 0, f"eval_tokens must be >= 0 (0 = all of val.bin), got {eval_tokens}"),
+           (-2**63 <= seed < 2**64, f"seed must fit in 64 bits, got {seed}"),
            (not speculative or num_samples == 1,
             "--speculative=True decodes one prompt once: pass --num_samples=1"),
            (quantize in ('', 'int8', 'int4'),
@@ -358,12 +372,9 @@ def print_samples(y, prompt_len, prompts, num_samples, enc, stops, stop_at_eos):
 
 
 def write_jsonl(records, path):
-    try:
-        with open(path, 'w') as f:
-            for r in records:
-                f.write(json.dumps({k: v for k, v in r.items() if k != 'tokens'}) + '\n')
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror}")
+    lines = ''.join(json.dumps({k: v for k, v in r.items() if k != 'tokens'}) + '\n'
+                    for r in records)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(lines))
 
 
 def evaluate(model, tokens, records, x, pad, precision):
@@ -385,11 +396,7 @@ def evaluate(model, tokens, records, x, pad, precision):
 
 def write_report(result, path):
     """The evaluation as JSON at path, and its main metrics as a Markdown table."""
-    try:
-        with open(path, 'w') as f:
-            json.dump(result, f, indent=2)
-    except OSError as e:
-        fail(f"cannot write the report {path}: {e.strerror}")
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print("\n| metric | value |\n|---|---|")
     for key in ('model_bytes', 'val_perplexity', 'val_loss', 'val_tokens_scored', 'distinct_1',
                 'distinct_2', 'repetition_rate_4', 'entropy_nats', 'coherence'):
@@ -401,6 +408,9 @@ def write_report(result, path):
 if __name__ == '__main__':
     configure_or_exit(globals())
     check_settings(**settings_of(globals()))
+    report = report or os.path.join(out_dir, 'eval.json')
+    pending += [path for path, asked in ((out, out), (report, eval), (export[3:], export))
+                if asked]
     dev, device_type = resolve_device(device)
     torch.manual_seed(seed)
     bf16 = dtype == 'bfloat16' or (dtype == 'auto' and device_type == 'cuda')
@@ -433,9 +443,10 @@ if __name__ == '__main__':
     records = print_samples(y, x.size(1), prompts, num_samples, enc, stops, stop_at_eos)
     if out:
         write_jsonl(records, out)
+        pending.remove(out)
     if eval:
         result = dict(checkpoint=os.path.join(out_dir, 'ckpt.pt'), iter=ckpt.get('iter_num'),
                       data_dir=folder, quantize=quantize or 'none', model_bytes=model_bytes,
                       temperature=temperature, top_k=top_k, top_p=top_p)
         result.update(evaluate(model, val_tokens, records, x, pad, precision))
-        write_report(result, report or os.path.join(out_dir, 'eval.json'))
+        write_report(result, report)

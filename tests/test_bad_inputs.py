@@ -532,6 +532,17 @@ def sample_stops_bench(w, *args):
     return ['bench.py', *TINY, '--lr_find=True', f'--data_dir={w.data}', *args]
 
 
+def sample_stops_at_torch_import(signum, argv):
+    """argv run by prepare_stops_signal_at_import's launcher (signum as the script first imports
+    torch), through a shim that puts the repository first on sys.path, as Python does for a
+    script run directly (sample.py and bench.py import their neighbours)."""
+    def launch(w):
+        shim = w.file('shim.py', f'import runpy, sys\nsys.path[0] = {ROOT!r}\n'
+                                 'sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0])\n')
+        return [str(shim), *prepare_stops_signal_at_import('torch', signum, argv)(w)]
+    return launch
+
+
 SAMPLE_STOPS = {  # sample.py, export and bench.py
     'Ctrl-C while sampling': Case(
         lambda w: sample_stops_long(w, f'--out={w.tmp}/s.jsonl'), ('SIGINT', 's.jsonl'),
@@ -543,6 +554,12 @@ SAMPLE_STOPS = {  # sample.py, export and bench.py
                                               how='interrupt:---------------'),
     'SIGTERM during the perplexity pass': Case(sample_stops_big_val, ('SIGTERM', 'eval.json'),
                                                how='terminate:---------------'),
+    'Ctrl-C while sample.py imports torch': Case(
+        sample_stops_at_torch_import(signal.SIGINT, sample()),
+        ('stopped by SIGINT', 'nothing was written')),
+    'SIGTERM while bench.py imports torch': Case(
+        sample_stops_at_torch_import(signal.SIGTERM, sample_stops_bench),
+        ('stopped by SIGTERM', 'nothing was written')),
     'eval_tokens=-5': Case(sample('--eval=True', '--eval_tokens=-5'), ('eval_tokens', '>= 0')),
     'temperature=1e999 (infinite)': Case(sample('--temperature=1e999'),
                                          ('temperature', 'finite', 'got inf')),
@@ -564,7 +581,7 @@ SAMPLE_STOPS = {  # sample.py, export and bench.py
                    f'--export=hf:{sample_stops_full_disk(w)}/hf'], ('disk is full',)),
     'lr_find: Ctrl-C mid-sweep': Case(
         lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--lr_find_iters=100000',
-                                     '--lr_find_end=1e-6'), ('SIGINT', 'lr_find'),
+                                     '--lr_find_end=1e-6'), ('SIGINT', 'nothing was written'),
         how='interrupt:LR range test: 100000 steps'),
     'lr_find: block_size longer than the train split': Case(
         lambda w: sample_stops_bench(w, f'--out_dir={w.tmp}/lr', '--block_size=100000'),
@@ -618,15 +635,33 @@ def rlhf_stops_frontier(*lines):
     return argv
 
 
+def rlhf_stops_signal_at_import(module, signum, argv):
+    """prepare_stops_signal_at_import, with the script's folder first on sys.path, as `python
+    rlhf.py` has it: rlhf.py imports its sibling modules from there."""
+    def launch(w):
+        command = prepare_stops_signal_at_import(module, signum, argv)(w)
+        launcher = Path(command[0])
+        first = 'sys.argv = sys.argv[3:]\n'
+        text = launcher.read_text().replace(
+            first, first + 'sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n')
+        assert 'sys.path[0]' in text, text
+        launcher.write_text(text)
+        return command
+    return launch
+
+
 RLHF_STOPS_EVAL = ('{"eval": true, "mode": "ppo", "step": %d, "kl": %.1f, "gold": -1.0, '
                    '"gold_sd": 0.5, "judge": 0.1}\n')
 RLHF_STOPS = {  # rlhf.py
+    'Ctrl-C while torch loads': Case(
+        rlhf_stops_signal_at_import('torch', signal.SIGINT, rlhf_stops_cmd('judge', out='rl')),
+        ('SIGINT', 'nothing was written'), how='interrupt:'),
     'Ctrl-C while the judge samples leaves no folder': Case(
         rlhf_stops_cmd('judge', '--n_pairs=20000', out='rl'), ('SIGINT', 'nothing was written'),
         how='interrupt:config: out_dir'),
     'Ctrl-C while the judge learns keeps the previous judge and pairs': Case(
-        rlhf_stops_cmd('judge', '--n_pairs=4000'), ('SIGINT', 'nothing was written'),
-        how='interrupt:sampled'),
+        rlhf_stops_cmd('judge', '--n_pairs=2000', '--judge_epochs=2'),
+        ('SIGINT', 'nothing was written'), how='interrupt:judge epoch 1'),
     'SIGTERM in PPO before its first save leaves no run folder': Case(
         rlhf_stops_cmd('ppo', '--updates=1', '--eval_prompts=5000'),
         ('SIGTERM', 'nothing was written'), how='terminate:config: out_dir'),

@@ -247,6 +247,7 @@ def test_export_errors_are_one_line_and_write_nothing(tokenizer_file, tmp_path):
     full = tmp_path / 'full'
     full.mkdir()
     (full / 'keep.txt').write_text('mine')
+    (tmp_path / 'a_file').write_text('mine')
     target = tmp_path / 'target'
     cases = [(runs['bias'], f'hf:{target}', "cannot be expressed in Mixtral: its routing adds"),
              (runs['gelu'], f'hf:{target}', "Mixtral experts are SwiGLU: train with "
@@ -254,10 +255,12 @@ def test_export_errors_are_one_line_and_write_nothing(tokenizer_file, tmp_path):
              (runs['dense'], f'hf:{target}', "moe=False"),
              (runs['good'], f'gguf:{target}', "export must be 'hf:FOLDER'"),
              (runs['good'], 'hf:', "export must be 'hf:FOLDER'"),
-             (runs['good'], f'hf:{full}', "not an empty folder")]
+             (runs['good'], f'hf:{full}', "not an empty folder"),
+             (runs['good'], f"hf:{tmp_path / 'a_file'}", "a_file is a file")]
     before = sorted(os.listdir(tmp_path))
     for run, export, message in cases:
         result = run_sample(f'--out_dir={run}', f'--export={export}')
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(full) == ['keep.txt']
+    assert (tmp_path / 'a_file').read_text() == 'mine'
