@@ -52,19 +52,24 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from failsafe import check, fail, stop_on_signals, write_atomic
 
-from common import (load_checkpoint, load_data, load_torch, pyplot, resolve_device, save_atomic,
-                    trained_data_dir)
-from configurator import configure_or_exit, settings_of
-from decode import forget, generate
-from failsafe import check, fail
-from model import GPT, ModelConfig
-from tokenizer import load_run_tokenizer
+if __name__ == '__main__':  # before numpy and torch load: a stop while they do is one line too
+    stop_on_signals(lambda: '; nothing was written')
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import (load_checkpoint, load_data, load_torch, pyplot,  # noqa: E402
+                    resolve_device, trained_data_dir)
+from configurator import configure_or_exit, settings_of  # noqa: E402
+from decode import forget, generate  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
+from tokenizer import load_run_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 mode = 'ppo'                 # 'judge' | 'ppo' | 'dpo' | 'bon' | 'frontier' (see the docstring)
@@ -343,12 +348,12 @@ def judge_accuracy(judge, task, pairs):
 
 
 def train_judge(task, gpt, s):
-    """Sample and label the pairs (out_dir/pairs.pt), train the judge on them, report held-out
-    accuracy, normalise its scores, and save it (out_dir/judge.pt)."""
+    """Sample and label the pairs, train the judge on them, report held-out accuracy, normalise
+    its scores, and save it (out_dir/judge.pt), then the pairs (out_dir/pairs.pt, for DPO): both at
+    the end, so that a run stopped before leaves out_dir as it was."""
     t0, seed, n_pairs, n_val_pairs = time.time(), s['seed'], s['n_pairs'], s['n_val_pairs']
     pairs = task.sample_pairs(gpt, 'train', n_pairs, torch.Generator().manual_seed(seed))
     val = task.sample_pairs(gpt, 'val', n_val_pairs, torch.Generator().manual_seed(seed + 1))
-    save_atomic(dict(train=pairs, val=val), os.path.join(s['out_dir'], 'pairs.pt'))
     g = torch.cat([pairs['gold_a'], pairs['gold_b']])
     ties = (pairs['gold_a'] == pairs['gold_b']).float().mean()
     print(f"sampled {n_pairs} + {n_val_pairs} pairs in {time.time() - t0:.0f}s; pretrained gold "
@@ -361,7 +366,8 @@ def train_judge(task, gpt, s):
     state = dict(model=judge.state_dict(), model_config=asdict(gpt.config),
                  train=judge_accuracy(judge, task, pairs), val=held_out,
                  tokenizer=tokenizer_digest(s['init_dir']))
-    save_atomic(state, path)
+    save(state, path)
+    save(dict(train=pairs, val=val), os.path.join(s['out_dir'], 'pairs.pt'))
     print(f"wrote {path} and pairs.pt in {time.time() - t0:.0f}s; "
           f"train accuracy {state['train']['accuracy']:.3f}")
 
@@ -433,10 +439,27 @@ def load_judge(out_dir, init_dir, dev):
     return judge.eval().requires_grad_(False).to(dev)
 
 
-def load_pairs(out_dir, dev):
-    """The training pairs that --mode=judge wrote to out_dir."""
-    _, pairs = load_from_judge_mode(out_dir, 'pairs.pt', 'pairs')
-    return {k: v.to(dev) for k, v in pairs['train'].items()}
+def load_pairs(out_dir, dev, config):
+    """The training pairs that --mode=judge wrote to out_dir; a file of another kind (a judge, a
+    checkpoint), or pairs that the model (config) cannot read, is refused in one line."""
+    path, saved = load_from_judge_mode(out_dir, 'pairs.pt', 'pairs')
+    pairs = saved.get('train') if isinstance(saved, dict) else None
+    tokens = ('prompts', 'a', 'b')
+    shaped = (isinstance(pairs, dict)
+              and all(isinstance(pairs.get(k), torch.Tensor) for k in (*tokens, 'label'))
+              and all(pairs[k].dim() == 2 and not pairs[k].is_floating_point() for k in tokens)
+              and pairs['a'].shape == pairs['b'].shape
+              and len(pairs['prompts']) == len(pairs['a']) == len(pairs['label']) > 0)
+    check([(shaped, f"{path} holds no preference pairs (a dict whose 'train' has prompts, a, b "
+            "and label); is it the pairs.pt of rlhf.py --mode=judge? Run --mode=judge again")])
+    P, R = pairs['prompts'].size(1), pairs['a'].size(1)
+    ids = torch.cat([pairs[k].flatten() for k in tokens])
+    lo, hi = ids.min().item(), ids.max().item()
+    check([(P + R <= config.block_size and 0 <= lo and hi < config.vocab_size,
+            f"{path} holds pairs of {P} + {R} tokens with ids {lo}..{hi}, which the "
+            f"model (block_size {config.block_size}, vocab_size {config.vocab_size}) cannot "
+            "read; run --mode=judge again with this --init_dir")])
+    return {k: pairs[k].to(dev) for k in (*tokens, 'label')}
 
 
 # ---- PPO ----
@@ -522,22 +545,35 @@ class Run:
     """One ppo, dpo or bon run, in out_dir/<run>: metrics.jsonl (a JSON record a line) and, after
     each evaluation, the evaluated policy as a train.py-style ckpt.pt (sample.py
     --out_dir=<folder> reads it) and the curves so far, <mode>.png: a run stopped early keeps
-    both. The held-out prompts are the same for every run; ref (the pretrained model) and the
-    judge are frozen. s: the settings, saved in the checkpoint with data_dir."""
+    both. The folder (with the pretrained model's tokenizer.json) is written at the first record:
+    a run stopped before leaves none, and a folder of an earlier run as it was. The held-out
+    prompts are the same for every run; ref (the pretrained model) and the judge are frozen. s:
+    the settings, saved in the checkpoint with data_dir."""
 
     def __init__(self, task, ref, judge, data_dir, s):
         self.task, self.ref, self.judge, self.mode = task, ref, judge, s['mode']
         self.config = {**s, 'data_dir': data_dir}
         self.eval_set = task.prompts('val', s['eval_prompts'], torch.Generator().manual_seed(0))
         self.folder = os.path.join(s['out_dir'], s['run'] or f"{s['mode']}_s{s['seed']}")
-        os.makedirs(self.folder, exist_ok=True)
         self.metrics = os.path.join(self.folder, 'metrics.jsonl')
-        open(self.metrics, 'w').close()
-        shutil.copy(os.path.join(s['init_dir'], 'tokenizer.json'), self.folder)
+        self.tokenizer = os.path.join(s['init_dir'], 'tokenizer.json')
+        self.records, self.saved_step = [], None
 
     def log(self, record):
-        with open(self.metrics, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        """Add record to metrics.jsonl, rewritten whole (a stop never leaves a line cut off)."""
+        if not self.records:
+            write_file(os.path.join(self.folder, 'tokenizer.json'),
+                       lambda tmp: shutil.copyfile(self.tokenizer, tmp))
+        self.records.append(record)
+        text = ''.join(json.dumps(r) + '\n' for r in self.records)
+        write_file(self.metrics, lambda tmp: Path(tmp).write_text(text))
+
+    def leaves(self):
+        """What a stop leaves of this run, for the line it ends with (stop_on_signals)."""
+        if self.saved_step is None:
+            return written()
+        return (f"; {self.folder} keeps the policy of step {self.saved_step} (ckpt.pt) and the "
+                "records so far (metrics.jsonl)")
 
     @torch.no_grad()
     def evaluate(self, policy, step, show=0):
@@ -567,9 +603,9 @@ class Run:
         self.log(r)
         state = dict(model=policy.state_dict(), model_config=asdict(policy.config),
                      iter_num=step, config=self.config)
-        save_atomic(state, os.path.join(self.folder, 'ckpt.pt'))
-        records = [json.loads(line) for line in open(self.metrics)]
-        plot_policy_run(records, os.path.join(self.folder, f'{self.mode}.png'), self.mode)
+        save(state, os.path.join(self.folder, 'ckpt.pt'))
+        self.saved_step = step
+        plot_policy_run(self.records, os.path.join(self.folder, f'{self.mode}.png'), self.mode)
 
 
 def rl_optimizer(models, lr):
@@ -729,8 +765,29 @@ def plot_policy_run(records, path, mode):
     for ax in axes[len(keys) + 1:]:
         ax.axis('off')
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=80, format='png'), optional=True)
     plt.close(fig)
+
+
+EVAL_KEYS = {'mode', 'kl', 'gold', 'judge'}  # what frontier() reads of an evaluation record
+
+
+def read_records(path):
+    """The records of a run's metrics.jsonl, up to a line that is cut off or not a record (a run
+    killed while writing, or a hand edit), which is dropped with the rest after it, and a note, as
+    common.read_metrics does for train.py's metrics."""
+    with open(path, errors='replace') as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or (record.get('eval') and not EVAL_KEYS <= set(record)):
+            print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
+                  "killed run?): the records from there on are dropped")
+            return [json.loads(line) for line in lines[:n]]
+    return [json.loads(line) for line in lines]
 
 
 def frontier(out_dir):
@@ -740,13 +797,13 @@ def frontier(out_dir):
     plt = pyplot()
     runs = {}
     for path in sorted(glob.glob(os.path.join(out_dir, '*', 'metrics.jsonl'))):
-        evals = [r for r in map(json.loads, open(path)) if r.get('eval')]
+        evals = [r for r in read_records(path) if r.get('eval')]
         if evals:
             runs[os.path.basename(os.path.dirname(path))] = evals
     if not runs:
         fail(f"no evaluated runs in {out_dir}/*/metrics.jsonl; run --mode=ppo, dpo or bon first")
     base = next((r for evals in runs.values() for r in evals
-                 if r['mode'] == 'bon' and r['n'] == 1), None)
+                 if r['mode'] == 'bon' and r.get('n') == 1), None)
     styles = {'ppo': '-o', 'dpo': '-s', 'bon': 'k--^'}
     titles = {'gold': 'gold score (what we want)', 'judge': 'judge score (what PPO optimises)'}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
@@ -766,8 +823,55 @@ def frontier(out_dir):
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, 'gold_vs_kl.png')
-    fig.savefig(path, dpi=90)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=90, format='png'))
     print(f"wrote {path} ({len(runs)} runs)")
+
+
+# ---- files: each written whole (failsafe.write_atomic), into a folder made just before ----
+
+MADE = []     # the folders this process made, in order: a run that stops removes those left empty
+WRITTEN = []  # the files it wrote, each once
+
+
+def written():
+    """What a stop leaves, for the line it ends with (stop_on_signals); a Run says it per step."""
+    if not WRITTEN:
+        return f"; nothing was written to {out_dir}"
+    return f"; what it wrote is whole: {', '.join(WRITTEN)}"
+
+
+def make_folder(folder):
+    """folder, with its missing parents, each noted in MADE; one line when it cannot be made."""
+    folder = os.path.abspath(folder)
+    if os.path.isdir(folder):
+        return
+    make_folder(os.path.dirname(folder))
+    try:
+        os.mkdir(folder)
+    except OSError as e:
+        fail(f"cannot make the folder {folder} ({e.strerror}); check --out_dir")
+    MADE.append(folder)
+
+
+def remove_unused_folders():
+    """Remove the folders this process made and left empty: it stopped before writing into them."""
+    for folder in reversed(MADE):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
+def write_file(path, write, optional=False):
+    """write(tmp) through failsafe.write_atomic, into path's folder, made now if missing."""
+    make_folder(os.path.dirname(path))
+    done = write_atomic(path, write, optional=optional)
+    if done and path not in WRITTEN:
+        WRITTEN.append(path)
+    return done
+
+
+def save(obj, path):
+    """torch.save of obj to path, through write_file."""
+    write_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---- main ----
@@ -815,12 +919,12 @@ def main():
     data_dir = trained_data_dir(ckpt)
     task = load_task(init_dir, data_dir, cfg.vocab_size, dev, prompt_len, response_len,
                      label_temperature)
-    os.makedirs(out_dir, exist_ok=True)
     if mode == 'judge':
         return train_judge(task, gpt, s)
     judge = load_judge(out_dir, init_dir, dev)
-    pairs = load_pairs(out_dir, dev) if mode == 'dpo' else None
+    pairs = load_pairs(out_dir, dev, cfg) if mode == 'dpo' else None
     job = Run(task, gpt, judge, data_dir, s)
+    stop_on_signals(job.leaves)
     if mode == 'bon':
         return best_of_n(task, job, bon_n)
     policy = copy.deepcopy(gpt).requires_grad_(True)
@@ -834,5 +938,9 @@ def main():
 
 
 if __name__ == '__main__':
+    stop_on_signals(written)  # from here on the line names out_dir
     configure_or_exit(globals())
-    main()
+    try:
+        main()
+    finally:
+        remove_unused_folders()

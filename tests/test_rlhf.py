@@ -127,6 +127,20 @@ def test_best_of_against_a_loop_over_groups():
     assert torch.equal(rlhf.best_of(score, value, 1), value)
 
 
+def test_read_records_drops_a_cut_off_tail_with_a_note(tmp_path, capsys):
+    """A killed run's metrics.jsonl ends in a cut-off line; an evaluation record without what
+    frontier() reads is not a record either: each drops the rest of the file, with a note."""
+    path = tmp_path / 'metrics.jsonl'
+    good = [dict(eval=True, mode='ppo', step=0, kl=0.0, gold=-1.0, judge=0.2), dict(update=1)]
+    tails = {'{"eval": true, "mo': 3, '{"eval": true, "mode": "ppo"}\n{"update": 2}\n': 4}
+    for tail, lines in tails.items():
+        path.write_text(''.join(json.dumps(r) + '\n' for r in good) + tail)
+        assert rlhf.read_records(path) == good
+        assert f'line 3 of {lines} is cut off' in capsys.readouterr().out
+    path.write_text(''.join(json.dumps(r) + '\n' for r in good))
+    assert rlhf.read_records(path) == good and capsys.readouterr().out == ''
+
+
 def byte_task(text, prompt_len=6, response_len=5, label_temperature=0.5):
     """A LineTask on text (both splits) with a byte-level tokenizer: token b is byte b, and 256 ends
     a document, so the line-ending tokens are 10 and 256."""
@@ -283,6 +297,7 @@ def test_judge_ppo_dpo_bon_and_frontier_end_to_end(pretrained, tmp_path):
             if line.startswith('update ')] == ['update 1', 'update 2', 'update 3']
     frontier = run(*common, '--mode=frontier')
     assert frontier.returncode == 0 and (tmp_path / 'gold_vs_kl.png').exists(), frontier.stderr
+    assert not list(tmp_path.rglob('*.tmp'))  # every file was written whole, then renamed
     os.remove(tmp_path / 'pairs.pt')  # DPO without the judge's pairs: one line that says so
     dpo = run(*common, '--mode=dpo', '--updates=1', '--run=dpo')
     assert (dpo.returncode != 0 and dpo.stderr.count('\n') == 1
