@@ -56,11 +56,25 @@ def stop_on_signals(leaves=lambda: ''):
     the signal. The exit is a SystemExit raised where the script was, so the stack unwinds: a
     write_atomic() under way removes its temporary file, and a script's own `finally` or `except
     BaseException` can remove what it started (a run folder still empty). leaves() -> what the
-    line adds about the outputs, e.g. '; out/x is as it was'."""
+    line adds about the outputs, e.g. '; out/x is as it was'. Python drops an exception raised in
+    a __del__ or a weakref callback (torch runs some while it imports): a timer then stops the
+    script again a moment later, in ordinary code, without repeating the line."""
+    said = []  # the signal announced
+
     def stop(signum, frame):
+        if said:  # the timer's SIGALRM, or a second signal
+            sys.exit(128 + said[0])
+        said.append(signum)
         fail(f"stopped by {signal.Signals(signum).name}{leaves()}", code=128 + signum)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+
+    def unraisable(info):
+        if said and isinstance(info.exc_value, SystemExit):
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+        else:
+            sys.__unraisablehook__(info)
+    sys.unraisablehook = unraisable
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(signum, stop)
 
 
 def write_atomic(path, write, fallback=None, optional=False):

@@ -203,3 +203,47 @@ def test_no_top_level_name_is_taken():
     taken = set(importlib.metadata.packages_distributions()) | COMMON | sys.stdlib_module_names
     assert {'model', 'train', 'configurator', 'ava_kernels'} <= ava
     assert not ava & taken, ava & taken
+
+
+# ---- failsafe.py ----
+
+def test_a_signal_inside_a_weakref_callback_still_stops(tmp_path):
+    """Python drops a SystemExit raised in a weakref callback or __del__ (torch runs some while it
+    imports): stop_on_signals must stop the script anyway, with one line and 128 + the signal."""
+    script = tmp_path / 'stops.py'
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time, weakref
+        sys.path.insert(0, {ROOT!r})
+        from failsafe import stop_on_signals
+        stop_on_signals(lambda: '; nothing was written')
+        class Thing:
+            pass
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+        del thing
+        time.sleep(0.5)
+        print('still running')
+    """))
+    done = run(str(script))
+    assert done.returncode == 143 and 'still running' not in done.stdout, done
+    assert done.stderr.strip().splitlines() == ['error: stopped by SIGTERM; nothing was written']
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    """A write that fails half way (here: an error after some bytes) leaves the previous file and no
+    .tmp, and the error is one line naming the file; optional=True makes it a note."""
+    from failsafe import write_atomic
+    path = tmp_path / 'out.txt'
+    path.write_text('old')
+
+    def broken(tmp):
+        with open(tmp, 'w') as f:
+            f.write('new, half')
+        raise OSError(5, 'Input/output error')
+    with pytest.raises(SystemExit) as stop:
+        write_atomic(path, broken)
+    assert str(stop.value) == (f"error: could not write {path} (Input/output error); the "
+                               f"previous {path} is intact")
+    assert path.read_text() == 'old' and sorted(os.listdir(tmp_path)) == ['out.txt']
+    assert write_atomic(path, broken, optional=True) is False and path.read_text() == 'old'
+    assert write_atomic(path, lambda tmp: open(tmp, 'w').write('new')) and path.read_text() == 'new'
