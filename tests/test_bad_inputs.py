@@ -86,7 +86,7 @@ class Case(NamedTuple):
     words: tuple              # what the error line (or the note) must contain
     exit0: bool = False       # legal but surprising: exit 0, and the words in a note on stdout
     changes: tuple = ()       # files (names in tmp's copies) that an exit-0 case may rewrite
-    how: str = 'run'          # 'run', 'elsewhere' (from another folder), or a runner below
+    how: str = 'run'          # 'run', 'elsewhere' (from another folder), or a runner: execute()
     stdout: tuple = ()        # words that must also be on stdout
     made: tuple = ()          # what a failing case may leave in tmp (a run that trained first)
 
@@ -532,17 +532,6 @@ def sample_stops_bench(w, *args):
     return ['bench.py', *TINY, '--lr_find=True', f'--data_dir={w.data}', *args]
 
 
-def sample_stops_at_torch_import(signum, argv):
-    """argv run by prepare_stops_signal_at_import's launcher (signum as the script first imports
-    torch), through a shim that puts the repository first on sys.path, as Python does for a
-    script run directly (sample.py and bench.py import their neighbours)."""
-    def launch(w):
-        shim = w.file('shim.py', f'import runpy, sys\nsys.path[0] = {ROOT!r}\n'
-                                 'sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0])\n')
-        return [str(shim), *prepare_stops_signal_at_import('torch', signum, argv)(w)]
-    return launch
-
-
 SAMPLE_STOPS = {  # sample.py, export and bench.py
     'Ctrl-C while sampling': Case(
         lambda w: sample_stops_long(w, f'--out={w.tmp}/s.jsonl'), ('SIGINT', 's.jsonl'),
@@ -555,11 +544,10 @@ SAMPLE_STOPS = {  # sample.py, export and bench.py
     'SIGTERM during the perplexity pass': Case(sample_stops_big_val, ('SIGTERM', 'eval.json'),
                                                how='terminate:---------------'),
     'Ctrl-C while sample.py imports torch': Case(
-        sample_stops_at_torch_import(signal.SIGINT, sample()),
-        ('stopped by SIGINT', 'nothing was written')),
+        sample(), ('stopped by SIGINT', 'nothing was written'), how='import:torch:SIGINT'),
     'SIGTERM while bench.py imports torch': Case(
-        sample_stops_at_torch_import(signal.SIGTERM, sample_stops_bench),
-        ('stopped by SIGTERM', 'nothing was written')),
+        sample_stops_bench, ('stopped by SIGTERM', 'nothing was written'),
+        how='import:torch:SIGTERM'),
     'eval_tokens=-5': Case(sample('--eval=True', '--eval_tokens=-5'), ('eval_tokens', '>= 0')),
     'temperature=1e999 (infinite)': Case(sample('--temperature=1e999'),
                                          ('temperature', 'finite', 'got inf')),
@@ -635,27 +623,14 @@ def rlhf_stops_frontier(*lines):
     return argv
 
 
-def rlhf_stops_signal_at_import(module, signum, argv):
-    """prepare_stops_signal_at_import, with the script's folder first on sys.path, as `python
-    rlhf.py` has it: rlhf.py imports its sibling modules from there."""
-    def launch(w):
-        command = prepare_stops_signal_at_import(module, signum, argv)(w)
-        launcher = Path(command[0])
-        first = 'sys.argv = sys.argv[3:]\n'
-        text = launcher.read_text().replace(
-            first, first + 'sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n')
-        assert 'sys.path[0]' in text, text
-        launcher.write_text(text)
-        return command
-    return launch
-
-
 RLHF_STOPS_EVAL = ('{"eval": true, "mode": "ppo", "step": %d, "kl": %.1f, "gold": -1.0, '
                    '"gold_sd": 0.5, "judge": 0.1}\n')
+
+
 RLHF_STOPS = {  # rlhf.py
     'Ctrl-C while torch loads': Case(
-        rlhf_stops_signal_at_import('torch', signal.SIGINT, rlhf_stops_cmd('judge', out='rl')),
-        ('SIGINT', 'nothing was written'), how='interrupt:'),
+        rlhf_stops_cmd('judge', out='rl'), ('SIGINT', 'nothing was written'),
+        how='import:torch:SIGINT'),
     'Ctrl-C while the judge samples leaves no folder': Case(
         rlhf_stops_cmd('judge', '--n_pairs=20000', out='rl'), ('SIGINT', 'nothing was written'),
         how='interrupt:config: out_dir'),
@@ -701,31 +676,6 @@ RLHF_STOPS = {  # rlhf.py
         stdout=('line 1 of 1', 'cut off')),
 }
 
-PREPARE_STOPS_LAUNCHER = '''\
-import os, runpy, sys
-module, signum = sys.argv[1], int(sys.argv[2])
-class SignalAt:  # a finder that finds nothing: it only sees the first import of module go by
-    def find_spec(self, name, path=None, target=None):
-        if name == module:
-            sys.meta_path.remove(self)
-            os.kill(os.getpid(), signum)
-sys.meta_path.insert(0, SignalAt())
-sys.argv = sys.argv[3:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-'''
-
-
-def prepare_stops_signal_at_import(module, signum, argv):
-    """argv (a World -> command) run so that signum arrives as the script first imports module: a
-    fixed point of its start, however fast or loaded the machine (a delay would land in the imports
-    on one machine and after them on another). The launcher runs the script in its own process,
-    which signals itself from inside the import, as a Ctrl-C typed at that moment would."""
-    def launch(w):
-        launcher = w.file('launcher.py', PREPARE_STOPS_LAUNCHER)
-        return [str(launcher), module, str(int(signum)), *argv(w)]
-    return launch
-
-
 def prepare_stops_into_copy(w):
     """prepare.py on the fixture's corpus again, into a copy of its data set."""
     return ['data/prepare.py', f"--input={corpus(w.tmp / 'raw', 0)}",
@@ -756,11 +706,11 @@ def prepare_stops_plot(out_png, metrics=None):
 
 PREPARE_STOPS = {  # data/prepare.py and bench/plot_runs.py
     'Ctrl-C while it imports numpy': Case(
-        prepare_stops_signal_at_import('numpy', signal.SIGINT, prepare_stops_into_copy),
-        ('stopped by SIGINT', 'nothing was written')),
+        prepare_stops_into_copy, ('stopped by SIGINT', 'nothing was written'),
+        how='import:numpy:SIGINT'),
     'SIGTERM while it imports tokenizers (to train the BPE)': Case(
-        prepare_stops_signal_at_import('tokenizers', signal.SIGTERM, prepare_stops_into_copy),
-        ('stopped by SIGTERM', 'as it was')),
+        prepare_stops_into_copy, ('stopped by SIGTERM', 'as it was'),
+        how='import:tokenizers:SIGTERM'),
     'SIGTERM in the middle keeps the previous data': Case(big_corpus, ('SIGTERM', 'as it was'),
                                                           how='terminate:split:'),
     'disk full: the previous data set survives': Case(
@@ -772,8 +722,7 @@ PREPARE_STOPS = {  # data/prepare.py and bench/plot_runs.py
     'plot_runs: an output type matplotlib does not write': Case(
         prepare_stops_plot('p.docx'), ("'docx'", 'png')),
     'plot_runs: Ctrl-C while it imports torch': Case(
-        prepare_stops_signal_at_import('torch', signal.SIGINT, prepare_stops_plot('p.png')),
-        ('stopped by SIGINT',)),
+        prepare_stops_plot('p.png'), ('stopped by SIGINT',), how='import:torch:SIGINT'),
     'plot_runs writes its figure whole': Case(
         prepare_stops_plot('p.png'), ('wrote', 'p.png'), exit0=True),
 }
@@ -887,6 +836,10 @@ def execute(case, argv, cwd):
         return interrupt_after(case.how.partition(':')[2])(argv, cwd)
     if case.how.startswith('terminate:'):
         return interrupt_after(case.how.partition(':')[2], signal.SIGTERM)(argv, cwd)
+    if case.how.startswith('import:'):  # tests/signal_at_import.py
+        _, module, name = case.how.split(':')
+        return run(['tests/signal_at_import.py', module, name, os.path.join(ROOT, argv[0]),
+                    *argv[1:]], cwd)
     return torchrun(argv, cwd, kill=case.how == 'torchrun_kill')
 
 
@@ -920,8 +873,9 @@ def test_bad_input(world, tmp_path, name):
         assert lines[0].startswith('error: '), lines[0]
     if not case.how.startswith('torchrun'):
         assert 'Traceback' not in text, text
-    stopped_by = dict(interrupt=signal.SIGINT, terminate=signal.SIGTERM).get(
-        case.how.partition(':')[0])
+    how, _, name = case.how.rpartition(':')
+    stopped_by = (signal.Signals[name] if how.startswith('import:') else
+                  dict(interrupt=signal.SIGINT, terminate=signal.SIGTERM).get(how))
     assert stopped_by is None or rc == 128 + stopped_by, rc  # exit 128 + the signal
     assert all(w in out for w in case.stdout), out
     changed = [p for p, digest in before.items() if after.get(p) != digest
