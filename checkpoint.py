@@ -1,7 +1,7 @@
 """
 A training run on disk, for train.py: checkpoints (each rank's random streams, the optimizer state
 whole or one shard per rank), resume, and the run folder (its lock, config.yaml, metadata.json,
-metrics.jsonl and plots/).
+metrics.jsonl and plots/), which a run that ends before its first checkpoint leaves as it was.
 """
 
 import fcntl
@@ -158,80 +158,146 @@ def resumed_model_config(saved, overrides):
 
 # ---- the run folder ----
 
+def checkpoint_size(model, out_dir, resumed=None):
+    """The bytes a checkpoint of this run takes, for the room check before it starts: those of the
+    checkpoint it resumes (resumed: its iteration), optimizer shards included; for a new run, the
+    weights and AdamW's two fp32 moments per parameter. Plus 1 MiB for the rest a checkpoint holds
+    (RNG states, settings, monitors)."""
+    if resumed is not None:
+        shards = glob.glob(os.path.join(out_dir, f'ckpt_{resumed:06d}.rank*.pt'))
+        size = sum(os.path.getsize(f) for f in [os.path.join(out_dir, 'ckpt.pt'), *shards])
+    else:
+        size = (sum(t.nbytes for t in model.state_dict().values())
+                + 8 * sum(p.numel() for p in model.parameters()))
+    return size + 2**20
+
+
+def outermost_missing(path):
+    """The outermost folder of path that does not exist (os.makedirs makes it and the ones inside
+    it), or None when path exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def lock_run_folder(out_dir):
     """Hold out_dir/train.lock for the life of this process, so that two trainings never write
     into one run folder. It is an flock, which the OS drops when its process ends however it ends
     (kill -9 included): a lock left by a dead run never blocks. The file names the pid that holds
-    it. -> the open file (closing it releases the lock)."""
-    f = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    it. -> (the open file, whose closing releases the lock; the file's bytes before, or None when
+    there was no file)."""
+    path = os.path.join(out_dir, 'train.lock')
+    existed = os.path.exists(path)
+    f = open(path, 'a+b')
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        fail(f"another training (pid {f.read().strip() or '?'}) is writing to {out_dir}; wait "
-             "for it to end, or choose another --out_dir")
+        holder = f.read().decode(errors='replace').strip()
+        fail(f"another training (pid {holder or '?'}) is writing to {out_dir}; wait for it to "
+             "end, or choose another --out_dir")
+    f.seek(0)
+    before = f.read() if existed else None
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()}\n".encode())
     f.flush()
-    return f
+    return f, before
 
 
-def prepare_run_folder(out_dir, data_dir, rank):
-    """out_dir and its plots/, and on rank 0 the lock (one training at a time) and the data set's
-    tokenizer.json (sample.py reads it there). -> the lock's file (rank 0), held until this process
-    ends; else None."""
-    lock = None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if rank == 0:
-            lock = lock_run_folder(out_dir)
-            source, kept = (os.path.join(d, 'tokenizer.json') for d in (data_dir, out_dir))
-            if not os.path.exists(kept) or not filecmp.cmp(source, kept, shallow=False):
-                write_atomic(kept, lambda tmp: shutil.copyfile(source, tmp))
-        os.makedirs(os.path.join(out_dir, 'plots'), exist_ok=True)
-    except OSError as e:
-        fail(f"cannot write to out_dir={out_dir} ({e.strerror}); choose another --out_dir")
-    return lock
+class RunFolder:
+    """out_dir as rank 0 keeps it: the lock (one training at a time), tokenizer.json (sample.py
+    reads it there), config.yaml, metadata.json, metrics.jsonl and plots/. A start that fails
+    changes nothing there: the run's files wait in memory until its first checkpoint is on disk
+    (commit), and a run that ends before that (bad input found late, a signal during the first
+    evaluation, a full disk at that checkpoint) leaves out_dir as it found it (close)."""
 
+    def __init__(self, out_dir, data_dir):
+        self.out_dir, self.data_dir = out_dir, data_dir
+        self.made = self.lock = self.lock_before = None
+        self.files, self.records, self.committed = {}, [], False
 
-def start_run_folder(out_dir, settings, model_config, metadata, iter_num):
-    """config.yaml (the settings and the model that run) and metadata.json for this run; on
-    resume, metrics.jsonl cut back to the checkpoint's iteration (see read_metrics). Each file is
-    written whole or not at all. -> the records kept."""
-    path = os.path.join(out_dir, 'metrics.jsonl')
-    records = []
-    if settings['init_from'] == 'resume' and os.path.exists(path):
-        records = [r for r in read_metrics(path) if r['iter'] <= iter_num]  # to the checkpoint
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=here).stdout.strip() or None
-    except OSError:
-        commit = None
-    files = {
-        'config.yaml': yaml.safe_dump({**settings, 'model': asdict(model_config)},
-                                      sort_keys=False),
-        'metadata.json': json.dumps(dict(git_commit=commit, torch=torch.__version__,
-                                         start_iter=iter_num,
-                                         start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-                                         **metadata), indent=2),
-        'metrics.jsonl': ''.join(json.dumps(r) + '\n' for r in records)}
-    for name, text in files.items():
-        write_atomic(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
-    return records
+    def open(self, room):
+        """Make out_dir (and the folders above it that are missing), take its lock, and check that
+        its disk has room (bytes) for a checkpoint."""
+        self.made = outermost_missing(self.out_dir)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.lock, self.lock_before = lock_run_folder(self.out_dir)
+        except OSError as e:
+            fail(f"cannot write to out_dir={self.out_dir} ({e.strerror}); choose another --out_dir")
+        free = shutil.disk_usage(self.out_dir).free
+        check([(free >= room, f"{free / 2**20:.1f} MiB free on the disk of out_dir={self.out_dir}"
+                f", but a checkpoint of this run needs {room / 2**20:.1f} MiB; free some space "
+                "or choose another --out_dir")])
 
+    def start(self, settings, model_config, metadata, iter_num):
+        """The run's files, as its first checkpoint will write them: config.yaml (the settings and
+        the model that run), metadata.json, and on resume metrics.jsonl's records to the
+        checkpoint's iteration (see read_metrics)."""
+        path = os.path.join(self.out_dir, 'metrics.jsonl')
+        if settings['init_from'] == 'resume' and os.path.exists(path):
+            self.records = [r for r in read_metrics(path) if r['iter'] <= iter_num]
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                    cwd=here).stdout.strip() or None
+        except OSError:
+            commit = None
+        self.files = {
+            'config.yaml': yaml.safe_dump({**settings, 'model': asdict(model_config)},
+                                          sort_keys=False),
+            'metadata.json': json.dumps(dict(git_commit=commit, torch=torch.__version__,
+                                             start_iter=iter_num,
+                                             start_time=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                                             **metadata), indent=2)}
 
-def log_record(records, path, wandb, record):
-    """One metrics record: kept for the plots, appended to metrics.jsonl, mirrored to wandb."""
-    records.append(record)
-    try:
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-    except OSError as e:
-        fail(f"cannot append to {path} ({e.strerror}); free some space, then --init_from=resume "
-             "continues from the last checkpoint, if one was saved")
-    if wandb:
-        wandb.log(record, step=record['iter'])
+    def commit(self):
+        """Once the run's first checkpoint is on disk (later calls do nothing): the data set's
+        tokenizer, the run's files and the records so far, each written whole or not at all, and
+        plots/."""
+        if self.committed:
+            return
+        self.committed = True  # the run has begun: what follows no longer undoes it
+        source, kept = (os.path.join(d, 'tokenizer.json') for d in (self.data_dir, self.out_dir))
+        if not os.path.exists(kept) or not filecmp.cmp(source, kept, shallow=False):
+            write_atomic(kept, lambda tmp: shutil.copyfile(source, tmp))
+        metrics = ''.join(json.dumps(r) + '\n' for r in self.records)
+        for name, text in {**self.files, 'metrics.jsonl': metrics}.items():
+            write_atomic(os.path.join(self.out_dir, name), lambda tmp: Path(tmp).write_text(text))
+        try:
+            os.makedirs(os.path.join(self.out_dir, 'plots'), exist_ok=True)
+        except OSError as e:
+            fail(f"cannot write to out_dir={self.out_dir} ({e.strerror})")
+
+    def log(self, record):
+        """One metrics record: kept for the plots, and appended to metrics.jsonl once the run has
+        begun (commit writes the ones before)."""
+        self.records.append(record)
+        if not self.committed:
+            return
+        path = os.path.join(self.out_dir, 'metrics.jsonl')
+        try:
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            fail(f"cannot append to {path} ({e.strerror}); free some space, then "
+                 "--init_from=resume continues from the last checkpoint")
+
+    def close(self):
+        """A run that ends before its first checkpoint leaves out_dir as it found it: the folders
+        it made are removed; in a folder that was there, train.lock gets its bytes back (or goes,
+        if this run made it). Nothing else was written."""
+        if self.committed:
+            return
+        if self.made:
+            shutil.rmtree(self.made, ignore_errors=True)
+        elif self.lock and self.lock_before is None:
+            os.remove(os.path.join(self.out_dir, 'train.lock'))
+        elif self.lock:
+            self.lock.truncate(0)  # (appends: the bytes go to the start)
+            self.lock.write(self.lock_before)
+            self.lock.flush()
 
 
 def start_wandb(project, settings):

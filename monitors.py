@@ -136,7 +136,8 @@ class StopSignals:
     """SIGTERM and SIGINT (Ctrl-C): `received` lists them for the loop, which stops after its
     iteration, saves an emergency checkpoint and exits non-zero. Before the first step (setup, the
     first evaluation, which on a CPU can take minutes) there is nothing new to save, so the run
-    stops at once; so it does at a second signal."""
+    stops at once and leaves out_dir as it found it (checkpoint.RunFolder); a second signal stops
+    it at once too, without waiting for the emergency checkpoint."""
 
     def __init__(self, out_dir):
         self.out_dir, self.received, self.stepped = out_dir, [], False
@@ -145,11 +146,13 @@ class StopSignals:
 
     def receive(self, signum, frame):
         self.received.append(signum)
-        if not self.stepped or len(self.received) > 1:
-            ckpt = os.path.join(self.out_dir, 'ckpt.pt')
-            kept = f"; {ckpt} is as it was" if os.path.exists(ckpt) else ""
+        if not self.stepped:
             fail(f"stopped by {signal.Signals(signum).name} before the first step: nothing new to "
-                 f"save{kept}", code=128 + signum)
+                 f"save; {self.out_dir} is as this run found it", code=128 + signum)
+        if len(self.received) > 1:
+            fail(f"stopped by a second {signal.Signals(signum).name}, without the emergency "
+                 "checkpoint; --init_from=resume continues from the last checkpoint, if one was "
+                 "saved", code=128 + signum)
 
 
 class Stop(NamedTuple):

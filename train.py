@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 
 import ava_kernels
-from checkpoint import (check_resumable, gather_rng, log_record, plot_run, prepare_run_folder,
-                        restore, resumed_model_config, save_checkpoint, start_run_folder,
-                        start_wandb)
+from checkpoint import (RunFolder, check_resumable, checkpoint_size, gather_rng, plot_run, restore,
+                        resumed_model_config, save_checkpoint, start_wandb)
 from common import (PEAK_TFLOPS, Batches, autocast, load_checkpoint, load_data, load_torch,
                     resolve_device)
 from configurator import configure_or_exit, settings_of
@@ -238,7 +237,7 @@ class Run:
     rank: int
     out_dir: str
     settings: dict                  # as config.yaml and every checkpoint hold them
-    records: list                   # metrics.jsonl's, for the plots (rank 0; else empty)
+    folder: RunFolder               # rank 0's: the run's files and metrics records (else unused)
     wandb: object                   # the wandb module when wandb_log (rank 0), else None
     dead_experts: DeadExpertTracker
     bad_steps: int = 0              # non-finite steps in a row
@@ -251,20 +250,23 @@ class Run:
     def log(self, record):
         """One metrics record (rank 0 writes them: metrics.jsonl, wandb)."""
         if self.rank == 0:
-            log_record(self.records, os.path.join(self.out_dir, 'metrics.jsonl'), self.wandb,
-                       record)
+            self.folder.log(record)
+            if self.wandb:
+                self.wandb.log(record, step=record['iter'])
 
 
 def checkpoint(reason, run, keep):
     """Save the run, every rank taking part: reason is 'eval', 'best' (a new best val loss, also
-    best.pt) or 'emergency'; the newest `keep` stay. Rank 0 then redraws the plots. -> the path."""
+    best.pt) or 'emergency'; the newest `keep` stay. Rank 0 then writes the run's files (the
+    first time: see RunFolder) and redraws the plots. -> the path."""
     path = save_checkpoint(run.out_dir, reason, run.model, run.optimizer, keep,
                            iter_num=run.iter_num, best_val_loss=run.best_val_loss,
                            config=run.settings, model_config=asdict(run.model.config),
                            rng=gather_rng(run.batch_rng, run.dev),
                            monitors={k: m.state_dict() for k, m in run.monitors.items()})
     if run.rank == 0:
-        plot_run(run.records, os.path.join(run.out_dir, 'plots'))
+        run.folder.commit()
+        plot_run(run.folder.records, os.path.join(run.out_dir, 'plots'))
     return path
 
 
@@ -442,7 +444,12 @@ if __name__ == '__main__':
         if warning:
             print(warning)
         model = GPT(model_config)
+    check([(device_type == 'cuda' or not compile or not model_config.moe,
+            "compile=True on the CPU compiles dense models only: torch.compile traces the "
+            "experts' grouped_mm in bf16 alone, and the CPU trains in fp32; drop --compile, or "
+            "train on a GPU")])
     model.to(dev)
+    room = checkpoint_size(model, out_dir, resumed=ckpt['iter_num'] if ckpt else None)  # bytes
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, "
           f"{model.num_params(active=True) / 1e6:.2f}M active per token")
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -479,25 +486,25 @@ if __name__ == '__main__':
                                           out_dir, optimizer_too=not reset_optimizer)
         ckpt = None  # free the memory
 
-    # the run folder: one training at a time (the lock), the data set's tokenizer for sample.py,
-    # and an absolute data_dir in config.yaml and the checkpoints, so they are found from anywhere
-    lock = prepare_run_folder(out_dir, data_dir, rank)  # held until this process ends
+    # the run folder (rank 0's): one training at a time (the lock), room for a checkpoint, and an
+    # absolute data_dir in config.yaml and the checkpoints, so they are found from anywhere. Its
+    # files wait for the first checkpoint: a run that ends before leaves out_dir as it found it
     settings['data_dir'] = os.path.abspath(data_dir)
-
-    records, wandb = [], None  # rank 0's
-    if rank == 0:
-        name = torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu'
-        records = start_run_folder(out_dir, settings, model_config, dict(
-            device=dev, device_name=name, world_size=world_size, zero_stage=zero_stage,
-            init_from=init_from), iter_num)
-        wandb = start_wandb(wandb_project, settings) if wandb_log else None
-
-    # the training loop: the last pass (iter_num == max_iters) only evaluates and saves
+    folder = RunFolder(out_dir, data_dir)
     run = Run(model, optimizer, monitors, batch_rng, iter_num, best_val_loss, dev, rank, out_dir,
-              settings, records, wandb, dead_experts, clock=(time.time(), iter_num))
+              settings, folder, None, dead_experts, clock=(time.time(), iter_num))
     loss_of = partial(step_loss, torch.compile(model) if compile else model, precision)
     start_iter, run_start = iter_num, time.time()
     try:
+        if rank == 0:
+            folder.open(room)  # its lock is held until this process ends
+            name = torch.cuda.get_device_name(dev) if device_type == 'cuda' else 'cpu'
+            folder.start(settings, model_config, dict(
+                device=dev, device_name=name, world_size=world_size, zero_stage=zero_stage,
+                init_from=init_from), iter_num)
+            run.wandb = start_wandb(wandb_project, settings) if wandb_log else None
+
+        # the training loop: the last pass (iter_num == max_iters) only evaluates and saves
         while True:
             lr = scheduled_lr(run.iter_num, learning_rate, min_lr, warmup_iters,
                               lr_decay_iters or max_iters, num_cycles) * plateau.scale
@@ -556,6 +563,8 @@ if __name__ == '__main__':
                                       progressive=seq_len_start > 0)
             if stop:
                 break
+        if stop:
+            emergency_exit(run, stop, keep_checkpoints)
     except RuntimeError as e:  # under torchrun: a collective whose peer process is gone
         if not ddp or isinstance(e, torch.OutOfMemoryError):
             raise
@@ -563,14 +572,14 @@ if __name__ == '__main__':
                 else "no checkpoint was saved")
         fail(f"another process of this torchrun run failed at iteration {run.iter_num} "
              f"({first_line(e).rpartition('] ')[2].partition('. ')[0]}); {kept}")
-    if stop:
-        emergency_exit(run, stop, keep_checkpoints)
+    finally:  # before the first checkpoint: out_dir as this run found it
+        folder.close()
 
     print(f"done: {run.iter_num - start_iter} iterations in {time.time() - run_start:.0f}s, best "
           f"val loss {run.best_val_loss:.4f}, {run.skipped} skipped steps, "
           f"{grad_monitor.explosions} gradient explosions")
-    if wandb:
-        wandb.finish()
+    if run.wandb:
+        run.wandb.finish()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from checkpoint import training_figure
+from checkpoint import checkpoint_size, training_figure
 from common import Batches
 from configurator import configure
 from data.prepare import main as prepare
@@ -232,14 +232,51 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
+    """A resume whose first checkpoint cannot be written: one line, and the run folder as it was,
+    every file in it (config.yaml, metadata.json, metrics.jsonl, train.lock) byte for byte."""
     args, _ = reference
     assert run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=10').returncode == 0
-    before = (tmp_path / 'ckpt.pt').read_bytes()
     (tmp_path / 'ckpt_000020.pt.tmp').mkdir()  # the next save cannot write its temporary file
+    before = {f: f.read_bytes() for f in tmp_path.rglob('*') if f.is_file()}
     result = run('train.py', *args, f'--out_dir={tmp_path}', '--max_iters=20', '--init_from=resume')
-    assert (result.returncode != 0 and 'previous checkpoint' in result.stderr
-            and 'Traceback' not in result.stderr)
-    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert f"{tmp_path / 'ckpt.pt'} is intact" in lines[0], lines[0]
+    assert {f: f.read_bytes() for f in tmp_path.rglob('*') if f.is_file()} == before
+
+
+def test_a_full_disk_at_a_later_checkpoint_keeps_the_one_before(data_dir, tmp_path):
+    """The disk fills at the second checkpoint (iteration 10; its write fails with ENOSPC): one line
+    that names the full disk, ckpt.pt stays the first checkpoint, and the run folder is the one that
+    checkpoint began (config.yaml, the metrics to iteration 10). The room check's estimate for a
+    new run covers a checkpoint, and by no more than its 1 MiB to spare."""
+    patch = textwrap.dedent('''
+        import errno, checkpoint, common, failsafe
+        saves = []
+        def no_room(tmp):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        def save_atomic(obj, path, fallback=None):
+            saves.append(path)
+            if len(saves) == 2:
+                return failsafe.write_atomic(path, no_room, fallback)
+            return common.save_atomic(obj, path, fallback)
+        checkpoint.save_atomic = save_atomic
+    ''')
+    result = run_patched(patch, *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                         '--max_iters=20', '--eval_interval=5')
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert all(words in lines[0] for words in (
+        f"could not write {tmp_path / 'ckpt_000010.pt'}", 'the disk is full',
+        f"{tmp_path / 'ckpt.pt'} is intact")), lines[0]
+    first = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert first['iter_num'] == 5 and not (tmp_path / 'ckpt_000010.pt').exists()
+    assert yaml.safe_load((tmp_path / 'config.yaml').read_text())['max_iters'] == 20
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [r['iter'] for r in records if 'val_loss' in r] == [0, 5, 10]
+    size = os.path.getsize(tmp_path / 'ckpt_000005.pt')
+    assert size <= checkpoint_size(GPT(ModelConfig(**first['model_config'])), tmp_path) <= (
+        size + 2**20)
 
 
 def test_nan_steps_are_skipped_and_repeated_ones_reload_the_checkpoint(data_dir, tmp_path):
