@@ -31,6 +31,8 @@ def fail(message, code=1):
         except OSError:
             pass
     if os.environ.get('RANK', '0') != '0':
+        for signum in (signal.SIGINT, signal.SIGTERM):  # torchrun's stop must not rewrite the file
+            signal.signal(signum, signal.SIG_DFL)
         time.sleep(3)  # torchrun stops every rank once one exits: rank 0 prints its line first
         sys.exit(code)
     if code == 1:  # Python prints the line; a caller in the same process reads it from SystemExit
@@ -101,7 +103,7 @@ def write_atomic(path, write, fallback=None, optional=False):
         print(f"note: {message}; going on")
         return False
     finally:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
 
 
