@@ -211,7 +211,7 @@ def mean_entropy(model, rows):
 
 def check_settings(temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                    num_samples, max_new_tokens, speculative, quantize, dtype, export, out, report,
-                   eval_tokens, seed, **_):
+                   eval_tokens, seed, eval, **_):
     """Every bad setting, as one line, before anything loads. An infinite temperature or penalty
     (1e999 reads as inf) would sample noise without a word: they must be finite."""
     check([(0 <= temperature < math.inf,
@@ -229,6 +229,9 @@ def check_settings(temperature, top_p, top_k, repetition_penalty, no_repeat_ngra
            (-2**63 <= seed < 2**64, f"seed must fit in 64 bits, got {seed}"),
            (not speculative or num_samples == 1,
             "--speculative=True decodes one prompt once: pass --num_samples=1"),
+           (not speculative or not (out or eval),
+            "--speculative=True prints one greedy continuation and its speed: it writes no --out "
+            "and runs no --eval; run those without it"),
            (quantize in ('', 'int8', 'int4'),
             f"quantize must be '', 'int8' or 'int4', got {quantize!r}"),
            (dtype in ('auto', 'float32', 'bfloat16'),

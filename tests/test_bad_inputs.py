@@ -549,6 +549,11 @@ SAMPLE_STOPS = {  # sample.py, export and bench.py
         sample_stops_bench, ('stopped by SIGTERM', 'nothing was written'),
         how='import:torch:SIGTERM'),
     'eval_tokens=-5': Case(sample('--eval=True', '--eval_tokens=-5'), ('eval_tokens', '>= 0')),
+    'speculative with --out, which it would not write': Case(
+        lambda w: sample('--speculative=True', f'--out={w.tmp}/s.jsonl')(w),
+        ('--speculative=True', 'no --out')),
+    'speculative with --eval, which it would not run': Case(
+        sample('--speculative=True', '--eval=True'), ('--speculative=True', 'no --eval')),
     'temperature=1e999 (infinite)': Case(sample('--temperature=1e999'),
                                          ('temperature', 'finite', 'got inf')),
     'repetition_penalty=1e999 (infinite)': Case(sample('--repetition_penalty=1e999'),
