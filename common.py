@@ -149,19 +149,20 @@ class Batches:
 
 # ---- a run's metrics and plots ----
 
-def read_metrics(path):
-    """The records of a metrics.jsonl, up to a line that is cut off or not a record (a kill while
-    writing), which is dropped with the rest after it, and a note."""
-    with open(path) as f:
+def read_metrics(path, whole=lambda record: isinstance(record.get('iter'), int)):
+    """The records (dicts) of a metrics.jsonl, up to a line that is cut off or not a whole record
+    (a kill while writing), which is dropped with the rest after it, and a note. whole(record) says
+    whether a record holds what its reader needs (train.py's: an integer 'iter')."""
+    with open(path, errors='replace') as f:
         lines = f.readlines()
     for n, line in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or not isinstance(record.get('iter'), int):
+        if not isinstance(record, dict) or not whole(record):
             print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
-                  "killed run?): the metrics from there on are dropped")
+                  "killed run?): the records from there on are dropped")
             return [json.loads(line) for line in lines[:n]]
     return [json.loads(line) for line in lines]
 

@@ -64,7 +64,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import (load_checkpoint, load_data, load_torch, pyplot,  # noqa: E402
+from common import (load_checkpoint, load_data, load_torch, pyplot, read_metrics,  # noqa: E402
                     resolve_device, trained_data_dir)
 from configurator import configure_or_exit, settings_of  # noqa: E402
 from decode import forget, generate  # noqa: E402
@@ -772,22 +772,9 @@ def plot_policy_run(records, path, mode):
 EVAL_KEYS = {'mode', 'kl', 'gold', 'judge'}  # what frontier() reads of an evaluation record
 
 
-def read_records(path):
-    """The records of a run's metrics.jsonl, up to a line that is cut off or not a record (a run
-    killed while writing, or a hand edit), which is dropped with the rest after it, and a note, as
-    common.read_metrics does for train.py's metrics."""
-    with open(path, errors='replace') as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or (record.get('eval') and not EVAL_KEYS <= set(record)):
-            print(f"note: {path} line {n + 1} of {len(lines)} is cut off or not a record (a "
-                  "killed run?): the records from there on are dropped")
-            return [json.loads(line) for line in lines[:n]]
-    return [json.loads(line) for line in lines]
+def whole_record(record):
+    """Whether a metrics record holds what frontier() reads: an evaluation needs EVAL_KEYS."""
+    return not record.get('eval') or EVAL_KEYS <= set(record)
 
 
 def frontier(out_dir):
@@ -797,7 +784,7 @@ def frontier(out_dir):
     plt = pyplot()
     runs = {}
     for path in sorted(glob.glob(os.path.join(out_dir, '*', 'metrics.jsonl'))):
-        evals = [r for r in read_records(path) if r.get('eval')]
+        evals = [r for r in read_metrics(path, whole_record) if r.get('eval')]
         if evals:
             runs[os.path.basename(os.path.dirname(path))] = evals
     if not runs:

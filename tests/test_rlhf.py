@@ -20,6 +20,7 @@ import tiktoken
 import torch
 
 import rlhf
+from common import read_metrics
 from configurator import configure, settings_of
 from data.prepare import main as prepare
 from model import GPT, ModelConfig
@@ -127,7 +128,7 @@ def test_best_of_against_a_loop_over_groups():
     assert torch.equal(rlhf.best_of(score, value, 1), value)
 
 
-def test_read_records_drops_a_cut_off_tail_with_a_note(tmp_path, capsys):
+def test_read_metrics_drops_a_cut_off_tail_with_a_note(tmp_path, capsys):
     """A killed run's metrics.jsonl ends in a cut-off line; an evaluation record without what
     frontier() reads is not a record either: each drops the rest of the file, with a note."""
     path = tmp_path / 'metrics.jsonl'
@@ -135,10 +136,10 @@ def test_read_records_drops_a_cut_off_tail_with_a_note(tmp_path, capsys):
     tails = {'{"eval": true, "mo': 3, '{"eval": true, "mode": "ppo"}\n{"update": 2}\n': 4}
     for tail, lines in tails.items():
         path.write_text(''.join(json.dumps(r) + '\n' for r in good) + tail)
-        assert rlhf.read_records(path) == good
+        assert read_metrics(path, rlhf.whole_record) == good
         assert f'line 3 of {lines} is cut off' in capsys.readouterr().out
     path.write_text(''.join(json.dumps(r) + '\n' for r in good))
-    assert rlhf.read_records(path) == good and capsys.readouterr().out == ''
+    assert read_metrics(path, rlhf.whole_record) == good and capsys.readouterr().out == ''
 
 
 def byte_task(text, prompt_len=6, response_len=5, label_temperature=0.5):
